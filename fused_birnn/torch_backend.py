@@ -1,0 +1,95 @@
+"""The pure-PyTorch recurrence: same contract as the Triton kernels, for any device and dtype.
+
+It is a product path (CPU without the interpreter, float64 on CUDA, bf16 on CPU), not a toy:
+
+* both directions advance together: one `baddbmm` over a direction batch `[D, B, H] @ [D, H, H]` and one
+  in-place activation per step, into a state buffer laid out in *processing order*
+  `[T, D, B, H]` (step s of direction 1 is time T-1-s), so every step reads and writes contiguous slices;
+* the backward is hand-written BPTT (three ops per step), with act' computed for all steps at once
+  before the loop; weight gradients are left to the caller's matrix products, as with the kernels.
+
+Time layout `[T, B, D*H]` (the kernels' and nn.RNN's) and processing layout convert with one copy per
+direction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_processing_order(x: torch.Tensor, num_directions: int) -> torch.Tensor:
+    """`[T, B, D*H]` time layout -> contiguous `[T, D, B, H]`, direction 1 reversed in time."""
+    T, B, DH = x.shape
+    H = DH // num_directions
+    v = x.unflatten(-1, (num_directions, H)).transpose(1, 2)  # [T, D, B, H] view
+    if num_directions == 1:
+        return v.contiguous()
+    p = torch.empty((T, num_directions, B, H), dtype=x.dtype, device=x.device)
+    p[:, 0] = v[:, 0]
+    p[:, 1] = v[:, 1].flip(0)
+    return p
+
+
+def to_time_order(p: torch.Tensor) -> torch.Tensor:
+    """Contiguous `[T, D, B, H]` processing layout -> contiguous `[T, B, D*H]`."""
+    T, D, B, H = p.shape
+    if D == 1:
+        return p.view(T, B, H)
+    x = torch.empty((T, B, D, H), dtype=p.dtype, device=p.device)
+    x[:, :, 0] = p[:, 0]
+    x[:, :, 1] = p[:, 1].flip(0)
+    return x.view(T, B, D * H)
+
+
+def recurrence_forward(
+    x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, *, relu: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`h_t = act(x_proj_t + h_{t-1} @ W_hh[d]^T)` for every direction.
+
+    Args:
+        x_proj: `[T, B, D*H]` input projection, biases included.
+        w_hh: `[D, H, H]`.
+        h0: `[D, B, H]`.
+        relu: ReLU instead of tanh.
+
+    Returns:
+        `(out [T, B, D*H], h_n [D, B, H])`, as the forward kernel writes them.
+    """
+    T = x_proj.shape[0]
+    D = w_hh.shape[0]
+    xs = to_processing_order(x_proj, D)
+    states = torch.empty_like(xs)
+    w_t = w_hh.transpose(1, 2)
+    act_ = torch.relu_ if relu else torch.tanh_
+    h = h0
+    for s in range(T):
+        h = states[s]
+        torch.baddbmm(xs[s], states[s - 1] if s else h0, w_t, out=h)
+        act_(h)
+    return to_time_order(states), h.clone()
+
+
+def recurrence_backward(
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_h_n: torch.Tensor,
+    w_hh: torch.Tensor,
+    *,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BPTT through `recurrence_forward`: returns `(grad_pre [T, B, D*H], grad_h0 [D, B, H])`, the
+    gradients of the pre-activations and of the initial states."""
+    T = out.shape[0]
+    D = w_hh.shape[0]
+    deriv = to_processing_order(out, D)  # becomes act'(z) in place
+    if relu:
+        deriv = (deriv > 0).to(deriv.dtype)
+    else:
+        deriv.mul_(deriv).neg_().add_(1.0)
+    g = to_processing_order(grad_out, D)  # gradient arriving from the layer output, then + dh
+    dz = torch.empty_like(g)
+    dh = grad_h_n
+    for s in range(T - 1, -1, -1):
+        torch.mul(g[s].add_(dh), deriv[s], out=dz[s])
+        dh = torch.bmm(dz[s], w_hh)
+    return to_time_order(dz), dh

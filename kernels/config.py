@@ -1,0 +1,64 @@
+"""Launch configurations of the recurrence kernels: a small explicit table keyed on (H, B, dtype).
+
+Two ways to hold `W_hh` during the time loop:
+
+* on chip (`w_on_chip=True`): one program loads its direction's whole `W_hh` (padded to
+  `block_h x block_h`) once, before the loop; Triton places it in shared memory as the `tl.dot` operand.
+  The hidden state stays in registers in fp32. Chosen while the padded matrix takes at most
+  `ON_CHIP_MAX_BYTES` (fp16/bf16: H <= 128 ... 256 is measured by the compile checks, fp32: H <= 128).
+* streamed (`w_on_chip=False`): every step walks `W_hh` in `block_h x block_h` tiles (from L2 on a GPU)
+  and exchanges the hidden state through a small fp32 workspace owned by the program, with a CTA barrier
+  between steps. Used above the on-chip limit; any H works.
+
+`tests/test_compile.py` compiles every configuration this table can return at representative sizes for
+sm_80 and sm_90 and checks shared memory, spills and tensor-core use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+# Padded W_hh bytes allowed on chip. fp16 H=256 (128 KiB of operand, ~139 KiB with Triton's scratch) fits
+# both an A100 (163 KiB per block) and an H100 (227 KiB); fp32 H=256 (256 KiB) fits neither.
+ON_CHIP_MAX_BYTES = 128 * 1024
+# Tile edge of the streamed path: W tile and hidden-state tile are block_h wide.
+STREAMED_BLOCK_H = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32, torch.float64: 32}
+MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on a GPU
+MAX_PROGRAMS_PER_DIRECTION = 64  # above this, grow the batch tile instead of the grid
+
+
+@dataclass(frozen=True)
+class RecurrenceConfig:
+    """How one recurrence launch tiles its work.
+
+    Attributes:
+        block_b: batch rows per program (the `M` of every `tl.dot`, >= 16).
+        block_h: on chip: H padded to a power of two (>= 16); streamed: the tile edge.
+        w_on_chip: whether `W_hh` is loaded once and kept on chip (else streamed every step).
+        num_warps: warps per program.
+    """
+
+    block_b: int
+    block_h: int
+    w_on_chip: bool
+    num_warps: int = 4
+
+    def num_batch_tiles(self, batch_size: int) -> int:
+        return triton.cdiv(batch_size, self.block_b)
+
+
+def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype) -> RecurrenceConfig:
+    """The configuration the forward and the backward recurrence use for this (H, B, dtype)."""
+    block_h_full = max(MIN_DOT, triton.next_power_of_2(hidden_size))
+    on_chip = block_h_full * block_h_full * dtype.itemsize <= ON_CHIP_MAX_BYTES
+    block_b = MIN_DOT
+    while block_b < 64 and triton.cdiv(batch_size, block_b) > MAX_PROGRAMS_PER_DIRECTION:
+        block_b *= 2
+    if on_chip:
+        # the full-width hidden state and accumulator live in registers: 8 warps above 128 columns
+        num_warps = 8 if block_h_full >= 256 or block_b * block_h_full > 32 * 128 else 4
+        return RecurrenceConfig(block_b, block_h_full, True, num_warps)
+    return RecurrenceConfig(block_b, STREAMED_BLOCK_H[dtype], False, 4)

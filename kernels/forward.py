@@ -1,0 +1,199 @@
+"""Forward recurrence of a bidirectional Elman RNN layer: both directions in one launch.
+
+Per layer the input projection of both directions is one GEMM done by the caller,
+`x_proj = x @ [W_ih_fwd; W_ih_rev]^T + (b_ih + b_hh)`, laid out `[T, B, D*H]`. These kernels run the
+sequential part,
+
+    h_t = act(x_proj[t, :, d*H:(d+1)*H] + h_{t-1} @ W_hh[d]^T)
+
+for every direction `d` at once: direction is grid axis 1. Direction 0 walks t = 0 .. T-1 and starts from
+`h0[0]`; direction 1 walks t = T-1 .. 0, so it reads the time-reversed input and writes its state of time
+t back at time t (the "flip back" of PyTorch's definition costs nothing), starting from `h0[1]` before
+it reads the last step. Both write into one `[T, B, D*H]` output buffer, forward into `[..., :H]`,
+reverse into `[..., H:]`: no torch.cat, no flip. A unidirectional layer is the same launch with D = 1.
+
+Fusion is legal because the two directions share no state: they only share the read-only input
+projection and write disjoint halves of the output.
+
+Buffers (last dimension contiguous; other strides are arguments, index math in int64 so T*B*H may
+exceed 2**31):
+    x_proj  [T, B, D*H]  input projection with both biases folded in (input dtype)
+    w_hh    [D, H, H]    W_hh[d][j, k]: hidden unit j's weight on previous unit k (contiguous)
+    h0      [D, B, H]    initial states
+    out     [T, B, D*H]  all states, written
+    h_n     [D, B, H]    final state of each direction, written (direction 1's is its state at t = 0)
+    ws      [2, D, B, H] fp32 ping-pong workspace of the streamed kernel
+
+Grid: (cdiv(B, BLOCK_B), D). One program owns BLOCK_B batch rows of one direction for all T steps; T is
+a runtime argument (not specialised) so a new sequence length does not recompile. Accumulation is fp32
+(fp64 for fp64 inputs); `tl.dot` takes the input dtype, TF32 for fp32 only when asked (cuDNN's switch).
+
+Verified: parity with nn.RNN and a float64 reference under TRITON_INTERPRET=1 (tests/test_parity.py,
+tests/test_kernels.py); compiled for sm_80 and sm_90 with shared memory, spill and tensor-core checks
+(tests/test_compile.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .cell import activation
+from .config import RecurrenceConfig, select_config
+
+
+@triton.jit(do_not_specialize=["T"])
+def birnn_fwd_onchip_kernel(
+    x_proj_ptr, w_hh_ptr, h0_ptr, out_ptr, h_n_ptr,
+    T, B, H,
+    stride_xt, stride_xb,
+    stride_ot, stride_ob,
+    stride_h0d, stride_h0b,
+    stride_hnd, stride_hnb,
+    RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One program: BLOCK_B rows of one direction, all T steps, `W_hh` (padded to BLOCK_H^2) kept on
+    chip and the state in registers. Padded rows and columns stay exactly 0 (zero weights, zero input,
+    act(0) = 0) and are never stored."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_h = offs_h < H
+    mask = (offs_b < B)[:, None] & mask_h[None, :]
+
+    # W_hh[d]^T as the dot's right operand: w_t[k, j] = W_hh[d, j, k]
+    w_base = w_hh_ptr + direction.to(tl.int64) * H * H
+    w_t = tl.load(w_base + offs_h[None, :] * H + offs_h[:, None],
+                  mask=mask_h[:, None] & mask_h[None, :], other=0.0)
+    h = tl.load(h0_ptr + direction * stride_h0d + offs_b[:, None] * stride_h0b + offs_h[None, :],
+                mask=mask, other=0.0).to(ACC_DTYPE)
+
+    col = direction * H + offs_h  # this direction's columns of the [.., D*H] buffers
+    x_ptrs = x_proj_ptr + offs_b[:, None] * stride_xb + col[None, :]
+    o_ptrs = out_ptr + offs_b[:, None] * stride_ob + col[None, :]
+    for s in range(0, T):
+        t = (s + direction * (T - 1 - 2 * s)).to(tl.int64)  # s forward, T-1-s reverse
+        x = tl.load(x_ptrs + t * stride_xt, mask=mask, other=0.0).to(ACC_DTYPE)
+        z = tl.dot(h.to(w_t.dtype), w_t, acc=x, input_precision=INPUT_PRECISION)
+        h = activation(z, RELU)
+        tl.store(o_ptrs + t * stride_ot, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(h_n_ptr + direction * stride_hnd + offs_b[:, None] * stride_hnb + offs_h[None, :],
+             h.to(h_n_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def birnn_fwd_streamed_kernel(
+    x_proj_ptr, w_hh_ptr, h0_ptr, out_ptr, h_n_ptr, ws_ptr,
+    T, B, H,
+    stride_xt, stride_xb,
+    stride_ot, stride_ob,
+    stride_h0d, stride_h0b,
+    stride_hnd, stride_hnb,
+    RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """One program: BLOCK_B rows of one direction, all T steps, for any H. Each step walks output
+    tiles j and reduction tiles k of BLOCK_H, reading `W_hh` tiles from global memory (L2) and the
+    previous state from ws[s % 2] (fp32), writing the new state to ws[(s + 1) % 2]. The program's
+    threads exchange the state through global memory, so a CTA barrier closes every step (a no-op in
+    the interpreter, which runs a program's statements in order anyway). The same shape admits a
+    hidden-tile grid axis later: j tiles split across programs, the barrier becoming grid-wide."""
+    pid_b = tl.program_id(0)
+    direction = tl.program_id(1)
+    D = tl.num_programs(1)
+    offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_H)  # offsets inside one hidden tile
+    mask_b = (offs_b < B)[:, None]
+
+    w_base = w_hh_ptr + direction.to(tl.int64) * H * H
+    ws_stride_p = D.to(tl.int64) * B * H  # one ping-pong half
+    ws_rows = ws_ptr + direction.to(tl.int64) * B * H + offs_b[:, None] * H
+    x_rows = x_proj_ptr + offs_b[:, None] * stride_xb + direction * H
+    o_rows = out_ptr + offs_b[:, None] * stride_ob + direction * H
+
+    for j0 in range(0, H, BLOCK_H):  # ws[0] = h0 in fp32
+        cols = j0 + offs_t
+        m = mask_b & (cols < H)[None, :]
+        h = tl.load(h0_ptr + direction * stride_h0d + offs_b[:, None] * stride_h0b + cols[None, :],
+                    mask=m, other=0.0)
+        tl.store(ws_rows + cols[None, :], h.to(ACC_DTYPE), mask=m)
+    tl.debug_barrier()
+
+    for s in range(0, T):
+        t = (s + direction * (T - 1 - 2 * s)).to(tl.int64)
+        src = ws_rows + (s % 2) * ws_stride_p
+        dst = ws_rows + ((s + 1) % 2) * ws_stride_p
+        for j0 in range(0, H, BLOCK_H):
+            cols_j = j0 + offs_t
+            mask_j = cols_j < H
+            m = mask_b & mask_j[None, :]
+            z = tl.load(x_rows + t * stride_xt + cols_j[None, :], mask=m, other=0.0).to(ACC_DTYPE)
+            for k0 in range(0, H, BLOCK_H):
+                cols_k = k0 + offs_t
+                mask_k = cols_k < H
+                h_k = tl.load(src + cols_k[None, :], mask=mask_b & mask_k[None, :], other=0.0)
+                w_t = tl.load(w_base + cols_j[None, :] * H + cols_k[:, None],
+                              mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+                z = tl.dot(h_k.to(w_t.dtype), w_t, acc=z, input_precision=INPUT_PRECISION)
+            h = activation(z, RELU)
+            tl.store(o_rows + t * stride_ot + cols_j[None, :], h.to(out_ptr.dtype.element_ty), mask=m)
+            tl.store(dst + cols_j[None, :], h, mask=m)
+        tl.debug_barrier()
+
+    final = ws_rows + (T % 2) * ws_stride_p
+    for j0 in range(0, H, BLOCK_H):
+        cols = j0 + offs_t
+        m = mask_b & (cols < H)[None, :]
+        h = tl.load(final + cols[None, :], mask=m, other=0.0)
+        tl.store(h_n_ptr + direction * stride_hnd + offs_b[:, None] * stride_hnb + cols[None, :],
+                 h.to(h_n_ptr.dtype.element_ty), mask=m)
+
+
+def acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
+
+
+def birnn_forward(
+    x_proj: torch.Tensor,
+    w_hh: torch.Tensor,
+    h0: torch.Tensor,
+    out: torch.Tensor,
+    h_n: torch.Tensor,
+    *,
+    relu: bool,
+    allow_tf32: bool = False,
+    config: RecurrenceConfig | None = None,
+) -> None:
+    """Launch the forward recurrence (one launch for all directions). Shapes as in the module
+    docstring; `out` and `h_n` are written in place. Every tensor's last dimension must be contiguous
+    and `w_hh` fully contiguous."""
+    T, B, DH = x_proj.shape
+    D, H = w_hh.shape[0], w_hh.shape[1]
+    assert DH == D * H and out.shape == x_proj.shape and h0.shape == h_n.shape == (D, B, H)
+    assert w_hh.is_contiguous() and all(t.stride(-1) == 1 for t in (x_proj, out, h0, h_n))
+    if T == 0 or B == 0:
+        h_n.copy_(h0)
+        return
+    cfg = config or select_config(H, B, x_proj.dtype)
+    grid = (cfg.num_batch_tiles(B), D)
+    common = dict(
+        RELU=relu, ACC_DTYPE=acc_dtype(x_proj.dtype),
+        INPUT_PRECISION=input_precision(x_proj.dtype, allow_tf32),
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+    )
+    strides = (x_proj.stride(0), x_proj.stride(1), out.stride(0), out.stride(1),
+               h0.stride(0), h0.stride(1), h_n.stride(0), h_n.stride(1))
+    if cfg.w_on_chip:
+        birnn_fwd_onchip_kernel[grid](x_proj, w_hh, h0, out, h_n, T, B, H, *strides, **common)
+    else:
+        ws = torch.empty((2, D, B, H), device=x_proj.device, dtype=torch.float64
+                         if x_proj.dtype == torch.float64 else torch.float32)
+        birnn_fwd_streamed_kernel[grid](x_proj, w_hh, h0, out, h_n, ws, T, B, H, *strides, **common)

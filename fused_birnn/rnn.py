@@ -8,6 +8,13 @@ from torch import Tensor, nn
 from .functional import BACKENDS, BiRNNLayerFunction, PackedLayer, resolve_backend
 
 
+def _lives_in(p: Tensor, buf: Tensor, d: int) -> bool:
+    """Whether parameter `p` is exactly slot `d` of `buf`."""
+    return (p.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+            and p.storage_offset() == buf[d].storage_offset() and p.shape == buf.shape[1:]
+            and p.stride() == buf.stride()[1:] and p.dtype == buf.dtype)
+
+
 class RNN(nn.RNNBase):
     r"""Multi-layer Elman RNN with tanh or ReLU, a drop-in replacement for :class:`torch.nn.RNN`.
 
@@ -66,33 +73,59 @@ class RNN(nn.RNNBase):
         self.backend = backend
         super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
-        self._packed: list[tuple[tuple, PackedLayer] | None] = [None] * num_layers
 
     def flatten_parameters(self) -> None:
-        """No-op: the kernels read the parameters as they are (kept for nn.RNN compatibility)."""
+        """Make each layer's parameters views of one contiguous buffer per kind, so the kernels read
+        them with no per-call copy: `[D*H, I]` input weights (one GEMM for all directions),
+        `[D, H, H]` recurrent weights, `[D*H]` biases. Called on construction, after `.to()`/`.half()`
+        and after unpickling; a parameter replaced later (`rnn.weight_hh_l0 = Parameter(...)`) is
+        detected at forward and packed per call instead, so results never go stale."""
+        previous = getattr(self, "_layer_buffers", [])
+        self._layer_buffers: list[list[Tensor] | None] = []
+        self._layer_ptrs: list[list[int] | None] = []  # where each parameter must live to use them
+        if len(getattr(self, "_flat_weights", ())) != len(getattr(self, "_flat_weights_names", (None,))):
+            return  # called by nn.RNNBase before all parameters exist
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                params = self._layer_params(layer)
+                flat = [p for ps in params for p in ps]
+                buffers = previous[layer] if layer < len(previous) else None
+                if buffers is not None and all(
+                        _lives_in(p, buf, d) for buf, kind in zip(buffers, zip(*params)) for d, p in enumerate(kind)):
+                    pass  # still flat (e.g. after share_memory_(), which moves storages in place)
+                elif any(p.dtype != flat[0].dtype or p.device != flat[0].device for p in flat):
+                    buffers = None
+                else:
+                    buffers = []
+                    for kind in zip(*params):  # (w_ih of each direction), (w_hh ...), ...
+                        buf = torch.stack([p.detach() for p in kind])
+                        for d, p in enumerate(kind):
+                            p.set_(buf.untyped_storage(), buf[d].storage_offset(), buf[d].shape, buf[d].stride())
+                        buffers.append(buf)
+                self._layer_buffers.append(buffers)
+                self._layer_ptrs.append(None if buffers is None else [p.data_ptr() for p in flat])
 
-    def _apply(self, fn, recurse=True):
-        self._packed = [None] * self.num_layers
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_packed"] = [None] * self.num_layers  # a cache: never pickled
-        return state
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.flatten_parameters()
 
     def _layer_params(self, layer: int) -> list[tuple[Tensor, ...]]:
         num_directions = 2 if self.bidirectional else 1
         names = self._all_weights[layer * num_directions:(layer + 1) * num_directions]
         return [tuple(getattr(self, n) for n in dir_names) for dir_names in names]
 
-    def _packed_layer(self, layer: int, params: list[tuple[Tensor, ...]]) -> PackedLayer:
-        """The layer's packed weights, rebuilt only when a parameter was replaced or changed in place."""
-        key = tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device) for ps in params for p in ps)
-        cached = self._packed[layer]
-        if cached is None or cached[0] != key:
-            cached = (key, PackedLayer.from_params(params))
-            self._packed[layer] = cached
-        return cached[1]
+    def _packed_layer(self, layer: int, flat: list[Tensor]) -> PackedLayer:
+        """The layer's weights as the kernels read them: the flat buffers themselves while every
+        parameter still lives in its slot, else a packed copy of whatever the parameters are now."""
+        buffers = self._layer_buffers[layer] if layer < len(self._layer_buffers) else None
+        if buffers is not None and [p.data_ptr() for p in flat] == self._layer_ptrs[layer]:
+            D, H = buffers[1].shape[:2]
+            with torch.no_grad():
+                bias = (buffers[2] + buffers[3]).view(D * H) if self.bias else None
+            return PackedLayer(buffers[0].view(D * H, -1), buffers[1], bias)
+        num_directions = 2 if self.bidirectional else 1
+        per_dir = len(flat) // num_directions
+        return PackedLayer.from_params([tuple(flat[d * per_dir:(d + 1) * per_dir]) for d in range(num_directions)])
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if isinstance(input, nn.utils.rnn.PackedSequence):
@@ -134,11 +167,10 @@ class RNN(nn.RNNBase):
         x = x.contiguous()
         h_n = []
         for layer in range(self.num_layers):
-            params = self._layer_params(layer)
-            packed = self._packed_layer(layer, params)
+            flat = [p for ps in self._layer_params(layer) for p in ps]
+            packed = self._packed_layer(layer, flat)
             h0 = hx[layer * num_directions:(layer + 1) * num_directions]
             h0 = h0 if h0.stride(-1) == 1 else h0.contiguous()
-            flat = [p for ps in params for p in ps]
             x, h_layer = BiRNNLayerFunction.apply(x, h0, packed, relu, backend, *flat)
             h_n.append(h_layer)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:

@@ -99,7 +99,7 @@ class BiRNNLayerFunction(torch.autograd.Function):
     def forward(ctx, x, h0, packed: PackedLayer, relu: bool, backend: str, *params):
         T, B, _ = x.shape
         D, _, H = packed.w_hh.shape
-        x2 = x.reshape(T * B, -1)
+        x2 = x.reshape(T * B, x.shape[2])
         if packed.bias is not None:
             x_proj = torch.addmm(packed.bias, x2, packed.w_ih.t())
         else:

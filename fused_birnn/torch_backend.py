@@ -18,15 +18,14 @@ import torch
 
 
 def to_processing_order(x: torch.Tensor, num_directions: int) -> torch.Tensor:
-    """`[T, B, D*H]` time layout -> contiguous `[T, D, B, H]`, direction 1 reversed in time."""
+    """`[T, B, D*H]` time layout -> a new contiguous `[T, D, B, H]`, direction 1 reversed in time."""
     T, B, DH = x.shape
     H = DH // num_directions
     v = x.unflatten(-1, (num_directions, H)).transpose(1, 2)  # [T, D, B, H] view
-    if num_directions == 1:
-        return v.contiguous()
     p = torch.empty((T, num_directions, B, H), dtype=x.dtype, device=x.device)
     p[:, 0] = v[:, 0]
-    p[:, 1] = v[:, 1].flip(0)
+    if num_directions == 2:
+        p[:, 1] = v[:, 1].flip(0)
     return p
 
 
@@ -57,11 +56,10 @@ def recurrence_forward(
     """
     T = x_proj.shape[0]
     D = w_hh.shape[0]
-    xs = to_processing_order(x_proj, D)
-    states = torch.empty_like(xs)
+    xs = to_processing_order(x_proj, D) if D == 2 else x_proj.unsqueeze(1)  # read only
+    states = torch.empty((T, D) + h0.shape[1:], dtype=x_proj.dtype, device=x_proj.device)
     w_t = w_hh.transpose(1, 2)
     act_ = torch.relu_ if relu else torch.tanh_
-    h = h0
     for s in range(T):
         h = states[s]
         torch.baddbmm(xs[s], states[s - 1] if s else h0, w_t, out=h)
@@ -81,7 +79,7 @@ def recurrence_backward(
     gradients of the pre-activations and of the initial states."""
     T = out.shape[0]
     D = w_hh.shape[0]
-    deriv = to_processing_order(out, D)  # becomes act'(z) in place
+    deriv = to_processing_order(out, D)  # a copy: becomes act'(z) in place
     if relu:
         deriv = (deriv > 0).to(deriv.dtype)
     else:

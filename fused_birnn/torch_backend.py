@@ -5,8 +5,8 @@ It is a product path (CPU without the interpreter, float64 on CUDA, bf16 on CPU)
 * both directions advance together: one `baddbmm` over a direction batch `[D, B, H] @ [D, H, H]` and one
   in-place activation per step, into a state buffer laid out in *processing order*
   `[T, D, B, H]` (step s of direction 1 is time T-1-s), so every step reads and writes contiguous slices;
-* the backward is hand-written BPTT (three ops per step), with act' computed for all steps at once
-  before the loop; weight gradients are left to the caller's matrix products, as with the kernels.
+* the backward is hand-written BPTT (two ops per step: `dz = g * act'` and `g_prev += dz @ W_hh`),
+  with act' computed for all steps at once before the loop; weight gradients are left to the caller's matrix products, as with the kernels.
 
 Time layout `[T, B, D*H]` (the kernels' and nn.RNN's) and processing layout convert with one copy per
 direction.
@@ -84,10 +84,11 @@ def recurrence_backward(
         deriv = (deriv > 0).to(deriv.dtype)
     else:
         deriv.mul_(deriv).neg_().add_(1.0)
-    g = to_processing_order(grad_out, D)  # gradient arriving from the layer output, then + dh
+    g = to_processing_order(grad_out, D)  # gradient reaching each step's state, completed in place
+    g[T - 1].add_(grad_h_n)
     dz = torch.empty_like(g)
-    dh = grad_h_n
-    for s in range(T - 1, -1, -1):
-        torch.mul(g[s].add_(dh), deriv[s], out=dz[s])
-        dh = torch.bmm(dz[s], w_hh)
-    return to_time_order(dz), dh
+    for s in range(T - 1, 0, -1):
+        torch.mul(g[s], deriv[s], out=dz[s])
+        g[s - 1].baddbmm_(dz[s], w_hh)  # + dz_s @ W_hh: the gradient flowing into h_{s-1}
+    torch.mul(g[0], deriv[0], out=dz[0])
+    return to_time_order(dz), torch.bmm(dz[0], w_hh)

@@ -174,11 +174,12 @@ def birnn_backward(
     if T == 0 or B == 0:
         grad_h0.copy_(grad_h_n)
         return
-    cfg = config or select_config(H, B, out.dtype)
+    cfg = config or select_config(H, B, out.dtype, allow_tf32)
     grid = (cfg.num_batch_tiles(B), D)
     common = dict(
         RELU=relu, ACC_DTYPE=acc_dtype(out.dtype), INPUT_PRECISION=input_precision(out.dtype, allow_tf32),
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+        **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages}),
     )
     strides = (out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
                grad_pre.stride(0), grad_pre.stride(1), grad_h_n.stride(0), grad_h_n.stride(1),

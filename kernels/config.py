@@ -28,6 +28,7 @@ ON_CHIP_MAX_BYTES = 128 * 1024
 STREAMED_BLOCK_H = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32, torch.float64: 32}
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on a GPU
 MAX_PROGRAMS_PER_DIRECTION = 64  # above this, grow the batch tile instead of the grid
+FMA_ON_CHIP_MAX_TILE = 16 * 64  # block_b * block_h limit of the on-chip path without tensor cores
 
 
 @dataclass(frozen=True)
@@ -45,20 +46,33 @@ class RecurrenceConfig:
     block_h: int
     w_on_chip: bool
     num_warps: int = 4
+    num_stages: int | None = None  # None: Triton's default (3 on NVIDIA)
 
     def num_batch_tiles(self, batch_size: int) -> int:
         return triton.cdiv(batch_size, self.block_b)
 
 
-def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype) -> RecurrenceConfig:
-    """The configuration the forward and the backward recurrence use for this (H, B, dtype)."""
+def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype,
+                  allow_tf32: bool = False) -> RecurrenceConfig:
+    """The configuration the forward and the backward recurrence use for this (H, B, dtype), and for
+    fp32 whether `tl.dot` may use TF32 tensor cores."""
     block_h_full = max(MIN_DOT, triton.next_power_of_2(hidden_size))
-    on_chip = block_h_full * block_h_full * dtype.itemsize <= ON_CHIP_MAX_BYTES
     block_b = MIN_DOT
     while block_b < 64 and triton.cdiv(batch_size, block_b) > MAX_PROGRAMS_PER_DIRECTION:
         block_b *= 2
+    # exact fp32 (and fp64) dots are FMA loops holding a whole K row in registers: beyond a 16 x 64
+    # tile they spill (fp32 H=50 and H=128 did on sm_80/sm_90), so they stream sooner
+    fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
+    if fma:
+        on_chip = block_b * block_h_full <= FMA_ON_CHIP_MAX_TILE
+    else:
+        on_chip = block_h_full * block_h_full * dtype.itemsize <= ON_CHIP_MAX_BYTES
     if on_chip:
-        # the full-width hidden state and accumulator live in registers: 8 warps above 128 columns
-        num_warps = 8 if block_h_full >= 256 or block_b * block_h_full > 32 * 128 else 4
-        return RecurrenceConfig(block_b, block_h_full, True, num_warps)
+        # the full-width hidden state and accumulator live in registers: more warps for wide tiles
+        num_warps = 8 if (block_h_full >= 256 or block_b * block_h_full >= 32 * 128
+                          or (fma and block_h_full >= 64)) else 4
+        # H = 256 in 16-bit: Triton's default 3-stage pipelining of the per-step loads adds ~40 KiB,
+        # which pushed the backward past sm_80's 163 KiB
+        num_stages = 1 if block_h_full >= 256 else None
+        return RecurrenceConfig(block_b, block_h_full, True, num_warps, num_stages)
     return RecurrenceConfig(block_b, STREAMED_BLOCK_H[dtype], False, 4)

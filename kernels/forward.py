@@ -182,12 +182,13 @@ def birnn_forward(
     if T == 0 or B == 0:
         h_n.copy_(h0)
         return
-    cfg = config or select_config(H, B, x_proj.dtype)
+    cfg = config or select_config(H, B, x_proj.dtype, allow_tf32)
     grid = (cfg.num_batch_tiles(B), D)
     common = dict(
         RELU=relu, ACC_DTYPE=acc_dtype(x_proj.dtype),
         INPUT_PRECISION=input_precision(x_proj.dtype, allow_tf32),
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+        **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages}),
     )
     strides = (x_proj.stride(0), x_proj.stride(1), out.stride(0), out.stride(1),
                h0.stride(0), h0.stride(1), h_n.stride(0), h_n.stride(1))

@@ -119,8 +119,13 @@ def test_config_table():
     for H in (1, 7, 50, 128, 256, 257, 512, 1760, 2560):
         for B in (1, 5, 64, 1024, 5000):
             for dt in (torch.float16, torch.bfloat16, torch.float32):
-                c = select_config(H, B, dt)
-                assert c.block_b >= 16 and c.block_h >= 16
-                assert c.w_on_chip == (c.block_h >= H and c.block_h ** 2 * dt.itemsize <= 128 * 1024)
-                assert c.num_batch_tiles(B) <= 64 or c.block_b == 64
-    assert select_config(256, 64, torch.float16).w_on_chip and not select_config(256, 64, torch.float32).w_on_chip
+                for tf32 in (False, True):
+                    c = select_config(H, B, dt, tf32)
+                    assert c.block_b >= 16 and c.block_h >= 16
+                    if dt != torch.float32 or tf32:
+                        assert c.w_on_chip == (c.block_h >= H and c.block_h ** 2 * dt.itemsize <= 128 * 1024)
+                    else:  # exact fp32: FMA dots, on chip only for small tiles
+                        assert c.w_on_chip == (c.block_h >= H and c.block_b * c.block_h <= 16 * 64)
+                    assert c.num_batch_tiles(B) <= 64 or c.block_b == 64
+    assert select_config(256, 64, torch.float16).w_on_chip and not select_config(256, 64, torch.float32, True).w_on_chip
+    assert select_config(128, 5, torch.float32, True).w_on_chip and not select_config(128, 5, torch.float32).w_on_chip

@@ -1,0 +1,465 @@
+"""Compile the recurrence kernels for real GPUs without one, and report what the GPU would get.
+
+For every case (hidden size, batch size, dtype, configuration) and every target (sm_80, sm_90 by default)
+this compiles the forward and backward recurrence kernels of the path the configuration selects
+(`birnn_{fwd,bwd}_onchip_kernel` or `birnn_{fwd,bwd}_streamed_kernel`) with
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32), options={"num_warps": ...})` and reads
+the result back:
+
+* registers per thread, spills (`LOCAL` bytes) and stack from `cuobjdump --dump-resource-usage`,
+* shared memory bytes (`metadata.shared`) against the target's per-block limit,
+* tensor-core instructions in the SASS (`HMMA`, `HGMMA`; `cuobjdump -sass`), how many of them sit inside
+  a loop (a backward branch encloses them: the time loop), and the deepest loop nest they are in,
+* the `W_hh` path and the number of programs one launch starts (`cdiv(B, block_b) * D`).
+
+The kernels are specialised the way a real launch specialises them (`JITFunction.run`): pointers and
+integer arguments divisible by 16 carry `tt.divisibility=16`, integers equal to 1 become constexprs,
+`T` is not specialised; integer values are those of contiguous buffers of the given (H, B, D).
+
+Compiling needs the kernels decorated with the interpreter off, so the work always runs in a process with
+`TRITON_INTERPRET=0`: `compile_report()` (callable from an interpreter-mode process such as the test
+suite) starts `python -m fused_birnn.compile_report` for it, and the command line re-executes itself
+with the interpreter off when it was started with it on. Compiles run in a pool of `--jobs` processes
+(2 by default) and use Triton's on-disk cache (`TRITON_CACHE_DIR`).
+
+    python -m fused_birnn.compile_report --hidden 50 128 256 512 --batch 5 64 \
+        --dtype float16 bfloat16 float32 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+# Per-block shared memory a kernel may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+MAX_REGISTERS = 255
+DTYPES = ("float16", "bfloat16", "float32")
+TL_PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
+KERNELS = {
+    "birnn_fwd_onchip_kernel": ("forward", True),
+    "birnn_fwd_streamed_kernel": ("forward", False),
+    "birnn_bwd_onchip_kernel": ("backward", True),
+    "birnn_bwd_streamed_kernel": ("backward", False),
+}
+TENSOR_CORE_OPS = ("HMMA", "HGMMA")  # HGMMA: sm_90 warpgroup MMA; HMMA: mma.sync (sm_80+, fp16/bf16/tf32)
+
+
+@dataclass(frozen=True)
+class CompileCase:
+    """One (H, B, dtype) to compile; `block_b`.. None: what `select_config(H, B, dtype)` returns.
+
+    Attributes:
+        hidden_size, batch_size: the layer's H and B (runtime arguments; they pick the config and the
+            divisibility specialisation).
+        dtype: "float16", "bfloat16" or "float32".
+        input_precision: `tl.dot` precision, "ieee" or "tf32" (fp32 only); None: "ieee".
+        relu: the relu cell instead of tanh.
+        directions: D (grid axis 1).
+        block_b, block_h, w_on_chip, num_warps: an explicit `RecurrenceConfig` (all four, or none).
+        kernels: kernel names to compile; None: the forward and backward kernel of the config's path.
+        targets: compute capabilities.
+        num_stages: a Triton `num_stages` option to try; None: not passed (the launchers' default).
+    """
+
+    hidden_size: int
+    batch_size: int
+    dtype: str
+    input_precision: str | None = None
+    relu: bool = False
+    directions: int = 2
+    block_b: int | None = None
+    block_h: int | None = None
+    w_on_chip: bool | None = None
+    num_warps: int | None = None
+    kernels: tuple[str, ...] | None = None
+    targets: tuple[int, ...] = (80, 90)
+    num_stages: int | None = None
+
+    @classmethod
+    def make(cls, hidden_size: int, batch_size: int, dtype: Any, config: Any = None, **kw) -> "CompileCase":
+        """Build from a torch dtype or its name and an optional `RecurrenceConfig`."""
+        name = str(dtype).removeprefix("torch.")
+        if name not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
+        if config is not None:
+            kw.update(block_b=config.block_b, block_h=config.block_h, w_on_chip=config.w_on_chip,
+                      num_warps=config.num_warps)
+            if getattr(config, "num_stages", None) is not None:
+                kw.setdefault("num_stages", config.num_stages)
+        if "kernels" in kw and kw["kernels"] is not None:
+            kw["kernels"] = tuple(kw["kernels"])
+        if "targets" in kw:
+            kw["targets"] = tuple(kw["targets"])
+        return cls(hidden_size, batch_size, name, **kw)
+
+
+def _as_case(c: Any) -> CompileCase:
+    if isinstance(c, CompileCase):
+        return c
+    if isinstance(c, dict):
+        return CompileCase.make(**c)
+    return CompileCase.make(*c)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the caller's side: run the report in a subprocess with the interpreter off
+# --------------------------------------------------------------------------------------------------------
+def compile_report(configs: Iterable[Any], *, jobs: int = 2, timeout: float | None = 1800,
+                   env: dict[str, str] | None = None) -> list[dict]:
+    """Compile `configs` (CompileCase, dicts of its fields, or `(H, B, dtype[, RecurrenceConfig])`
+    tuples) in a `TRITON_INTERPRET=0` subprocess and return one dict per (case, kernel, target).
+
+    Safe to call from a process that runs the interpreter. A failing compile is a row with `error`
+    set, not an exception; a crashed subprocess raises RuntimeError with its stderr."""
+    cases = [dataclasses.asdict(_as_case(c)) for c in configs]
+    run_env = dict(os.environ if env is None else env)
+    run_env["TRITON_INTERPRET"] = "0"
+    with tempfile.TemporaryDirectory(prefix="fused_birnn_compile_") as tmp:
+        cases_path = os.path.join(tmp, "cases.json")
+        out_path = os.path.join(tmp, "report.json")
+        with open(cases_path, "w") as f:
+            json.dump(cases, f)
+        cmd = [sys.executable, "-m", "fused_birnn.compile_report", "--cases", cases_path,
+               "--json", out_path, "--jobs", str(jobs), "--quiet"]
+        proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not os.path.exists(out_path):
+            raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        with open(out_path) as f:
+            return json.load(f)["rows"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# the compiling side (TRITON_INTERPRET=0)
+# --------------------------------------------------------------------------------------------------------
+def _resolve(case: CompileCase) -> dict:
+    """Case -> the config it runs with, and its kernels."""
+    import torch
+
+    from fused_birnn.kernels.config import RecurrenceConfig, select_config
+
+    precision = case.input_precision or "ieee"
+    explicit = (case.block_b, case.block_h, case.w_on_chip)
+    if all(v is None for v in explicit) and case.num_warps is None:
+        # forward the precision if select_config learns to take it (its fp32 choice may depend on TF32)
+        params = inspect.signature(select_config).parameters
+        kw = {"allow_tf32": precision == "tf32"} if "allow_tf32" in params else (
+            {"input_precision": precision} if "input_precision" in params else {})
+        cfg = select_config(case.hidden_size, case.batch_size, getattr(torch, case.dtype), **kw)
+        source = "select_config"
+    elif any(v is None for v in explicit):
+        raise ValueError(f"{case}: give block_b, block_h and w_on_chip together (or none)")
+    else:
+        cfg = RecurrenceConfig(case.block_b, case.block_h, case.w_on_chip,
+                               4 if case.num_warps is None else case.num_warps)
+        source = "explicit"
+    if precision not in ("ieee", "tf32") or (precision == "tf32" and case.dtype != "float32"):
+        raise ValueError(f"{case}: input_precision {precision!r} (tf32 is for float32 only)")
+    kernels = case.kernels or tuple(k for k, (_, on_chip) in KERNELS.items() if on_chip == cfg.w_on_chip)
+    for k in kernels:
+        if k not in KERNELS:
+            raise ValueError(f"unknown kernel {k!r}; expected one of {tuple(KERNELS)}")
+    # num_stages: the case's experiment, else the config's if it grows one (the launchers then pass it)
+    num_stages = case.num_stages if case.num_stages is not None else getattr(cfg, "num_stages", None)
+    return dict(config=cfg, config_source=source, input_precision=precision, kernels=kernels,
+                num_stages=num_stages)
+
+
+def _int_args(kernel: str, H: int, B: int, D: int) -> dict[str, int]:
+    """Integer arguments (other than T) of a launch on contiguous buffers, as the launchers pass them."""
+    seq = (B * D * H, D * H)  # [T, B, D*H] strides (t, b)
+    state = (B * H, H)  # [D, B, H] strides (d, b)
+    if kernel.startswith("birnn_fwd"):
+        names = ("stride_xt", "stride_xb", "stride_ot", "stride_ob",
+                 "stride_h0d", "stride_h0b", "stride_hnd", "stride_hnb")
+        vals = seq + seq + state + state
+    else:
+        names = ("stride_ot", "stride_ob", "stride_got", "stride_gob", "stride_gpt", "stride_gpb",
+                 "stride_ghnd", "stride_ghnb", "stride_gh0d", "stride_gh0b")
+        vals = seq + seq + seq + state + state
+    return dict(B=B, H=H, **dict(zip(names, vals)))
+
+
+def _specialise(fn, case: CompileCase, precision: str, cfg) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as `JITFunction.run` builds them for this launch."""
+    import triton.language as tl
+
+    ints = _int_args(fn.__name__, case.hidden_size, case.batch_size, case.directions)
+    constexprs: dict[Any, Any] = dict(
+        RELU=case.relu, ACC_DTYPE=tl.float32, INPUT_PRECISION=precision,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h)
+    signature: dict[str, str] = {}
+    attrs: dict[tuple, list] = {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            # workspaces are fp32 (fp64 for fp64 inputs); every other buffer has the input dtype
+            signature[name] = "*fp32" if name.startswith("ws_") else TL_PTR[case.dtype]
+            if not p.do_not_specialize_on_alignment:
+                attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif p.do_not_specialize:  # T
+            signature[name] = "i32"
+        else:
+            v = ints[name]
+            if v == 1:
+                signature[name] = "constexpr"
+                constexprs[name] = 1
+            else:
+                signature[name] = "i32" if v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def cuobjdump_path() -> str:
+    """The `cuobjdump` the triton wheel ships (it calls the `nvdisasm` next to it for `-sass`)."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+_RESOURCE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
+_BRANCH_TARGET = re.compile(r"^\s*(?:`?\(?)0x([0-9a-f]+)")
+
+
+def analyse_sass(sass: str) -> dict:
+    """Tensor-core instruction counts, and where they sit relative to loops (backward branches)."""
+    insts: list[tuple[int, str, str]] = []
+    for m in _SASS_LINE.finditer(sass):
+        insts.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    loops: list[tuple[int, int]] = []  # [head, back-branch] address ranges
+    for addr, op, rest in insts:
+        if op.startswith("BRA"):
+            t = _BRANCH_TARGET.match(rest)
+            if t:
+                target = int(t.group(1), 16)
+                if target < addr:  # a self-branch (the trailing trap) is not a loop
+                    loops.append((target, addr))
+    local = {"STL": 0, "LDL": 0}
+    local_in_loop = 0  # spill traffic inside a loop costs every step
+    for addr, op, _ in insts:
+        if op.split(".")[0] in local:
+            local[op.split(".")[0]] += 1
+            local_in_loop += any(lo <= addr <= hi for lo, hi in loops)
+    ops: dict[str, int] = {}
+    in_loop = 0
+    depth = 0
+    for addr, op, _ in insts:
+        if op.split(".")[0] in TENSOR_CORE_OPS:
+            ops[op] = ops.get(op, 0) + 1
+            d = sum(1 for lo, hi in loops if lo <= addr <= hi)
+            in_loop += d > 0
+            depth = max(depth, d)
+    return dict(tensor_core=sum(ops.values()), tensor_core_in_loop=in_loop, tensor_core_loop_depth=depth,
+                tensor_core_ops=ops, loops=len(loops), sass_instructions=len(insts),
+                local_stores=local["STL"], local_loads=local["LDL"], local_in_loop=local_in_loop)
+
+
+def _compile_one(job: dict) -> dict:
+    """Worker: compile one kernel for one target; never raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fused_birnn.kernels import backward, forward
+
+    row = dict(job["row"])
+    t0 = time.perf_counter()
+    try:
+        fn = getattr(forward if row["kernel"].startswith("birnn_fwd") else backward, row["kernel"])
+        if not hasattr(fn, "params"):
+            raise RuntimeError(f"{row['kernel']} is {type(fn).__name__}, not a JITFunction: "
+                               "the kernels were decorated with TRITON_INTERPRET on")
+        case = CompileCase(**job["case"])
+        cfg = job["config"]
+        signature, constexprs, attrs = _specialise(fn, case, row["input_precision"], cfg)
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        options = {"num_warps": cfg.num_warps}
+        if row["num_stages"] is not None:
+            options["num_stages"] = row["num_stages"]
+        k = triton.compile(src, target=GPUTarget("cuda", row["arch"], 32), options=options)
+        row["compile_s"] = round(time.perf_counter() - t0, 2)
+        cuobjdump = cuobjdump_path()
+        with tempfile.TemporaryDirectory(prefix="fused_birnn_cubin_") as tmp:
+            cubin = os.path.join(tmp, "k.cubin")
+            with open(cubin, "wb") as f:
+                f.write(k.asm["cubin"])
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin],
+                                   capture_output=True, text=True, check=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        m = _RESOURCE.search(usage)
+        if m is None:
+            raise RuntimeError(f"no resource usage in cuobjdump output:\n{usage}")
+        regs, stack, _static_shared, local = map(int, m.groups())
+        shared = int(k.metadata.shared)
+        sass_info = analyse_sass(sass)
+        # ptxas places register spills in the stack frame: cuobjdump's STACK (LOCAL stays 0 for them)
+        row.update(registers=regs, local_bytes=local, stack_bytes=stack, spill_bytes=local + stack,
+                   shared=shared,
+                   fits_shared=shared <= row["shared_limit"], num_warps_compiled=int(k.metadata.num_warps),
+                   **sass_info, error=None)
+    except Exception as e:  # noqa: BLE001 - a failed compile is a row, not a crash
+        row.update(error=f"{type(e).__name__}: {e}", compile_s=round(time.perf_counter() - t0, 2))
+    row["problems"] = problems(row)
+    return row
+
+
+def problems(row: dict) -> list[str]:
+    """What stops this compile from being used on its target: empty when it is fine."""
+    if row.get("error"):
+        return [f"compile failed: {row['error'].splitlines()[0]}"]
+    out = []
+    if not row["fits_shared"]:
+        out.append(f"shared {row['shared']} B > {row['shared_limit']} B limit of {row['target']}")
+    if row["spill_bytes"] or row["local_stores"] or row["local_loads"]:
+        out.append(f"spills: STACK {row['stack_bytes']} B, LOCAL {row['local_bytes']} B, "
+                   f"{row['local_stores']} STL / {row['local_loads']} LDL in the SASS, "
+                   f"{row['local_in_loop']} of them inside a loop")
+    wants_tc = row["dtype"] in ("float16", "bfloat16") or row["input_precision"] == "tf32"
+    if wants_tc and row["tensor_core"] == 0:
+        out.append("no tensor-core instructions")
+    elif wants_tc and row["tensor_core_in_loop"] == 0:
+        out.append("tensor-core instructions only outside the time loop")
+    return out
+
+
+def _plan(cases: Sequence[CompileCase]) -> list[dict]:
+    """One job per (case, kernel, target)."""
+    jobs = []
+    for case in cases:
+        r = _resolve(case)
+        cfg = r["config"]
+        progs = -(-case.batch_size // cfg.block_b) * case.directions
+        for kernel in r["kernels"]:
+            for arch in case.targets:
+                if arch not in SHARED_LIMIT:
+                    raise ValueError(f"target sm_{arch}: no shared memory limit known ({sorted(SHARED_LIMIT)})")
+                row = dict(kernel=kernel, target=f"sm_{arch}", arch=arch, hidden_size=case.hidden_size,
+                           batch_size=case.batch_size, dtype=case.dtype, input_precision=r["input_precision"],
+                           relu=case.relu, directions=case.directions, config_source=r["config_source"],
+                           block_b=cfg.block_b, block_h=cfg.block_h, num_warps=cfg.num_warps,
+                           w_hh_path="on-chip" if cfg.w_on_chip else "streamed", programs=progs,
+                           num_stages=r["num_stages"],
+                           shared_limit=SHARED_LIMIT[arch])
+                jobs.append(dict(row=row, case=dataclasses.asdict(case), config=cfg))
+    return jobs
+
+
+def run_jobs(jobs: list[dict], workers: int = 2) -> list[dict]:
+    """Compile in a process pool (fork: the workers inherit the non-interpreted kernels)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers <= 1 or len(jobs) <= 1:
+        return [_compile_one(j) for j in jobs]
+    # longest first, so that a big compile does not start last
+    order = sorted(range(len(jobs)), key=lambda i: -(jobs[i]["row"]["block_h"] ** 2 * jobs[i]["row"]["block_b"]))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork")) as pool:
+        futures = {i: pool.submit(_compile_one, jobs[i]) for i in order}
+        return [futures[i].result() for i in range(len(jobs))]
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("kernel", "target", "dtype", "H", "B", "path", "BBxBH/w", "progs", "regs", "spill", "shared KiB",
+            "fits", "TC (in loop, depth)", "s")
+    lines = []
+    for r in rows:
+        dt = r["dtype"] + ("/tf32" if r["input_precision"] == "tf32" else "")
+        cfg = f"{r['block_b']}x{r['block_h']}/{r['num_warps']}" + (
+            f"/s{r['num_stages']}" if r.get("num_stages") is not None else "")
+        base = [r["kernel"].removeprefix("birnn_").removesuffix("_kernel"), r["target"], dt,
+                str(r["hidden_size"]), str(r["batch_size"]), r["w_hh_path"], cfg, str(r["programs"])]
+        if r.get("error"):
+            lines.append(base + ["ERROR: " + r["error"].splitlines()[0][:80]])
+            continue
+        tc_ops = ",".join(sorted({op.split(".")[0] for op in r["tensor_core_ops"]})) or "-"
+        regs = f"{r['registers']}" + ("!" if r["registers"] >= MAX_REGISTERS else "")
+        lines.append(base + [
+            regs, str(r["spill_bytes"]), f"{r['shared'] / 1024:.1f}",
+            "yes" if r["fits_shared"] else f"NO (> {r['shared_limit'] / 1024:.0f})",
+            f"{r['tensor_core']} {tc_ops} ({r['tensor_core_in_loop']}, {r['tensor_core_loop_depth']})",
+            f"{r['compile_s']:.1f}"])
+    widths = [max(len(x[i]) for x in [head, *lines] if i < len(x)) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < len(widths) else c  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths + [0] * len(cells))))
+    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines]
+    bad = [r for r in rows if r["problems"]]
+    out.append(f"\n{len(rows)} compiles, {len(bad)} with problems"
+               + ("" if not bad else ":\n" + "\n".join(
+                   f"  {r['kernel']} {r['target']} {r['dtype']}/{r['input_precision']} H={r['hidden_size']} "
+                   f"B={r['batch_size']}: {'; '.join(r['problems'])}" for r in bad)))
+    out.append("regs with '!' are at the 255-register cap; TC = tensor-core instructions in the SASS.")
+    return "\n".join(out)
+
+
+def _interpreter_on() -> bool:
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _interpreter_on():  # decorated kernels would be InterpretedFunctions: run again with it off
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        return subprocess.run([sys.executable, "-m", "fused_birnn.compile_report", *argv], env=env).returncode
+
+    ap = argparse.ArgumentParser(prog="python -m fused_birnn.compile_report", description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[50, 128, 256, 512])
+    ap.add_argument("--batch", type=int, nargs="+", default=[5, 64])
+    ap.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
+    ap.add_argument("--fp32-precision", nargs="+", choices=("ieee", "tf32"), default=["ieee"],
+                    help="input precision(s) of the float32 cases (default ieee)")
+    ap.add_argument("--targets", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    ap.add_argument("--relu", action="store_true", help="the relu cell (default tanh)")
+    ap.add_argument("--directions", type=int, default=2)
+    ap.add_argument("--cases", help="JSON list of CompileCase fields (replaces --hidden/--batch/--dtype)")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--check", action="store_true", help="exit 1 when any compile has a problem")
+    ap.add_argument("--quiet", action="store_true", help="no table")
+    args = ap.parse_args(argv)
+
+    if args.cases:
+        with open(args.cases) as f:
+            cases = [_as_case(c) for c in json.load(f)]
+    else:
+        cases = [CompileCase.make(h, b, dt, input_precision=p, relu=args.relu, directions=args.directions,
+                                  targets=args.targets)
+                 for dt in args.dtype for h in args.hidden for b in args.batch
+                 for p in (args.fp32_precision if dt == "float32" else ["ieee"])]
+
+    from fused_birnn.kernels import backward, forward  # decorate now, before the workers fork
+
+    for fn in (forward.birnn_fwd_onchip_kernel, backward.birnn_bwd_onchip_kernel):
+        assert hasattr(fn, "params"), "kernels decorated with the interpreter on"
+
+    t0 = time.perf_counter()
+    rows = run_jobs(_plan(cases), args.jobs)
+    wall = time.perf_counter() - t0
+    if args.json:
+        import triton
+
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, wall_s=round(wall, 1), rows=rows), f, indent=1)
+    if not args.quiet:
+        print(format_table(rows))
+        print(f"wall {wall:.1f} s with {args.jobs} jobs")
+    return 1 if args.check and any(r["problems"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

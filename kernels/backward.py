@@ -16,7 +16,7 @@ Buffers (last dimension contiguous; index math in int64):
     out       [T, B, D*H]  forward states h_t (read)
     grad_out  [T, B, D*H]  gradient of the layer output (read)
     grad_h_n  [D, B, H]    gradient of the final states (read)
-    w_hh      [D, H, H]    W_hh[d][j, k] (contiguous)
+    w_hh      [D, H, H]    W_hh[d][j, k] (contiguous; zero-padded to [D, BLOCK_H, BLOCK_H] on chip)
     grad_pre  [T, B, D*H]  dz_t, the gradient of the pre-activations (written)
     grad_h0   [D, B, H]    gradient of the initial states (written)
     ws_dz, ws_dh [D, B, H] fp32 workspaces of the streamed kernel
@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .cell import activation_grad_from_output
 from .config import RecurrenceConfig, select_config
-from .forward import acc_dtype, input_precision
+from .forward import acc_dtype, input_precision, pad_square
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -48,8 +48,8 @@ def birnn_bwd_onchip_kernel(
     RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """One program: BLOCK_B rows of one direction, all T steps backwards, `W_hh` (padded) on chip,
-    the running `dh` in registers."""
+    """One program: BLOCK_B rows of one direction, all T steps backwards, `W_hh` (`w_hh_ptr`:
+    zero-padded to `[D, BLOCK_H, BLOCK_H]`) on chip, the running `dh` in registers."""
     pid_b = tl.program_id(0)
     direction = tl.program_id(1)
     offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -57,10 +57,9 @@ def birnn_bwd_onchip_kernel(
     mask_h = offs_h < H
     mask = (offs_b < B)[:, None] & mask_h[None, :]
 
-    # W_hh[d] as the dot's right operand, unchanged: dh[k] = sum_j dz[j] * W[j, k]
-    w_base = w_hh_ptr + direction.to(tl.int64) * H * H
-    w = tl.load(w_base + offs_h[:, None] * H + offs_h[None, :],
-                mask=mask_h[:, None] & mask_h[None, :], other=0.0)
+    # W_hh[d] as the dot's right operand, unchanged: dh[k] = sum_j dz[j] * W[j, k] (zero-padded copy)
+    w_base = w_hh_ptr + direction * BLOCK_H * BLOCK_H
+    w = tl.load(w_base + offs_h[:, None] * BLOCK_H + offs_h[None, :])
     dh = tl.load(grad_h_n_ptr + direction * stride_ghnd + offs_b[:, None] * stride_ghnb + offs_h[None, :],
                  mask=mask, other=0.0).to(ACC_DTYPE)
 
@@ -186,6 +185,7 @@ def birnn_backward(
                grad_h0.stride(0), grad_h0.stride(1))
     args = (out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0)
     if cfg.w_on_chip:
+        args = (out, grad_out, grad_h_n, pad_square(w_hh, cfg.block_h), grad_pre, grad_h0)
         birnn_bwd_onchip_kernel[grid](*args, T, B, H, *strides, **common)
     else:
         ws_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32

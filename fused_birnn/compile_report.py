@@ -65,6 +65,7 @@ class CompileCase:
         dtype: "float16", "bfloat16" or "float32".
         input_precision: `tl.dot` precision, "ieee" or "tf32" (fp32 only); None: "ieee".
         relu: the relu cell instead of tanh.
+        lengths: the variable-length variant (`HAS_LENGTHS`: per-row lengths, PackedSequence).
         directions: D (grid axis 1).
         block_b, block_h, w_on_chip, num_warps: an explicit `RecurrenceConfig` (all four, or none).
         kernels: kernel names to compile; None: the forward and backward kernel of the config's path.
@@ -77,6 +78,7 @@ class CompileCase:
     dtype: str
     input_precision: str | None = None
     relu: bool = False
+    lengths: bool = False
     directions: int = 2
     block_b: int | None = None
     block_h: int | None = None
@@ -196,7 +198,7 @@ def _specialise(fn, case: CompileCase, precision: str, cfg) -> tuple[dict, dict,
 
     ints = _int_args(fn.__name__, case.hidden_size, case.batch_size, case.directions)
     constexprs: dict[Any, Any] = dict(
-        RELU=case.relu, ACC_DTYPE=tl.float32, INPUT_PRECISION=precision,
+        HAS_LENGTHS=case.lengths, RELU=case.relu, ACC_DTYPE=tl.float32, INPUT_PRECISION=precision,
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h)
     signature: dict[str, str] = {}
     attrs: dict[tuple, list] = {}
@@ -206,7 +208,8 @@ def _specialise(fn, case: CompileCase, precision: str, cfg) -> tuple[dict, dict,
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             # workspaces are fp32 (fp64 for fp64 inputs); every other buffer has the input dtype
-            signature[name] = "*fp32" if name.startswith("ws_") else TL_PTR[case.dtype]
+            signature[name] = ("*fp32" if name.startswith("ws_") else "*i64" if name == "lengths_ptr"
+                               else TL_PTR[case.dtype])
             if not p.do_not_specialize_on_alignment:
                 attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         elif p.do_not_specialize:  # T
@@ -349,7 +352,8 @@ def _plan(cases: Sequence[CompileCase]) -> list[dict]:
                     raise ValueError(f"target sm_{arch}: no shared memory limit known ({sorted(SHARED_LIMIT)})")
                 row = dict(kernel=kernel, target=f"sm_{arch}", arch=arch, hidden_size=case.hidden_size,
                            batch_size=case.batch_size, dtype=case.dtype, input_precision=r["input_precision"],
-                           relu=case.relu, directions=case.directions, config_source=r["config_source"],
+                           relu=case.relu, lengths=case.lengths, directions=case.directions,
+                           config_source=r["config_source"],
                            block_b=cfg.block_b, block_h=cfg.block_h, num_warps=cfg.num_warps,
                            w_hh_path="on-chip" if cfg.w_on_chip else "streamed", programs=progs,
                            num_stages=r["num_stages"],
@@ -425,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="input precision(s) of the float32 cases (default ieee)")
     ap.add_argument("--targets", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     ap.add_argument("--relu", action="store_true", help="the relu cell (default tanh)")
+    ap.add_argument("--lengths", action="store_true", help="the variable-length (PackedSequence) variant")
     ap.add_argument("--directions", type=int, default=2)
     ap.add_argument("--cases", help="JSON list of CompileCase fields (replaces --hidden/--batch/--dtype)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
@@ -437,7 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.cases) as f:
             cases = [_as_case(c) for c in json.load(f)]
     else:
-        cases = [CompileCase.make(h, b, dt, input_precision=p, relu=args.relu, directions=args.directions,
+        cases = [CompileCase.make(h, b, dt, input_precision=p, relu=args.relu, lengths=args.lengths,
+                                   directions=args.directions,
                                   targets=args.targets)
                  for dt in args.dtype for h in args.hidden for b in args.batch
                  for p in (args.fp32_precision if dt == "float32" else ["ieee"])]

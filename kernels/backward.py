@@ -34,28 +34,32 @@ import triton.language as tl
 from .cell import activation_grad_from_output
 from .config import RecurrenceConfig, select_config
 from .forward import acc_dtype, input_precision, pad_square
+from .indexing import sequence_lengths, step_time
 
 
 @triton.jit(do_not_specialize=["T"])
 def birnn_bwd_onchip_kernel(
-    out_ptr, grad_out_ptr, grad_h_n_ptr, w_hh_ptr, grad_pre_ptr, grad_h0_ptr,
+    out_ptr, grad_out_ptr, grad_h_n_ptr, w_hh_ptr, grad_pre_ptr, grad_h0_ptr, lengths_ptr,
     T, B, H,
     stride_ot, stride_ob,
     stride_got, stride_gob,
     stride_gpt, stride_gpb,
     stride_ghnd, stride_ghnb,
     stride_gh0d, stride_gh0b,
-    RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """One program: BLOCK_B rows of one direction, all T steps backwards, `W_hh` (`w_hh_ptr`:
-    zero-padded to `[D, BLOCK_H, BLOCK_H]`) on chip, the running `dh` in registers."""
+    """One program: BLOCK_B rows of one direction, its processing steps walked backwards from its
+    longest row's last, `W_hh` (`w_hh_ptr`: zero-padded to `[D, BLOCK_H, BLOCK_H]`) on chip, the
+    running `dh` in registers. A row keeps `dh = grad_h_n` until the walk reaches its last step."""
     pid_b = tl.program_id(0)
     direction = tl.program_id(1)
     offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     mask_h = offs_h < H
     mask = (offs_b < B)[:, None] & mask_h[None, :]
+    seq_len = sequence_lengths(lengths_ptr, offs_b, B, T, HAS_LENGTHS)
+    n_steps = tl.max(seq_len, axis=0)
 
     # W_hh[d] as the dot's right operand, unchanged: dh[k] = sum_j dz[j] * W[j, k] (zero-padded copy)
     w_base = w_hh_ptr + direction * BLOCK_H * BLOCK_H
@@ -67,13 +71,15 @@ def birnn_bwd_onchip_kernel(
     o_ptrs = out_ptr + offs_b[:, None] * stride_ob + col[None, :]
     go_ptrs = grad_out_ptr + offs_b[:, None] * stride_gob + col[None, :]
     gp_ptrs = grad_pre_ptr + offs_b[:, None] * stride_gpb + col[None, :]
-    for r in range(0, T):
-        t = (T - 1 - r + direction * (2 * r + 1 - T)).to(tl.int64)  # T-1-r forward, r reverse
-        h = tl.load(o_ptrs + t * stride_ot, mask=mask, other=0.0).to(ACC_DTYPE)
-        g = dh + tl.load(go_ptrs + t * stride_got, mask=mask, other=0.0).to(ACC_DTYPE)
+    for r in range(0, n_steps):
+        t, active = step_time(n_steps - 1 - r, direction, n_steps, seq_len)
+        m = active[:, None] & mask_h[None, :]
+        h = tl.load(o_ptrs + t * stride_ot, mask=m, other=0.0).to(ACC_DTYPE)
+        g = dh + tl.load(go_ptrs + t * stride_got, mask=m, other=0.0).to(ACC_DTYPE)
         dz = g * activation_grad_from_output(h, RELU)
-        tl.store(gp_ptrs + t * stride_gpt, dz.to(grad_pre_ptr.dtype.element_ty), mask=mask)
-        dh = tl.dot(dz.to(w.dtype), w, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        tl.store(gp_ptrs + t * stride_gpt, dz.to(grad_pre_ptr.dtype.element_ty), mask=m)
+        dh_prev = tl.dot(dz.to(w.dtype), w, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dh = tl.where(active[:, None], dh_prev, dh)
 
     tl.store(grad_h0_ptr + direction * stride_gh0d + offs_b[:, None] * stride_gh0b + offs_h[None, :],
              dh.to(grad_h0_ptr.dtype.element_ty), mask=mask)
@@ -81,24 +87,27 @@ def birnn_bwd_onchip_kernel(
 
 @triton.jit(do_not_specialize=["T"])
 def birnn_bwd_streamed_kernel(
-    out_ptr, grad_out_ptr, grad_h_n_ptr, w_hh_ptr, grad_pre_ptr, grad_h0_ptr, ws_dz_ptr, ws_dh_ptr,
+    out_ptr, grad_out_ptr, grad_h_n_ptr, w_hh_ptr, grad_pre_ptr, grad_h0_ptr, lengths_ptr, ws_dz_ptr, ws_dh_ptr,
     T, B, H,
     stride_ot, stride_ob,
     stride_got, stride_gob,
     stride_gpt, stride_gpb,
     stride_ghnd, stride_ghnb,
     stride_gh0d, stride_gh0b,
-    RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """One program: BLOCK_B rows of one direction, all T steps backwards, any H. A step has two
-    phases separated by CTA barriers: (1) per tile j, dz_j from dh_j (ws_dh) into grad_pre and ws_dz;
-    (2) per tile k, dh_k = sum_j dz_j @ W[j, k] into ws_dh, `W_hh` tiles streamed from L2."""
+    """One program: BLOCK_B rows of one direction, its processing steps walked backwards, any H. A step
+    has two phases separated by CTA barriers: (1) per tile j, dz_j from dh_j (ws_dh) into grad_pre and
+    ws_dz (0 for rows not yet active); (2) per tile k, dh_k = sum_j dz_j @ W[j, k] into ws_dh for the
+    active rows only, `W_hh` tiles streamed from L2."""
     pid_b = tl.program_id(0)
     direction = tl.program_id(1)
     offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_t = tl.arange(0, BLOCK_H)
     mask_b = (offs_b < B)[:, None]
+    seq_len = sequence_lengths(lengths_ptr, offs_b, B, T, HAS_LENGTHS)
+    n_steps = tl.max(seq_len, axis=0)
 
     w_base = w_hh_ptr + direction.to(tl.int64) * H * H
     ws_off = direction.to(tl.int64) * B * H + offs_b[:, None] * H
@@ -116,17 +125,17 @@ def birnn_bwd_streamed_kernel(
         tl.store(ws_dh + cols[None, :], g.to(ACC_DTYPE), mask=m)
     tl.debug_barrier()
 
-    for r in range(0, T):
-        t = (T - 1 - r + direction * (2 * r + 1 - T)).to(tl.int64)
+    for r in range(0, n_steps):
+        t, active = step_time(n_steps - 1 - r, direction, n_steps, seq_len)
         for j0 in range(0, H, BLOCK_H):
             cols = j0 + offs_t
-            m = mask_b & (cols < H)[None, :]
+            m = active[:, None] & (cols < H)[None, :]
             h = tl.load(o_rows + t * stride_ot + cols[None, :], mask=m, other=0.0).to(ACC_DTYPE)
             g = tl.load(ws_dh + cols[None, :], mask=m, other=0.0)
             g += tl.load(go_rows + t * stride_got + cols[None, :], mask=m, other=0.0).to(ACC_DTYPE)
             dz = g * activation_grad_from_output(h, RELU)
             tl.store(gp_rows + t * stride_gpt + cols[None, :], dz.to(grad_pre_ptr.dtype.element_ty), mask=m)
-            tl.store(ws_dz + cols[None, :], dz, mask=m)
+            tl.store(ws_dz + cols[None, :], dz, mask=mask_b & (cols < H)[None, :])  # 0 where inactive
         tl.debug_barrier()
         for k0 in range(0, H, BLOCK_H):
             cols_k = k0 + offs_t
@@ -139,7 +148,7 @@ def birnn_bwd_streamed_kernel(
                 w = tl.load(w_base + cols_j[:, None] * H + cols_k[None, :],
                             mask=mask_j[:, None] & mask_k[None, :], other=0.0)
                 acc = tl.dot(dz_j.to(w.dtype), w, acc=acc, input_precision=INPUT_PRECISION)
-            tl.store(ws_dh + cols_k[None, :], acc, mask=mask_b & mask_k[None, :])
+            tl.store(ws_dh + cols_k[None, :], acc, mask=active[:, None] & mask_k[None, :])
         tl.debug_barrier()
 
     for j0 in range(0, H, BLOCK_H):
@@ -159,15 +168,19 @@ def birnn_backward(
     grad_h0: torch.Tensor,
     *,
     relu: bool,
+    lengths: torch.Tensor | None = None,
     allow_tf32: bool = False,
     config: RecurrenceConfig | None = None,
 ) -> None:
     """Launch the backward recurrence (one launch for all directions); `grad_pre` and `grad_h0` are
-    written in place. Shapes as in the module docstring; last dimensions contiguous, `w_hh` contiguous."""
+    written in place. Shapes as in the module docstring; last dimensions contiguous, `w_hh` contiguous.
+    With `lengths` (as in `birnn_forward`) only valid steps of `grad_pre` are written: pass it
+    zero-filled."""
     T, B, DH = out.shape
     D, H = w_hh.shape[0], w_hh.shape[1]
     assert DH == D * H and grad_out.shape == grad_pre.shape == out.shape
     assert grad_h_n.shape == grad_h0.shape == (D, B, H)
+    assert lengths is None or (lengths.shape == (B,) and lengths.device == out.device)
     assert w_hh.is_contiguous() and all(
         t.stride(-1) == 1 for t in (out, grad_out, grad_h_n, grad_pre, grad_h0))
     if T == 0 or B == 0:
@@ -176,16 +189,16 @@ def birnn_backward(
     cfg = config or select_config(H, B, out.dtype, allow_tf32)
     grid = (cfg.num_batch_tiles(B), D)
     common = dict(
-        RELU=relu, ACC_DTYPE=acc_dtype(out.dtype), INPUT_PRECISION=input_precision(out.dtype, allow_tf32),
+        HAS_LENGTHS=lengths is not None, RELU=relu, ACC_DTYPE=acc_dtype(out.dtype), INPUT_PRECISION=input_precision(out.dtype, allow_tf32),
         BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
         **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages}),
     )
     strides = (out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
                grad_pre.stride(0), grad_pre.stride(1), grad_h_n.stride(0), grad_h_n.stride(1),
                grad_h0.stride(0), grad_h0.stride(1))
-    args = (out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0)
+    args = (out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, lengths)
     if cfg.w_on_chip:
-        args = (out, grad_out, grad_h_n, pad_square(w_hh, cfg.block_h), grad_pre, grad_h0)
+        args = (out, grad_out, grad_h_n, pad_square(w_hh, cfg.block_h), grad_pre, grad_h0, lengths)
         birnn_bwd_onchip_kernel[grid](*args, T, B, H, *strides, **common)
     else:
         ws_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32

@@ -24,11 +24,11 @@ import triton
 # Padded W_hh bytes allowed on chip. fp16 H=256 (128 KiB of operand, ~139 KiB with Triton's scratch) fits
 # both an A100 (163 KiB per block) and an H100 (227 KiB); fp32 H=256 (256 KiB) fits neither.
 ON_CHIP_MAX_BYTES = 128 * 1024
-# Tile edge of the streamed path: W tile and hidden-state tile are block_h wide.
+# Tile edge of the streamed path on tensor cores: W tile and hidden-state tile are block_h wide.
 STREAMED_BLOCK_H = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32, torch.float64: 32}
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on a GPU
 MAX_PROGRAMS_PER_DIRECTION = 64  # above this, grow the batch tile instead of the grid
-FMA_ON_CHIP_MAX_TILE = 16 * 64  # block_b * block_h limit of the on-chip path without tensor cores
+FMA_ON_CHIP_MAX_TILE = 16 * 32  # block_b * block_h limit of the on-chip path without tensor cores
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype,
     block_b = MIN_DOT
     while block_b < 64 and triton.cdiv(batch_size, block_b) > MAX_PROGRAMS_PER_DIRECTION:
         block_b *= 2
-    # exact fp32 (and fp64) dots are FMA loops holding a whole K row in registers: beyond a 16 x 64
+    # exact fp32 (and fp64) dots are FMA loops holding a whole K row in registers: beyond a 16 x 32
     # tile they spill (fp32 H=50 and H=128 did on sm_80/sm_90), so they stream sooner
     fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
     if fma:
@@ -75,4 +75,5 @@ def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype,
         # which pushed the backward past sm_80's 163 KiB
         num_stages = 1 if block_h_full >= 256 else None
         return RecurrenceConfig(block_b, block_h_full, True, num_warps, num_stages)
-    return RecurrenceConfig(block_b, STREAMED_BLOCK_H[dtype], False, 4)
+    # FMA dots stream in 16-wide tiles: 32-wide ones spilled a few bytes at odd H with lengths (sm_80)
+    return RecurrenceConfig(block_b, MIN_DOT if fma else STREAMED_BLOCK_H[dtype], False, 4)

@@ -32,25 +32,32 @@ STREAMED_SIZES = [(256, "float32"), (512, "float32"), (512, "float16"), (512, "b
 BATCHES = (5, 64)
 # (H, B, dtype, input precision): every size above in the precision the launchers use by default, plus
 # fp32 with TF32 (cuDNN's default, torch.backends.cudnn.allow_tf32)
-CASES = [(h, b, dt, "ieee") for h, dt in ON_CHIP_SIZES + STREAMED_SIZES for b in BATCHES] + [
-    (h, b, "float32", "tf32") for h in (7, 50, 128, 256, 512) for b in BATCHES]
+CASES = [(h, b, dt, "ieee", False) for h, dt in ON_CHIP_SIZES + STREAMED_SIZES for b in BATCHES] + [
+    (h, b, "float32", "tf32", False) for h in (7, 50, 128, 256, 512) for b in BATCHES] + [
+    # the variable-length (PackedSequence) variants: per-row time indices and activity masks
+    (h, 64, dt, prec, True) for h, dt, prec in [(50, "float16", "ieee"), (256, "float16", "ieee"),
+                                                 (200, "bfloat16", "ieee"), (128, "float32", "tf32"),
+                                                 (50, "float32", "ieee"), (512, "float16", "ieee"),
+                                                 (1760, "bfloat16", "ieee"), (512, "float32", "ieee")]]
 
 pytestmark = pytest.mark.skipif(not os.path.exists(cuobjdump_path()),
                                 reason="this triton has no NVIDIA backend tools (cuobjdump)")
 
 
-def _key(h, b, dt, prec):
-    return f"{dt}{'-tf32' if prec == 'tf32' else ''}-H{h}-B{b}"
+def _key(h, b, dt, prec, lengths):
+    return f"{dt}{'-tf32' if prec == 'tf32' else ''}-H{h}-B{b}{'-lengths' if lengths else ''}"
 
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, list[dict]]:
     """All rows, grouped per case."""
-    cases = [CompileCase.make(h, b, dt, input_precision=prec, targets=TARGETS) for h, b, dt, prec in CASES]
+    cases = [CompileCase.make(h, b, dt, input_precision=prec, lengths=lengths, targets=TARGETS)
+             for h, b, dt, prec, lengths in CASES]
     rows = compile_report(cases, jobs=2)
     out: dict[str, list[dict]] = {}
     for r in rows:
-        out.setdefault(_key(r["hidden_size"], r["batch_size"], r["dtype"], r["input_precision"]), []).append(r)
+        key = _key(r["hidden_size"], r["batch_size"], r["dtype"], r["input_precision"], r["lengths"])
+        out.setdefault(key, []).append(r)
     return out
 
 
@@ -60,9 +67,9 @@ def _describe(r: dict) -> str:
             f"num_warps={r['num_warps']} num_stages={r.get('num_stages')}")
 
 
-@pytest.mark.parametrize("h,b,dt,prec", CASES, ids=[_key(*c) for c in CASES])
-def test_compiles_fits_no_spills(report, h, b, dt, prec):
-    rows = report[_key(h, b, dt, prec)]
+@pytest.mark.parametrize("h,b,dt,prec,lengths", CASES, ids=[_key(*c) for c in CASES])
+def test_compiles_fits_no_spills(report, h, b, dt, prec, lengths):
+    rows = report[_key(h, b, dt, prec, lengths)]
     # the forward and the backward kernel of the path select_config picks, for every target
     assert sorted((r["arch"], r["kernel"][:9]) for r in rows) == sorted(
         (a, k) for a in TARGETS for k in ("birnn_fwd", "birnn_bwd"))
@@ -84,11 +91,11 @@ def test_compiles_fits_no_spills(report, h, b, dt, prec):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("h,b,dt,prec", CASES, ids=[_key(*c) for c in CASES])
-def test_tensor_cores(report, h, b, dt, prec):
+@pytest.mark.parametrize("h,b,dt,prec,lengths", CASES, ids=[_key(*c) for c in CASES])
+def test_tensor_cores(report, h, b, dt, prec, lengths):
     """fp16/bf16 and TF32 dots run on tensor cores, inside the time loop; exact fp32 ("ieee") must not
     (an HMMA there would be TF32 rounding: parity with fp32 nn.RNN would break)."""
-    for r in report[_key(h, b, dt, prec)]:
+    for r in report[_key(h, b, dt, prec, lengths)]:
         if r["error"]:
             pytest.fail(f"{_describe(r)}: compile failed: {r['error']}")
         what = f"{_describe(r)}: tensor-core instructions {r['tensor_core_ops']}"

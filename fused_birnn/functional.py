@@ -10,7 +10,8 @@ Backward:
     grad_pre, grad_h0 = recurrence backward(out, grad_out, grad_h_n, W_hh) one launch, both directions
     grad_x      = grad_pre @ W_ih_cat                                       one GEMM
     grad_W_ih   = grad_pre^T @ x                                            one GEMM
-    grad_W_hh_d = grad_pre_d[1:]^T @ out_d[:-1] + grad_pre_d[0]^T @ h0_d    (reverse: mirrored in time)
+    grad_W_hh_d = grad_pre_d[1:]^T @ out_d[:-1] + grad_pre_d[0]^T @ h0_d    (reverse: mirrored in time,
+                                                                           h0 entering at each row's end)
     grad_b      = grad_pre summed over (T, B)                               (b_ih and b_hh alike)
 
 The recurrence is the Triton kernels (`fused_birnn.kernels`) or the pure-PyTorch path
@@ -92,11 +93,12 @@ class PackedLayer:
 
 class BiRNNLayerFunction(torch.autograd.Function):
     """Autograd of one layer. Inputs: `x [T, B, I]`, `h0 [D, B, H]`, the packed weights (what is
-    computed with), then the layer's parameters flat, `(w_ih, w_hh[, b_ih, b_hh]) * D` (what gradients
-    are returned for). Outputs `(out [T, B, D*H], h_n [D, B, H])`."""
+    computed with), the cell, the backend, optional per-row `lengths [B]` (on x's device), then the
+    layer's parameters flat, `(w_ih, w_hh[, b_ih, b_hh]) * D` (what gradients are returned for).
+    Outputs `(out [T, B, D*H], h_n [D, B, H])`; with lengths, `out` is 0 at padded steps."""
 
     @staticmethod
-    def forward(ctx, x, h0, packed: PackedLayer, relu: bool, backend: str, *params):
+    def forward(ctx, x, h0, packed: PackedLayer, relu: bool, backend: str, lengths, *params):
         T, B, _ = x.shape
         D, _, H = packed.w_hh.shape
         x2 = x.reshape(T * B, x.shape[2])
@@ -107,37 +109,38 @@ class BiRNNLayerFunction(torch.autograd.Function):
         x_proj = x_proj.view(T, B, D * H)
         allow_tf32 = torch.backends.cudnn.allow_tf32
         if backend == "triton":
-            out = torch.empty_like(x_proj)
+            out = torch.empty_like(x_proj) if lengths is None else torch.zeros_like(x_proj)
             h_n = torch.empty((D, B, H), dtype=x.dtype, device=x.device)
-            birnn_forward(x_proj, packed.w_hh, h0, out, h_n, relu=relu, allow_tf32=allow_tf32)
+            birnn_forward(x_proj, packed.w_hh, h0, out, h_n, relu=relu, lengths=lengths, allow_tf32=allow_tf32)
         else:
-            out, h_n = torch_backend.recurrence_forward(x_proj, packed.w_hh, h0, relu=relu)
-        ctx.save_for_backward(x, h0, out, packed.w_ih, packed.w_hh)
+            out, h_n = torch_backend.recurrence_forward(x_proj, packed.w_hh, h0, relu=relu, lengths=lengths)
+        ctx.save_for_backward(x, h0, out, packed.w_ih, packed.w_hh, lengths)
         ctx.relu, ctx.backend, ctx.allow_tf32 = relu, backend, allow_tf32
         ctx.num_params = len(params)
         return out, h_n
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n):
-        x, h0, out, w_ih, w_hh = ctx.saved_tensors
+        x, h0, out, w_ih, w_hh, lengths = ctx.saved_tensors
         T, B, I = x.shape
         D, _, H = w_hh.shape
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         grad_h_n = grad_h_n if grad_h_n.stride(-1) == 1 else grad_h_n.contiguous()
         if ctx.backend == "triton":
-            grad_pre = torch.empty_like(out)
+            grad_pre = torch.empty_like(out) if lengths is None else torch.zeros_like(out)
             grad_h0 = torch.empty_like(h0)
-            birnn_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, relu=ctx.relu,
+            birnn_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, relu=ctx.relu, lengths=lengths,
                            allow_tf32=ctx.allow_tf32)
         else:
-            grad_pre, grad_h0 = torch_backend.recurrence_backward(out, grad_out, grad_h_n, w_hh, relu=ctx.relu)
+            grad_pre, grad_h0 = torch_backend.recurrence_backward(out, grad_out, grad_h_n, w_hh, relu=ctx.relu,
+                                                                  lengths=lengths)
 
         needs = ctx.needs_input_grad
         gp2 = grad_pre.view(T * B, D * H)
         grad_x = (gp2 @ w_ih).view(T, B, I) if needs[0] else None
         grad_params: list[torch.Tensor | None] = []
         per_dir = ctx.num_params // D
-        if any(needs[5:]):
+        if any(needs[6:]):
             grad_w_ih = gp2.t() @ x.reshape(T * B, I)
             grad_b = grad_pre.sum((0, 1)) if per_dir == 4 else None
             for d in range(D):
@@ -145,8 +148,10 @@ class BiRNNLayerFunction(torch.autograd.Function):
                 gp_d, out_d = grad_pre[..., cols], out[..., cols]
                 if d == 0:  # h_{t-1} of step t is out[t-1], h0 at t = 0
                     later, earlier, first = gp_d[1:], out_d[:-1], gp_d[0]
-                else:  # the reverse direction's previous state is out[t+1], h0 at t = T-1
-                    later, earlier, first = gp_d[:-1], out_d[1:], gp_d[T - 1]
+                else:  # the reverse direction's previous state is out[t+1] (0 past a row's end),
+                    # h0 at the row's last valid step
+                    later, earlier = gp_d[:-1], out_d[1:]
+                    first = gp_d[T - 1] if lengths is None else gp_d[lengths - 1, torch.arange(B, device=x.device)]
                 grad_w_hh = first.t() @ h0[d]
                 if T > 1:
                     grad_w_hh = grad_w_hh.addmm_(later.reshape(-1, H).t(), earlier.reshape(-1, H))
@@ -155,4 +160,4 @@ class BiRNNLayerFunction(torch.autograd.Function):
                     grad_params += [grad_b[cols], grad_b[cols].clone()]
         else:
             grad_params = [None] * ctx.num_params
-        return (grad_x, grad_h0 if needs[1] else None, None, None, None, *grad_params)
+        return (grad_x, grad_h0 if needs[1] else None, None, None, None, None, *grad_params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .functional import BACKENDS, BiRNNLayerFunction, PackedLayer, resolve_backend
 
@@ -127,16 +128,34 @@ class RNN(nn.RNNBase):
         per_dir = len(flat) // num_directions
         return PackedLayer.from_params([tuple(flat[d * per_dir:(d + 1) * per_dir]) for d in range(num_directions)])
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise NotImplementedError("fused_birnn.RNN does not accept PackedSequence yet; pass a padded tensor")
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None, lengths: Tensor | None = None):
+        """Run the RNN; arguments and results as :meth:`torch.nn.RNN.forward`, plus ``lengths``.
+
+        Args:
+            input: ``(L, N, H_in)`` (``(N, L, H_in)`` batch first), unbatched ``(L, H_in)``, or a
+                ``PackedSequence`` (then the output is one too, and ``h_n`` holds each sequence's
+                states at its own last step).
+            hx: initial states, zeros if omitted.
+            lengths: optional 1-D integer tensor of N valid lengths (1..L) for a padded batched
+                ``input``, on the CPU or the input's device: the same results as packing the input,
+                without packing (padded output steps are 0). CPU lengths avoid a device sync.
+
+        Returns:
+            ``(output, h_n)``.
+        """
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("pass either a PackedSequence or lengths=, not both")
+            return self._forward_packed(input, hx)
         if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+            raise TypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
         is_batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
         if not is_batched:
+            if lengths is not None:
+                raise ValueError("lengths= needs a batched 3-D input; got unbatched 2-D input")
             input = input.unsqueeze(batch_dim)
             if hx is not None:
                 if hx.dim() != 2:
@@ -145,24 +164,74 @@ class RNN(nn.RNNBase):
                 hx = hx.unsqueeze(1)
         elif hx is not None and hx.dim() != 3:
             raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
-        num_directions = 2 if self.bidirectional else 1
-        batch = input.size(batch_dim)
-        if hx is None:
-            hx = torch.zeros(self.num_layers * num_directions, batch, self.hidden_size,
-                             dtype=input.dtype, device=input.device)
+        hx = self._initial_state(input, hx, input.size(batch_dim))
         self.check_forward_args(input, hx, None)
-        weight = self._flat_weights[0]
+        x = input.transpose(0, 1) if self.batch_first else input
+        if x.size(0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, x)
+        output, h_n = self._run_layers(x, hx, lengths)
+        output = output.transpose(0, 1) if self.batch_first else output
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            h_n = h_n.squeeze(1)
+        return output, h_n
+
+    def _forward_packed(self, input: PackedSequence, hx: Tensor | None) -> tuple[PackedSequence, Tensor]:
+        """PackedSequence in, PackedSequence out, as nn.RNN: computed in the packed (length-sorted)
+        batch order on the padded layout, each row with its own length."""
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if hx is not None:
+            hx = self.permute_hidden(hx, sorted_indices)  # the caller's order -> sorted
+        hx = self._initial_state(data, hx, int(batch_sizes[0]))
+        self.check_forward_args(data, hx, batch_sizes)
+        padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # [T, B, I], sorted
+        output, h_n = self._run_layers(padded, hx, lengths.to(data.device, non_blocking=True))
+        output = pack_padded_sequence(output, lengths).data
+        return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
+            h_n, unsorted_indices)
+
+    def _initial_state(self, input: Tensor, hx: Tensor | None, batch: int) -> Tensor:
+        """`hx`, or zeros; checks what nn.RNN leaves to a later, less clear error."""
+        num_directions = 2 if self.bidirectional else 1
+        if hx is None:
+            return torch.zeros(self.num_layers * num_directions, batch, self.hidden_size,
+                               dtype=input.dtype, device=input.device)
         if hx.dtype != input.dtype:
             raise ValueError(f"hx dtype ({hx.dtype}) does not match input dtype ({input.dtype})")
+        weight = self._flat_weights[0]
         for name, t in (("input", input), ("hx", hx)):
             if t.device != weight.device:
                 raise RuntimeError(f"{name} is on {t.device} but the RNN's parameters are on {weight.device}; "
                                    f"move one of them (e.g. model.to({t.device}))")
-        x = input.transpose(0, 1) if self.batch_first else input
-        if x.size(0) == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        backend = resolve_backend(self.backend, x.device, x.dtype)
+        return hx
 
+    @staticmethod
+    def _check_lengths(lengths: Tensor, x: Tensor) -> Tensor:
+        """Validate `lengths` for a time-major `x` and return it as int64 on x's device."""
+        T, B = x.shape[:2]
+        if not isinstance(lengths, Tensor):
+            lengths = torch.as_tensor(lengths)
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise ValueError(f"lengths must be an integer tensor, got dtype {lengths.dtype}")
+        if lengths.dim() != 1 or lengths.numel() != B:
+            raise ValueError(f"lengths must be a 1-D tensor of the batch size {B}, got shape {tuple(lengths.shape)}")
+        if lengths.device.type != "cpu" and lengths.device != x.device:
+            raise ValueError(f"lengths must be on the CPU or on the input's device ({x.device}), got {lengths.device}")
+        if B and (lengths.min() < 1 or lengths.max() > T):  # a sync for device lengths: pass CPU lengths
+            raise ValueError(f"lengths must lie in [1, {T}] (the padded sequence length), got values from "
+                             f"{int(lengths.min())} to {int(lengths.max())}")
+        return lengths.to(device=x.device, dtype=torch.int64, non_blocking=True)
+
+    def _run_layers(self, x: Tensor, hx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The stack on a time-major `x [T, B, I]`: one autograd Function (two kernel launches) per
+        layer, dropout between layers in training mode. Returns `(output [T, B, D*H], h_n)`."""
+        if x.device != self._flat_weights[0].device:
+            raise RuntimeError(f"input is on {x.device} but the RNN's parameters are on "
+                               f"{self._flat_weights[0].device}; move one of them (e.g. model.to({x.device}))")
+        num_directions = 2 if self.bidirectional else 1
+        backend = resolve_backend(self.backend, x.device, x.dtype)
         relu = self.nonlinearity == "relu"
         x = x.contiguous()
         h_n = []
@@ -171,16 +240,11 @@ class RNN(nn.RNNBase):
             packed = self._packed_layer(layer, flat)
             h0 = hx[layer * num_directions:(layer + 1) * num_directions]
             h0 = h0 if h0.stride(-1) == 1 else h0.contiguous()
-            x, h_layer = BiRNNLayerFunction.apply(x, h0, packed, relu, backend, *flat)
+            x, h_layer = BiRNNLayerFunction.apply(x, h0, packed, relu, backend, lengths, *flat)
             h_n.append(h_layer)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = nn.functional.dropout(x, self.dropout, training=True)
-        output = x.transpose(0, 1) if self.batch_first else x
-        h_n = torch.cat(h_n, 0) if self.num_layers > 1 else h_n[0]
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            h_n = h_n.squeeze(1)
-        return output, h_n
+        return x, torch.cat(h_n, 0) if self.num_layers > 1 else h_n[0]
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -40,8 +40,20 @@ def to_time_order(p: torch.Tensor) -> torch.Tensor:
     return x.view(T, B, D * H)
 
 
+def activity_mask(lengths: torch.Tensor, T: int, num_directions: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[T, D, B, 1]` 1/0 mask in processing order: whether row b is active at step s of direction d.
+
+    As in the kernels (kernels/indexing.py): step s is time s forward and T-1-s reverse for every row;
+    a row is active where that time is below its length, so a reverse row waits, state untouched,
+    until it reaches its own last valid step."""
+    steps = torch.arange(T, device=lengths.device)
+    times = torch.stack([steps, T - 1 - steps], 1)[:, :num_directions]  # [T, D]
+    return (times[:, :, None] < lengths[None, None, :]).to(dtype).unsqueeze(-1)
+
+
 def recurrence_forward(
-    x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, *, relu: bool
+    x_proj: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, *, relu: bool,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`h_t = act(x_proj_t + h_{t-1} @ W_hh[d]^T)` for every direction.
 
@@ -50,6 +62,8 @@ def recurrence_forward(
         w_hh: `[D, H, H]`.
         h0: `[D, B, H]`.
         relu: ReLU instead of tanh.
+        lengths: optional `[B]` valid lengths (on x_proj's device): row b runs its first lengths[b]
+            steps, the reverse direction from lengths[b] - 1; padded steps of `out` are 0.
 
     Returns:
         `(out [T, B, D*H], h_n [D, B, H])`, as the forward kernel writes them.
@@ -58,13 +72,17 @@ def recurrence_forward(
     D = w_hh.shape[0]
     xs = to_processing_order(x_proj, D) if D == 2 else x_proj.unsqueeze(1)  # read only
     states = torch.empty((T, D) + h0.shape[1:], dtype=x_proj.dtype, device=x_proj.device)
+    active = None if lengths is None else activity_mask(lengths, T, D, x_proj.dtype).bool()
     w_t = w_hh.transpose(1, 2)
     act_ = torch.relu_ if relu else torch.tanh_
     for s in range(T):
-        h = states[s]
-        torch.baddbmm(xs[s], states[s - 1] if s else h0, w_t, out=h)
+        h, h_prev = states[s], states[s - 1] if s else h0
+        torch.baddbmm(xs[s], h_prev, w_t, out=h)
         act_(h)
-    return to_time_order(states), h.clone()
+        if active is not None:  # inactive rows keep their state
+            torch.where(active[s], h, h_prev, out=h)
+    out = to_time_order(states if active is None else states * active)
+    return out, h.clone()
 
 
 def recurrence_backward(
@@ -74,9 +92,10 @@ def recurrence_backward(
     w_hh: torch.Tensor,
     *,
     relu: bool,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BPTT through `recurrence_forward`: returns `(grad_pre [T, B, D*H], grad_h0 [D, B, H])`, the
-    gradients of the pre-activations and of the initial states."""
+    gradients of the pre-activations (0 at padded steps) and of the initial states."""
     T = out.shape[0]
     D = w_hh.shape[0]
     deriv = to_processing_order(out, D)  # a copy: becomes act'(z) in place
@@ -85,10 +104,20 @@ def recurrence_backward(
     else:
         deriv.mul_(deriv).neg_().add_(1.0)
     g = to_processing_order(grad_out, D)  # gradient reaching each step's state, completed in place
+    if lengths is not None:
+        active = activity_mask(lengths, T, D, deriv.dtype)
+        deriv.mul_(active)  # no pre-activation at an inactive step: dz = 0 there
+        g.mul_(active)  # padded outputs are constant zeros
+        carry = 1.0 - active  # an inactive step passes its state (and gradient) through unchanged
     g[T - 1].add_(grad_h_n)
     dz = torch.empty_like(g)
     for s in range(T - 1, 0, -1):
         torch.mul(g[s], deriv[s], out=dz[s])
         g[s - 1].baddbmm_(dz[s], w_hh)  # + dz_s @ W_hh: the gradient flowing into h_{s-1}
+        if lengths is not None:
+            g[s - 1].addcmul_(g[s], carry[s])
     torch.mul(g[0], deriv[0], out=dz[0])
-    return to_time_order(dz), torch.bmm(dz[0], w_hh)
+    grad_h0 = torch.bmm(dz[0], w_hh)
+    if lengths is not None:
+        grad_h0.addcmul_(g[0], carry[0])
+    return to_time_order(dz), grad_h0

@@ -1,0 +1,100 @@
+"""`python -m fused_birnn.bench`: the comparison command (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import report
+from .runner import Options, run_suite
+from .suites import ALL, DTYPES, SUITES
+
+_CHILD = "_FUSED_BIRNN_BENCH_CHILD"  # set in a re-executed child: never re-execute twice
+DEVICE_DIRS = {"cuda": "gpu", "cpu": "cpu"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m fused_birnn.bench",
+        description="Compare fused_birnn.RNN with torch.nn.RNN (cuDNN on CUDA): parity gate, then timings.")
+    ap.add_argument("--suite", nargs="+", required=True, metavar="NAME",
+                    help=f"one or more of {', '.join(SUITES)}, or 'all' ({', '.join(ALL)})")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                    help="default: cuda if available, else cpu (--compile-only: GPU shapes unless 'cpu')")
+    ap.add_argument("--out", default=None, help="output folder (default bench/results/<gpu|cpu>/)")
+    ap.add_argument("--quick", action="store_true", help="shrunken suites and short timings (smoke runs)")
+    ap.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=None,
+                    help="only these dtypes (default: fp32 fp16 bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="only the sm_80/sm_90 compile table of the suite's kernels (works without a GPU)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compile table in a timing run")
+    ap.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                    help="parallel compiles for the compile table")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--interpreter-steps", type=int, default=8,
+                    help="CPU: time steps of the (untimed) interpreter parity gate of the Triton kernels; "
+                         "0 = each configuration's own T (slow: minutes for H=256 fp32)")
+    return ap
+
+
+def _reexec(interpret: str) -> int:
+    """Run this command again in a fresh process with TRITON_INTERPRET=`interpret` (it is read when
+    fused_birnn.kernels is imported, which `python -m fused_birnn.bench` has already done)."""
+    env = dict(os.environ, TRITON_INTERPRET=interpret, **{_CHILD: "1"})
+    return subprocess.run([sys.executable, "-m", "fused_birnn.bench", *sys.argv[1:]], env=env).returncode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import torch
+
+    from fused_birnn.functional import INTERPRETER
+
+    suites = list(ALL) if "all" in args.suite else args.suite
+    for s in suites:
+        if s not in SUITES:
+            print(f"unknown suite {s!r}; expected one of {', '.join(SUITES)} or 'all'", file=sys.stderr)
+            return 2
+    if args.compile_only:
+        device = args.device or "cuda"
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            print("--device cuda: no CUDA device here (use --device cpu or --compile-only)", file=sys.stderr)
+            return 2
+        # CPU: the Triton kernels must run interpreted for their parity gate; CUDA: compiled.
+        want = "1" if device == "cpu" else "0"
+        if argv is None and os.environ.get(_CHILD) != "1" and INTERPRETER != (want == "1"):
+            return _reexec(want)
+    out = Path(args.out) if args.out else Path("bench") / "results" / DEVICE_DIRS[device]
+    opts = Options(device=device if not args.compile_only else "cpu", quick=args.quick,
+                   compile=not args.no_compile, compile_jobs=args.jobs, plots=not args.no_plots, seed=args.seed,
+                   interpreter_max_steps=args.interpreter_steps)
+    dtypes = tuple(args.dtype) if args.dtype else None
+    for suite in suites:
+        payload = run_suite(suite, out, opts, dtypes=dtypes, compile_only=args.compile_only, sizing=device)
+        print(f"\n== suite {suite}{' (quick)' if args.quick else ''}: {report.stamp_line(payload['env'])}")
+        if args.compile_only:
+            from fused_birnn.compile_report import format_table
+
+            rows = [c for r in payload["results"] for c in (r.get("compile") or [])]
+            print(format_table(rows) if rows else f"compile table not available: {payload['compile_error']}")
+        else:
+            head = report.result_columns(device)
+            print(report.text_table(head, [report.result_row(r, device) for r in payload["results"]]))
+            if payload.get("compile_error"):
+                print(f"compile table not available: {payload['compile_error']}")
+        if payload.get("plots_error"):
+            print(payload["plots_error"], file=sys.stderr)
+        busy = [r.get(m, {}).get("others_cpu_pct") or 0 for r in payload["results"] for m in ("fwd", "fwd_bwd")
+                if isinstance(r.get(m), dict)]
+        if device == "cpu" and busy and max(busy) > 10:
+            print(f"WARNING: other processes used up to {max(busy):.0f}% of the CPUs during the timings; "
+                  "CPU figures are unreliable", file=sys.stderr)
+        print("wrote " + ", ".join(payload["files"]))
+    return 0

@@ -1,0 +1,201 @@
+"""The parity gate: a candidate must compute what `torch.nn.RNN` computes before it is timed.
+
+For one configuration the candidate and `nn.RNN` (cuDNN on CUDA) get identical weights
+(`load_state_dict`) and identical inputs, and are compared on
+
+* forward only (under `torch.no_grad()`, the path forward timing runs): `output`, `h_n`;
+* forward + backward (a random upstream gradient for `output` and `h_n`): `output`, `h_n`, the
+  gradients of the input, of `h0` and of every parameter.
+
+Metric: the scaled max error ``max|a - b| / max|b|`` of each tensor (robust to the magnitude of weight
+gradients, which sum over T*B terms). A tensor passes when
+
+1. it is within the dtype's tolerance of `nn.RNN`'s, or, failing that,
+2. the candidate is not much further from a float64 `nn.RNN` with the same weights ("truth") than
+   `nn.RNN` itself is: ``err(candidate, truth) <= max(tol, 2 * err(nn.RNN, truth))``. Two correct
+   low-precision implementations round differently, and over hundreds of steps their difference can
+   exceed a fixed tolerance while both stay as close to the exact result; this admits them and nothing
+   else. The float64 run happens only when (1) fails for some tensor.
+
+fp32 on CUDA follows `torch.backends.cudnn.allow_tf32` as set (cuDNN's fp32 RNN and our fp32 `tl.dot`
+both use TF32 when it is on); the tolerance is then the fp16 one, and the flag is recorded.
+
+When `nn.RNN` itself raises (e.g. bf16 on a cuDNN without it), the result says "cuDNN unsupported" and the
+candidate is checked against the float64 truth alone.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .suites import Config
+
+# scaled max error allowed, per dtype (fp32 with TF32 on: the fp16 figure, TF32 has fp16's mantissa)
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-2,
+    torch.bfloat16: 3e-2,
+}
+TF32_TOLERANCE = 1e-2
+FORWARD_TENSORS = ("output", "h_n")
+
+
+def tolerance(dtype: torch.dtype, device: torch.device | str, allow_tf32: bool) -> float:
+    if dtype == torch.float32 and torch.device(device).type == "cuda" and allow_tf32:
+        return TF32_TOLERANCE
+    return TOLERANCE[dtype]
+
+
+def make_reference(cfg: Config, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.RNN:
+    """`torch.nn.RNN` for `cfg` (bidirectional), random init from the current RNG state."""
+    return nn.RNN(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity,
+                  bias=cfg.bias, batch_first=cfg.batch_first, bidirectional=True, device=device,
+                  dtype=dtype or cfg.torch_dtype)
+
+
+def make_inputs(cfg: Config, device: torch.device | str, *, generator: torch.Generator | None = None):
+    """`(x, h0)` for `cfg`: x `(B, T, I)` if batch_first else `(T, B, I)`, h0 `(2L, B, H)`."""
+    dtype = cfg.torch_dtype
+    shape = (cfg.batch, cfg.seq_len) if cfg.batch_first else (cfg.seq_len, cfg.batch)
+    x = torch.randn(*shape, cfg.input_size, generator=generator, dtype=torch.float32).to(device, dtype)
+    h0 = torch.randn(2 * cfg.num_layers, cfg.batch, cfg.hidden_size, generator=generator,
+                     dtype=torch.float32).to(device, dtype)
+    return x, h0
+
+
+def scaled_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """`max|a - b| / max|b|` in float64 (0 when both are all zero; inf on a shape mismatch or NaN)."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
+    if a.shape != b.shape:
+        return float("inf")
+    a, b = a.detach().double(), b.detach().double()
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = b.abs().max().item() if b.numel() else 0.0
+    if diff != diff:  # NaN
+        return float("inf")
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / scale
+
+
+def _run(model: nn.Module, x, h0, grads, *, backward: bool) -> dict[str, torch.Tensor]:
+    """Outputs (and gradients) of one call; inputs are cloned so callers' tensors stay untouched."""
+    if not backward:
+        with torch.no_grad():
+            out, h_n = model(x, h0)
+        return {"output": out, "h_n": h_n}
+    model.zero_grad(set_to_none=True)
+    x_ = x.detach().clone().requires_grad_(True)
+    h0_ = h0.detach().clone().requires_grad_(True)
+    out, h_n = model(x_, h0_)
+    torch.autograd.backward((out, h_n), grads)
+    res = {"output": out.detach(), "h_n": h_n.detach(), "grad_input": x_.grad, "grad_h0": h0_.grad}
+    for name, p in model.named_parameters():
+        res[f"grad_{name}"] = p.grad
+    return res
+
+
+class ReferenceUnsupported(RuntimeError):
+    """`nn.RNN` raised on this configuration (e.g. cuDNN without bf16)."""
+
+
+def check_parity(
+    cfg: Config,
+    candidate: nn.Module,
+    reference: nn.Module | None,
+    device: torch.device | str,
+    *,
+    seed: int = 0,
+    reference_error: str | None = None,
+) -> dict:
+    """Compare `candidate` with `reference` (the `nn.RNN` it was loaded from; None if that raised, with
+    `reference_error` saying why) on fresh random inputs. Returns a JSON-able dict:
+
+    ``{"fwd_ok", "bwd_ok", "tolerance", "allow_tf32", "reference": "nn.RNN"|"float64 only",
+    "tensors": {mode: {name: {"err", "err_truth", "ref_err_truth", "ok"}}}, "error"}``
+    where mode is "fwd" or "fwd+bwd" and `error` is the candidate's exception, if it raised."""
+    dtype = cfg.torch_dtype
+    allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
+    tol = tolerance(dtype, device, allow_tf32)
+    gen = torch.Generator().manual_seed(seed)
+    x, h0 = make_inputs(cfg, device, generator=gen)
+    shape_out = (*x.shape[:-1], 2 * cfg.hidden_size)
+    gy = torch.randn(*shape_out, generator=gen).to(device, dtype)
+    ghn = torch.randn(*h0.shape, generator=gen).to(device, dtype)
+    result = {"fwd_ok": False, "bwd_ok": False, "tolerance": tol, "allow_tf32": allow_tf32,
+              "reference": "nn.RNN" if reference is not None else "float64 only", "reference_error": reference_error,
+              "tensors": {}, "error": None}
+
+    truth_model: list[nn.Module] = []
+    truth_source: list[nn.Module] = [reference] if reference is not None else []
+
+    def truth(backward: bool) -> dict[str, torch.Tensor]:
+        if not truth_model:
+            src = truth_source[0] if truth_source else candidate
+            m = make_reference(cfg, device, torch.float64)
+            m.load_state_dict({k: v.detach().double() for k, v in src.state_dict().items()})
+            truth_model.append(m)
+        return _run(truth_model[0], x.double(), h0.double(), (gy.double(), ghn.double()), backward=backward)
+
+    for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+        try:
+            got = _run(candidate, x, h0, (gy, ghn), backward=backward)
+        except Exception as e:  # noqa: BLE001 - a raising candidate fails parity, it does not stop the run
+            result["error"] = f"{type(e).__name__}: {e}"
+            return result
+        want = None
+        if reference is not None:
+            try:
+                want = _run(reference, x, h0, (gy, ghn), backward=backward)
+            except Exception as e:  # noqa: BLE001 - e.g. cuDNN without bf16: check against float64 alone
+                result["reference_error"] = f"{type(e).__name__}: {e}"
+                result["reference"] = "float64 only"
+                reference = None
+        rows: dict[str, dict] = {}
+        exact: dict[str, torch.Tensor] | None = None
+        for name, value in got.items():
+            row: dict = {"err": None, "err_truth": None, "ref_err_truth": None, "ok": False}
+            if want is not None:
+                row["err"] = scaled_error(value, want.get(name))
+                row["ok"] = row["err"] <= tol
+            if not row["ok"]:
+                if exact is None:
+                    exact = truth(backward)
+                row["err_truth"] = scaled_error(value, exact.get(name))
+                bound = tol
+                if want is not None:
+                    row["ref_err_truth"] = scaled_error(want.get(name), exact.get(name))
+                    bound = max(tol, 2 * row["ref_err_truth"])
+                row["ok"] = row["err_truth"] <= bound
+            rows[name] = row
+        result["tensors"][mode] = rows
+        ok = all(r["ok"] for r in rows.values())
+        if mode == "fwd":
+            result["fwd_ok"] = ok
+        else:
+            result["bwd_ok"] = ok and result["fwd_ok"]
+    return result
+
+
+def summarize(parity: dict | None) -> str:
+    """'ok', 'FAIL fwd', 'FAIL bwd' (with the worst tensor), 'ERROR ...', or 'not run'."""
+    if parity is None:
+        return "not run"
+    if parity.get("error"):
+        return f"ERROR {parity['error'][:60]}"
+    if parity["fwd_ok"] and parity["bwd_ok"]:
+        return "ok"
+    mode = "fwd" if not parity["fwd_ok"] else "fwd+bwd"
+    rows = parity["tensors"].get(mode, {})
+    bad = [(n, r) for n, r in rows.items() if not r["ok"]]
+    worst = max(bad, key=lambda nr: nr[1]["err"] if nr[1]["err"] is not None else float("inf"))
+    err = worst[1]["err"] if worst[1]["err"] is not None else worst[1]["err_truth"]
+    return f"FAIL {mode} ({worst[0]} err {err:.2g} > {parity['tolerance']:.0g})"
+
+
+CandidateFactory = Callable[[Config, str, torch.device], nn.Module]

@@ -1,0 +1,412 @@
+"""What a benchmark run writes: the machine stamp, a progress bar, the text and markdown tables, the raw
+JSON and the PNG plots."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SM_COUNT = {"sm_90": 132, "sm_80": 108}  # H100 SXM, A100
+SM_GPU = {"sm_90": "H100 SXM", "sm_80": "A100"}
+
+
+# ------------------------------------------------------------------------------------------ stamp
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _driver() -> str:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return "n/a"
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "n/a"
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "n/a"
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "n/a"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+
+
+def cpu_busy_pct(seconds: float = 1.0) -> float | None:
+    """Percentage of all CPUs busy during `seconds` while this process sleeps: other processes' load.
+    CPU timings are only meaningful near 0 (small PyTorch ops under OpenMP slow down 10-100x when a core is
+    taken by someone else)."""
+    import time
+
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals), idle
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(100.0 * (1 - (i1 - i0) / max(t1 - t0, 1)), 1)
+
+
+def environment(device: str) -> dict:
+    """Everything a result depends on that is not in the configuration."""
+    import triton
+
+    import fused_birnn
+    from fused_birnn.functional import INTERPRETER
+
+    env = {
+        "device": device,
+        "machine": "",
+        "gpu_name": "n/a",
+        "cpu_model": _cpu_model(),
+        "driver": _driver(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda or "n/a",
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "n/a",
+        "cudnn_enabled": bool(torch.backends.cudnn.enabled),
+        "allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "cpu_busy_by_others_pct_at_start": cpu_busy_pct() if device == "cpu" else None,
+        "triton_interpret": INTERPRETER,
+        "python": platform.python_version(),
+        "fused_birnn": fused_birnn.__version__,
+        "git": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu_name=props.name, sm_count=props.multi_processor_count,
+                   capability=f"sm_{props.major}{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        env["machine"] = f"GPU {props.name}"
+    else:
+        env["machine"] = f"CPU {env['cpu_model']} ({env['cpu_threads']} threads)"
+    return env
+
+
+def stamp_line(env: dict) -> str:
+    return (f"{env['machine']} | driver {env['driver']} | torch {env['torch']} | triton {env['triton']} | "
+            f"CUDA {env['cuda']} | cuDNN {env['cudnn']} | allow_tf32 {env['allow_tf32']} | {env['date']}")
+
+
+# ------------------------------------------------------------------------------------------ progress
+class Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, one line per step otherwise)."""
+
+    def __init__(self, total: int, title: str, stream=None, width: int = 24):
+        self.total, self.title, self.width = max(total, 1), title, width
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.done = 0
+
+    def show(self, what: str) -> None:
+        filled = int(self.width * self.done / self.total)
+        bar = "#" * filled + "-" * (self.width - filled)
+        line = f"{self.title} [{bar}] {self.done}/{self.total} {what}"
+        if self.tty:
+            cols = shutil.get_terminal_size((100, 20)).columns
+            self.stream.write("\r" + line[: cols - 1].ljust(cols - 1))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def step(self, what: str = "") -> None:
+        self.done += 1
+        self.show(what)
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _ms(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def result_columns(device: str) -> list[str]:
+    label = "CPU " if device == "cpu" else ""
+    ref = "nn.RNN" if device == "cpu" else "cuDNN"
+    ours = "ours (torch)" if device == "cpu" else "ours"
+    cols = ["config", "parity", f"{label}fwd {ours} ms", f"{label}fwd {ref} ms", f"{label}fwd ratio",
+            f"{label}fwd+bwd {ours} ms", f"{label}fwd+bwd {ref} ms", f"{label}fwd+bwd ratio"]
+    if device == "cuda":
+        cols += ["fwd TFLOP/s ours/cuDNN", "fwd+bwd peak MiB ours/cuDNN", "us/step fwd (floor)"]
+    return cols
+
+
+def result_row(r: dict, device: str) -> list[str]:
+    f, fb = r.get("fwd") or {}, r.get("fwd_bwd") or {}
+    row = [r["label"], r["status_text"], _ms(f.get("ours_ms")), _ms(f.get("ref_ms")), _ratio(f.get("ratio")),
+           _ms(fb.get("ours_ms")), _ms(fb.get("ref_ms")), _ratio(fb.get("ratio"))]
+    if device == "cuda":
+        tf = "-" if f.get("ours_tflops") is None else (
+            f"{f['ours_tflops']:.2f}/" + ("-" if f.get("ref_tflops") is None else f"{f['ref_tflops']:.2f}"))
+        mem = "-" if fb.get("ours_peak_mib") is None else (
+            f"{fb['ours_peak_mib']:.0f}/" + ("-" if fb.get("ref_peak_mib") is None else f"{fb['ref_peak_mib']:.0f}"))
+        step = r.get("per_step") or {}
+        st = "-" if step.get("ours_fwd_us") is None else (
+            f"{step['ours_fwd_us']:.2f} ({step['floor_us']:.2f})" if step.get("floor_us") is not None
+            else f"{step['ours_fwd_us']:.2f}")
+        row += [tf, mem, st]
+    return row
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    out = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def compile_columns() -> list[str]:
+    return ["config", "kernel", "target", "dot precision", "W_hh", "block BxH/warps", "programs / SMs", "regs", "spill B",
+            "shared KiB (limit)", "TC instr (in loop)", "problems"]
+
+
+def compile_rows(results: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        for c in r.get("compile") or []:
+            kernel = c["kernel"].removeprefix("birnn_").removesuffix("_kernel")
+            sms = SM_COUNT.get(c["target"])
+            progs = f"{c['programs']} / {sms} ({SM_GPU[c['target']]})" if sms else str(c["programs"])
+            base = [r["label"], kernel, c["target"], c.get("input_precision", "?"), c.get("w_hh_path", "?"),
+                    f"{c['block_b']}x{c['block_h']}/{c['num_warps']}", progs]
+            if c.get("error"):
+                rows.append(base + ["-", "-", "-", "-", "compile failed: " + c["error"].splitlines()[0][:80]])
+                continue
+            tc = f"{c['tensor_core']} ({c['tensor_core_in_loop']})"
+            ops = ",".join(sorted({op.split('.')[0] for op in c.get("tensor_core_ops", {})}))
+            rows.append(base + [str(c["registers"]), str(c["spill_bytes"] + c["stack_bytes"]),
+                                f"{c['shared'] / 1024:.1f} ({c['shared_limit'] / 1024:.0f})",
+                                tc + (f" {ops}" if ops else ""), "; ".join(c.get("problems") or []) or "-"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ files
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+NOTES = """\
+- ratio = {ref} time / ours (> 1: ours is faster). Times are medians{how}.
+- parity: checked on every configuration before timing it (output, h_n; for fwd+bwd also the gradients of
+  the input, h0 and every parameter) against nn.RNN with identical weights and inputs; scaled max error
+  `max|a-b|/max|b|` <= tol (fp32 1e-5, fp32+TF32 and fp16 1e-2, bf16 3e-2), or no more than twice nn.RNN's
+  own distance from a float64 nn.RNN. A configuration that fails is not timed.
+- FLOPs: forward `2*T*B*(I_l*H + H*H)` per direction per layer (I_l = I for layer 0, 2H above);
+  forward+backward counted as 3x forward.
+"""
+
+
+def markdown_report(payload: dict) -> str:
+    env, device = payload["env"], payload["env"]["device"]
+    head = result_columns(device)
+    rows = [result_row(r, device) for r in payload["results"]]
+    title = f"# fused_birnn vs torch.nn.RNN: suite `{payload['suite']}`" + (" (quick)" if payload.get("quick") else "")
+    lines = [title, "", f"**{stamp_line(env)}**", ""]
+    busy = [v for v in (env.get("cpu_busy_by_others_pct_at_start"), env.get("cpu_busy_by_others_pct_at_end"))
+            if v is not None]
+    if device == "cpu" and busy and max(busy) > 10:
+        lines += [f"**WARNING: other processes kept {max(busy):.0f}% of the CPUs busy around this run; CPU times "
+                  "are unreliable (rerun on a quiet machine).**", ""]
+    if device == "cpu":
+        lines += ["CPU figures: `fused_birnn.RNN(backend='torch')` (the pure-PyTorch path) against `torch.nn.RNN` "
+                  f"on the same CPU, {env['cpu_threads']} threads. The Triton kernels ran through the interpreter "
+                  "for the parity gate only (column `parity`, `triton:`); interpreter timings are never shown.", ""]
+    else:
+        lines += [f"CUDA figures: `fused_birnn.RNN` (Triton kernels) against `torch.nn.RNN` (cuDNN {env['cudnn']}); "
+                  f"torch.backends.cudnn.allow_tf32 = {env['allow_tf32']} (our fp32 `tl.dot` follows it), "
+                  f"torch.backends.cuda.matmul.allow_tf32 = {env['matmul_allow_tf32']}.", ""]
+    if payload.get("interrupted"):
+        lines += [f"**Interrupted {payload['interrupted']}.**", ""]
+    lines += [markdown_table(head, rows) if rows else "_no configurations_", ""]
+    how = (" of interleaved `time.perf_counter` runs after warm-up (ours and nn.RNN alternate run by run); the "
+           "CPU ratio is the median of the per-round ratios (steadier on a shared CPU whose speed drifts), "
+           "the ratio of the medians is in the JSON" if device == "cpu"
+           else " of `triton.testing.do_bench` (CUDA events, L2 flushed), inputs rotated among "
+                "pre-generated sets; peak memory from `torch.cuda.max_memory_allocated`; us/step = forward time "
+                "/ (layers * T), floor = an empty persistent Triton loop of T steps, one program per direction")
+    lines += ["Notes:", "", NOTES.format(ref="nn.RNN" if device == "cpu" else "cuDNN", how=how)]
+    comp = compile_rows(payload["results"])
+    if comp:
+        lines += ["## Compiled kernels (sm_80 and sm_90, from `fused_birnn.compile_report`)", "",
+                  markdown_table(compile_columns(), comp), "",
+                  "programs = cdiv(B, block_b) * 2 directions; TC = tensor-core instructions in the SASS "
+                  "(in the time loop); spill = LOCAL + STACK bytes.", ""]
+    elif payload.get("compile_error"):
+        lines += ["## Compiled kernels", "", f"not available: {payload['compile_error']}", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _stamp(fig, env: dict) -> None:
+    fig.text(0.005, 0.005, stamp_line(env), fontsize=6, ha="left", va="bottom", color="0.35")
+
+
+def plot_speedup(payload: dict, path: Path) -> None:
+    plt = _pyplot()
+    results, env = payload["results"], payload["env"]
+    labels = [r["label"] for r in results]
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * max(n, 1)))
+    ys = range(n)
+    for k, (mode, color) in enumerate((("fwd", "tab:blue"), ("fwd_bwd", "tab:orange"))):
+        vals = [(r.get(mode) or {}).get("ratio") for r in results]
+        ax.barh([y + (k - 0.5) * 0.38 for y in ys], [v or 0 for v in vals], height=0.36, color=color,
+                label="forward" if mode == "fwd" else "forward+backward")
+    for y, r in zip(ys, results):
+        if r["status"] != "ok":
+            ax.text(0.02, y, r["status_text"][:40], va="center", fontsize=7, color="red",
+                    transform=ax.get_yaxis_transform())
+    ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_yticks(list(ys), labels, fontsize=7)
+    ax.invert_yaxis()
+    cpu = env["device"] == "cpu"
+    ax.set_xlabel(("CPU: nn.RNN time / fused_birnn (torch path) time" if cpu
+                   else "cuDNN time / fused_birnn time") + "  (> 1: ours faster)")
+    ax.set_title(f"{'CPU ' if cpu else ''}speedup, suite '{payload['suite']}'")
+    ax.legend(fontsize=7, loc="best", framealpha=0.8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _stamp(fig, env)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+SWEEP_FIELDS = {"T": "seq_len", "B": "batch", "H": "hidden_size"}
+
+
+def sweep_groups(results: list[dict], var: str) -> dict[tuple, list[dict]]:
+    """Results grouped by everything but `var` (input size counted with H when it equals H); only
+    groups with two or more values of `var` are kept."""
+    field = SWEEP_FIELDS[var]
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        c = r["config"]
+        tied_input = c["input_size"] == c["hidden_size"]
+        key = tuple((k, v) for k, v in sorted(c.items())
+                    if k not in (field, "sweep") and not (k == "input_size" and var == "H" and tied_input))
+        groups.setdefault(key, []).append(r)
+    return {k: sorted(v, key=lambda r: r["config"][field]) for k, v in groups.items()
+            if len({r["config"][field] for r in v}) >= 2}
+
+
+def _group_label(key: tuple, var: str) -> str:
+    d = dict(key)
+    parts = [f"{d['dtype']}", f"L{d['num_layers']}"]
+    for v, f in SWEEP_FIELDS.items():
+        if v != var:
+            parts.append(f"{v}{d[f]}")
+    return " ".join(parts)
+
+
+def plot_sweep(payload: dict, var: str, path: Path) -> bool:
+    """Time vs `var` (T, B or H), ours and nn.RNN's, forward and forward+backward. False if nothing sweeps it."""
+    groups = sweep_groups(payload["results"], var)
+    if not groups:
+        return False
+    plt = _pyplot()
+    env = payload["env"]
+    cpu = env["device"] == "cpu"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    field = SWEEP_FIELDS[var]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwd_bwd", "forward+backward")):
+        for i, (key, rs) in enumerate(groups.items()):
+            color = colors[i % len(colors)]
+            xs = [r["config"][field] for r in rs]
+            ours = [(r.get(mode) or {}).get("ours_ms") for r in rs]
+            ref = [(r.get(mode) or {}).get("ref_ms") for r in rs]
+            lab = _group_label(key, var)
+            if any(v is not None for v in ours):
+                ax.plot(xs, [float("nan") if v is None else v for v in ours], "o-", color=color,
+                        label=f"ours {lab}")
+            if any(v is not None for v in ref):
+                ax.plot(xs, [float("nan") if v is None else v for v in ref], "s--", color=color,
+                        label=f"nn.RNN {lab}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(var)
+        ax.set_ylabel(("CPU " if cpu else "") + "time (ms)")
+        ax.set_title(f"{'CPU ' if cpu else ''}{title} time vs {var}")
+        ax.grid(True, which="both", lw=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    fig.suptitle(f"suite '{payload['suite']}': solid = fused_birnn{' (torch path)' if cpu else ''}, "
+                 f"dashed = nn.RNN{'' if cpu else ' (cuDNN)'}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    _stamp(fig, env)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_plots(payload: dict, out_dir: Path, stem: str) -> list[Path]:
+    written = []
+    p = out_dir / f"{stem}_speedup.png"
+    plot_speedup(payload, p)
+    written.append(p)
+    for var in ("T", "B", "H"):
+        p = out_dir / f"{stem}_vs_{var}.png"
+        if plot_sweep(payload, var, p):
+            written.append(p)
+    return written

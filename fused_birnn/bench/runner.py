@@ -1,0 +1,383 @@
+"""Run a suite: for every configuration, the parity gate, then the timings of the candidates that passed.
+
+CUDA: `fused_birnn.RNN` (the Triton kernels) against `torch.nn.RNN` (cuDNN), forward and forward+backward,
+timed with `triton.testing.do_bench` (median), with peak memory, achieved TFLOP/s and the time per
+sequential step against an empty persistent loop's (`floor.py`).
+
+CPU: `fused_birnn.RNN(backend='torch')` against `torch.nn.RNN` on the same CPU (wall-clock medians). When
+the process runs the Triton interpreter (`TRITON_INTERPRET=1` before `fused_birnn` was imported; the
+command line arranges it) the kernels, `backend='triton'`, pass the same parity gate, untimed.
+
+Every configuration's kernels are also compiled for sm_80 and sm_90 (`fused_birnn.compile_report`).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import report
+from .parity import CandidateFactory, check_parity, make_reference, summarize
+from .suites import Config, get_suite
+from .timing import (Rotating, clear_grads, cpu_compare_ms, cuda_peak_memory, cuda_time_ms, forward_backward_fn,
+                     forward_fn, grad_leaves, OthersLoad, paired_ratio)
+
+CPU_ATTEMPTS = 3  # measurements of a CPU mode while other processes keep taking CPU time
+CPU_RETRY_SLEEP_S = 5.0
+CPU_BUSY_LIMIT_PCT = 10.0  # other processes' share of the CPUs above which a CPU timing counts as disturbed
+TIMED_MODES = (("fwd", forward_fn), ("fwd_bwd", forward_backward_fn))
+COMPILE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def default_candidate(cfg: Config, backend: str, device: torch.device) -> nn.Module:
+    """`fused_birnn.RNN` for `cfg` on `backend` ('triton' or 'torch'), random init (the caller loads
+    `nn.RNN`'s state dict into it)."""
+    from fused_birnn import RNN
+
+    return RNN(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity, bias=cfg.bias,
+               batch_first=cfg.batch_first, bidirectional=True, device=device, dtype=cfg.torch_dtype,
+               backend=backend)
+
+
+@dataclass
+class Options:
+    """How to run a suite.
+
+    Attributes:
+        device: "cuda" or "cpu".
+        quick: shorter timings (and the suites' quick shapes, chosen by the caller).
+        compile: attach `fused_birnn.compile_report` rows (sm_80, sm_90) to every configuration.
+        compile_jobs: parallel compiles.
+        plots: write the PNGs.
+        candidate_factory: builds the candidate module `(cfg, backend, device) -> nn.Module`; it must have
+            nn.RNN's parameter names (the runner loads nn.RNN's state dict into it). Tests inject a wrong one.
+        seed: weights and parity inputs.
+        progress: draw the progress bar on stderr.
+        interpreter_max_steps: CPU only: the untimed interpreter parity gate of the Triton kernels runs at
+            most this many time steps (same H, B, layers, dtype; 0: the configuration's T).
+    """
+
+    device: str = "cpu"
+    quick: bool = False
+    compile: bool = True
+    compile_jobs: int = 2
+    plots: bool = True
+    candidate_factory: CandidateFactory | None = None
+    seed: int = 0
+    progress: bool = True
+    interpreter_max_steps: int = 8
+
+
+def _interpreter() -> bool:
+    from fused_birnn.functional import INTERPRETER
+
+    return INTERPRETER
+
+
+def _candidates(device: str) -> list[tuple[str, str, bool]]:
+    """(name, backend, timed) of each candidate on this device."""
+    if device == "cuda":
+        return [("ours", "triton", True)]
+    cands = [("ours", "torch", True)]
+    if _interpreter():
+        cands.append(("triton", "triton", False))  # the kernels, interpreted: parity only
+    return cands
+
+
+def _interp_label(name: str, parity: dict, cfg: Config) -> str:
+    return f"{name} (interpreter" + (f", T={parity['seq_len']})" if parity["seq_len"] != cfg.seq_len else ")")
+
+
+def _timing_entry(ours: dict | None, ref: dict | None, flops: int | None) -> dict:
+    e: dict = {"ours_ms": ours and ours["ms"], "ref_ms": ref and ref["ms"], "ratio": None}
+    if ours and ref:
+        e["ratio"] = ref["ms"] / ours["ms"]
+    for who, t in (("ours", ours), ("ref", ref)):
+        if t is None:
+            continue
+        if flops is not None:
+            e[f"{who}_tflops"] = flops / t["ms"] / 1e9
+        for k, v in t.items():
+            if k != "ms":
+                e[f"{who}_{k}"] = v
+    return e
+
+
+def _time_cuda(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[str], opts: Options,
+               floors: dict[int, float]) -> dict:
+    from .floor import floor_fn
+
+    warmup, rep = (5, 20) if opts.quick else (25, 100)
+    inputs = Rotating(cfg, ours_device(ours))
+    out: dict = {}
+    fwd_flops = cfg.forward_flops()
+    for mode, builder in TIMED_MODES:
+        if mode not in modes:
+            continue
+        measured = {}
+        for who, model in (("ours", ours), ("ref", ref)):
+            if model is None:
+                measured[who] = None
+                continue
+            fn = builder(model, inputs)
+            leaves = grad_leaves(model, inputs) if mode == "fwd_bwd" else []
+            ms = cuda_time_ms(fn, grad_to_none=leaves or None, warmup_ms=warmup, rep_ms=rep)
+            mem = cuda_peak_memory(fn, grad_to_none=leaves)
+            measured[who] = {"ms": ms, "peak_mib": mem["peak_extra_bytes"] / 2**20,
+                             "peak_total_mib": mem["peak_bytes"] / 2**20}
+        out[mode] = _timing_entry(measured["ours"], measured["ref"],
+                                  fwd_flops * (3 if mode == "fwd_bwd" else 1))
+    T, L = cfg.seq_len, cfg.num_layers
+    if T not in floors:
+        floors[T] = cuda_time_ms(floor_fn(T), warmup_ms=warmup, rep_ms=rep)
+    step: dict = {"floor_us": floors[T] * 1e3 / T, "floor_ms": floors[T]}
+    for mode, steps in (("fwd", L * T), ("fwd_bwd", 2 * L * T)):
+        e = out.get(mode) or {}
+        for who in ("ours", "ref"):
+            if e.get(f"{who}_ms") is not None:
+                step[f"{who}_{mode}_us"] = e[f"{who}_ms"] * 1e3 / steps
+    if step.get("ours_fwd_us") is not None:
+        step["ours_fwd_over_floor"] = step["ours_fwd_us"] / step["floor_us"]
+    out["per_step"] = step
+    return out
+
+
+def ours_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _time_cpu(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[str], opts: Options) -> dict:
+    inputs = Rotating(cfg, "cpu")
+    kw = dict(warmup=1, min_runs=3, max_runs=10, min_time_s=0.05) if opts.quick else \
+        dict(warmup=3, min_runs=11, max_runs=100, min_time_s=3.0)
+    out: dict = {}
+    for mode, builder in TIMED_MODES:
+        if mode not in modes:
+            continue
+        models = {"ours": ours, "ref": ref}
+        fns = {who: builder(m, inputs) for who, m in models.items() if m is not None}
+        resets: dict[str, Callable[[], None]] = {}
+        if mode == "fwd_bwd":
+            for who, m in models.items():
+                if m is not None:
+                    leaves = grad_leaves(m, inputs)
+                    resets[who] = lambda leaves=leaves: clear_grads(leaves)
+        # a shared CPU: measure what other processes used meanwhile; retry a disturbed measurement, keep the
+        # least disturbed one (small ops under OpenMP slow down 10-100x when another process takes a core)
+        attempts = []
+        for attempt in range(1 if opts.quick else CPU_ATTEMPTS):
+            if attempt:
+                time.sleep(CPU_RETRY_SLEEP_S)
+            load = OthersLoad().start()
+            t = cpu_compare_ms(fns, resets=resets, **kw)
+            attempts.append((load.stop(), t))
+            if attempts[-1][0] is None or attempts[-1][0] <= CPU_BUSY_LIMIT_PCT:
+                break
+        others, t = min(attempts, key=lambda a: a[0] if a[0] is not None else 0.0)
+        conv = {who: {"ms": v["median_ms"], "min_ms": v["min_ms"], "iqr_ms": v["iqr_ms"], "runs": v["runs"],
+                      "times_ms": [round(x, 4) for x in v["times_ms"]]}
+                for who, v in t.items()}
+        e = _timing_entry(conv.get("ours"), conv.get("ref"), None)
+        if "ours" in t and "ref" in t:
+            e["ratio_of_medians"] = e["ratio"]
+            e["ratio"] = paired_ratio(t["ref"]["times_ms"], t["ours"]["times_ms"])
+        e["others_cpu_pct"] = others
+        e["attempts"] = len(attempts)
+        e["noisy"] = others is not None and others > CPU_BUSY_LIMIT_PCT
+        out[mode] = e
+    return out
+
+
+def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = None) -> dict:
+    """Parity gate, then timings, of one configuration. Never raises: errors become the status."""
+    device = torch.device(opts.device)
+    factory = opts.candidate_factory or default_candidate
+    res: dict = {"config": cfg.to_dict(), "label": cfg.label, "flops_fwd": cfg.forward_flops(),
+                 "parity": {}, "fwd": None, "fwd_bwd": None, "per_step": None,
+                 "status": "ok", "status_text": "ok", "notes": []}
+    try:
+        torch.manual_seed(opts.seed)
+        ref: nn.Module | None = make_reference(cfg, device)
+        ours_timed = None
+        for name, backend, timed in _candidates(opts.device):
+            cand = factory(cfg, backend, device)
+            cand.load_state_dict(ref.state_dict())
+            gate_cfg = cfg
+            if not timed and opts.interpreter_max_steps and cfg.seq_len > opts.interpreter_max_steps:
+                # the interpreter is slow (minutes for a streamed H=256 layer at T=64); the kernels take T
+                # as a runtime argument, so fewer steps run exactly the same code (same H, B, dtype, config)
+                gate_cfg = replace(cfg, seq_len=opts.interpreter_max_steps)
+            p = check_parity(gate_cfg, cand, ref, device, seed=opts.seed)
+            p["backend"] = backend
+            p["seq_len"] = gate_cfg.seq_len
+            res["parity"][name] = p
+            if timed:
+                ours_timed = cand
+            else:
+                del cand
+        main = res["parity"]["ours"]
+        if main.get("reference_error"):
+            ref = None
+            res["status"] = "cudnn_unsupported" if opts.device == "cuda" else "reference_unsupported"
+            res["notes"].append(f"nn.RNN raised: {main['reference_error'][:200]}")
+        modes = []
+        if main["fwd_ok"]:
+            modes.append("fwd")
+        if main["bwd_ok"]:
+            modes.append("fwd_bwd")
+        failed = [n for n, p in res["parity"].items() if not (p["fwd_ok"] and p["bwd_ok"])]
+        if failed:
+            res["status"] = "parity_failure"
+        if len(res["parity"]) == 1:
+            res["status_text"] = summarize(main)
+        else:  # CPU: "torch: ok, triton (interpreter): ok"
+            res["status_text"] = ", ".join(
+                f"{p['backend'] if n == 'ours' else _interp_label(n, p, cfg)}: {summarize(p)}"
+                for n, p in res["parity"].items())
+        if res["status"] == "cudnn_unsupported":
+            res["status_text"] = "cuDNN unsupported; " + res["status_text"] + " (vs float64)"
+        elif res["status"] == "reference_unsupported":
+            res["status_text"] = "nn.RNN unsupported; " + res["status_text"] + " (vs float64)"
+        if modes:
+            if opts.device == "cuda":
+                res.update(_time_cuda(cfg, ours_timed, ref, modes, opts, floors if floors is not None else {}))
+            else:
+                res.update(_time_cpu(cfg, ours_timed, ref, modes, opts))
+                noisy = [m for m in modes if (res.get(m) or {}).get("noisy")]
+                if noisy:
+                    worst = max(res[m]["others_cpu_pct"] for m in noisy)
+                    res["notes"].append(f"CPU timing disturbed: other processes used {worst:.0f}% of the CPUs")
+                    res["status_text"] += f" [noisy CPU: others {worst:.0f}%]"
+    except Exception as e:  # noqa: BLE001 - one bad configuration must not end the run
+        res["status"] = "error"
+        res["status_text"] = f"ERROR {type(e).__name__}: {str(e)[:80]}"
+        res["traceback"] = traceback.format_exc()
+    finally:
+        gc.collect()
+        if opts.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return res
+
+
+# ------------------------------------------------------------------------------------------ compile report
+def compile_cases(configs: list[Config], allow_tf32: bool) -> dict[tuple, dict]:
+    """The distinct recurrence compiles of `configs` (every layer of a configuration launches the same
+    forward and backward kernel): key -> `fused_birnn.compile_report.CompileCase` fields."""
+    cases = {}
+    for c in configs:
+        if c.dtype not in COMPILE_DTYPES:
+            continue
+        prec = "tf32" if c.dtype == "fp32" and allow_tf32 else "ieee"
+        key = (c.hidden_size, c.batch, COMPILE_DTYPES[c.dtype], prec, c.nonlinearity == "relu")
+        cases[key] = dict(hidden_size=c.hidden_size, batch_size=c.batch, dtype=COMPILE_DTYPES[c.dtype],
+                          input_precision=prec, relu=c.nonlinearity == "relu")
+    return cases
+
+
+def _case_key(row: dict) -> tuple:
+    return (row["hidden_size"], row["batch_size"], row["dtype"], row["input_precision"], row["relu"])
+
+
+def attach_compile_report(results: list[dict], allow_tf32: bool, jobs: int) -> str | None:
+    """Compile every configuration's kernels for sm_80 and sm_90 and attach the rows to the results
+    (`result["compile"]`). Returns None, or why it could not run."""
+    try:
+        from fused_birnn.compile_report import compile_report
+    except ImportError as e:  # integration point: the module is another helper's
+        return f"fused_birnn.compile_report is not importable ({e})"
+    configs = [Config(**r["config"]) for r in results]
+    cases = compile_cases(configs, allow_tf32)
+    if not cases:
+        return "no configuration has a dtype the kernels compile for"
+    try:
+        rows = compile_report(list(cases.values()), jobs=jobs)
+    except Exception as e:  # noqa: BLE001 - a crashed compiler subprocess must not lose the timings
+        return f"{type(e).__name__}: {str(e)[:500]}"
+    by_key: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_key.setdefault(_case_key(row), []).append(row)
+    for r, c in zip(results, configs):
+        keys = list(compile_cases([c], allow_tf32))
+        r["compile"] = by_key.get(keys[0], []) if keys else []
+    return None
+
+
+# ------------------------------------------------------------------------------------------ suites
+def file_stem(suite: str, dtypes: tuple[str, ...] | None, quick: bool) -> str:
+    return suite + (f"_{'-'.join(dtypes)}" if dtypes else "") + ("_quick" if quick else "")
+
+
+def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[str, ...] | None = None,
+              compile_only: bool = False, configs: list[Config] | None = None,
+              sizing: str | None = None) -> dict:
+    """Run `suite` and write `<stem>.json`, `<stem>.md` and the PNGs under `out_dir` (the JSON after
+    every configuration, so an interrupted run keeps what it measured). `sizing` picks the GPU ("cuda")
+    or CPU ("cpu") shapes; default: the device's. Returns the JSON payload."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizing = sizing or opts.device
+    configs = configs if configs is not None else get_suite(suite, sizing, quick=opts.quick, dtypes=dtypes)
+    env = report.environment(opts.device if not compile_only else sizing)
+    stem = file_stem(suite, dtypes, opts.quick) + ("_compile" if compile_only else "")
+    payload: dict = {"suite": suite, "quick": opts.quick, "compile_only": compile_only, "sizing": sizing,
+                     "env": env, "partial": True, "results": [], "compile_error": None,
+                     "flops_formula": "forward: 2*T*B*(I_l*H + H*H) per direction per layer "
+                                      "(I_l = I for layer 0, 2H above); forward+backward: 3x forward"}
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    t0 = time.perf_counter()
+
+    if compile_only:
+        payload["results"] = [{"config": c.to_dict(), "label": c.label} for c in configs]
+        if opts.progress:
+            report.Progress(1, f"compile {suite}").show(f"{len(configs)} configurations, sm_80 + sm_90 ...")
+        payload["compile_error"] = attach_compile_report(payload["results"], env["allow_tf32"], opts.compile_jobs)
+    else:
+        bar = report.Progress(len(configs), suite) if opts.progress else None
+        floors: dict[int, float] = {}
+        try:
+            for cfg in configs:
+                if bar:
+                    bar.show(cfg.label)
+                payload["results"].append(run_config(cfg, opts, floors))
+                report.write_json(json_path, payload)
+                if bar:
+                    bar.step(cfg.label + " " + payload["results"][-1]["status_text"][:40])
+        except KeyboardInterrupt:  # `timeout --signal=INT`: keep what was measured, write the reports
+            payload["interrupted"] = f"after {len(payload['results'])} of {len(configs)} configurations"
+        if bar:
+            bar.close()
+        if opts.compile and not payload.get("interrupted"):
+            if opts.progress:
+                report.Progress(1, f"compile {suite}").show("sm_80 + sm_90 ...")
+            payload["compile_error"] = attach_compile_report(payload["results"], env["allow_tf32"],
+                                                             opts.compile_jobs)
+    payload["partial"] = False
+    payload["wall_s"] = round(time.perf_counter() - t0, 1)
+    if env["device"] == "cpu" and not compile_only:
+        env["cpu_busy_by_others_pct_at_end"] = report.cpu_busy_pct()
+    report.write_json(json_path, payload)
+    if compile_only:
+        md = [f"# Compiled kernels of suite `{suite}` (sm_80, sm_90)", "", f"**{report.stamp_line(env)}**", ""]
+        rows = report.compile_rows(payload["results"])
+        md.append(report.markdown_table(report.compile_columns(), rows) if rows
+                  else f"not available: {payload['compile_error']}")
+        md_path.write_text("\n".join(md) + "\n")
+    else:
+        md_path.write_text(report.markdown_report(payload))
+        if opts.plots and payload["results"]:
+            try:
+                payload["plots"] = [p.name for p in report.write_plots(payload, out_dir, stem)]
+            except ImportError as e:  # a bare GPU machine may lack matplotlib: keep the JSON and the table
+                payload["plots_error"] = f"no plots: {e}"
+            except Exception as e:  # noqa: BLE001 - a plotting bug must not lose the measurements
+                payload["plots_error"] = f"no plots: {type(e).__name__}: {e}"
+            report.write_json(json_path, payload)
+    payload["files"] = [str(json_path), str(md_path)] + [str(out_dir / p) for p in payload.get("plots", [])]
+    return payload

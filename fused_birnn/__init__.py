@@ -4,7 +4,8 @@
 `[T, B, 2H]` buffer; `fused_birnn.reference` spells out the computation in plain PyTorch.
 """
 
+from .convert import convert, to_torch
 from .rnn import RNN
 
-__all__ = ["RNN"]
+__all__ = ["RNN", "convert", "to_torch"]
 __version__ = "0.1.0"

@@ -49,10 +49,6 @@ def _why_not(m: nn.Module, source: type[nn.Module]) -> str | None:
     kinds = {f"{str(p.dtype).removeprefix('torch.')} on {p.device}" for p in flat}
     if len(kinds) > 1:
         return f"its parameters mix dtypes or devices ({', '.join(sorted(kinds))})"
-    if len({id(p) for p in flat}) != len(flat):
-        # the flat buffers hold one slot per name, so a parameter tied to another of the same module
-        # would leave a stale slot behind (fused_birnn.RNN.flatten_parameters)
-        return "ties parameters within itself (one Parameter under two names)"
     return None
 
 
@@ -155,7 +151,7 @@ def convert(model: nn.Module, *, backend: str = "auto", report: bool = False):
     Modules that cannot be swapped are left as they are and reported: ``nn.LSTM`` and ``nn.GRU`` (no
     fused version yet), subclasses of ``nn.RNN`` (parametrized ones included), and ``nn.RNN`` modules
     with ``proj_size``, parameters of mixed dtypes or devices, parameters other than ``nn.RNN``'s own
-    (e.g. old-style ``weight_norm``), a parameter tied to another of the same module, or module hooks.
+    (e.g. old-style ``weight_norm``), or module hooks.
 
     Args:
         model: the module to convert; modified in place.

@@ -94,7 +94,8 @@ class RNN(nn.RNNBase):
                 if buffers is not None and all(
                         _lives_in(p, buf, d) for buf, kind in zip(buffers, zip(*params)) for d, p in enumerate(kind)):
                     pass  # still flat (e.g. after share_memory_(), which moves storages in place)
-                elif any(p.dtype != flat[0].dtype or p.device != flat[0].device for p in flat):
+                elif (any(p.dtype != flat[0].dtype or p.device != flat[0].device for p in flat)
+                      or len({id(p) for p in flat}) != len(flat)):  # one Parameter in two slots
                     buffers = None
                 else:
                     buffers = []
@@ -171,6 +172,9 @@ class RNN(nn.RNNBase):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if lengths is not None:
             lengths = self._check_lengths(lengths, x)
+            # padded steps are never read, but would still reach grad W_ih through x (NaN * 0)
+            valid = torch.arange(x.size(0), device=x.device)[:, None] < lengths[None, :]
+            x = x.masked_fill(~valid[:, :, None], 0)
         output, h_n = self._run_layers(x, hx, lengths)
         output = output.transpose(0, 1) if self.batch_first else output
         if not is_batched:

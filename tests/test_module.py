@@ -129,6 +129,22 @@ def test_params_are_views_of_flat_buffers_and_replacement_is_seen():
     assert m.weight_ih_l1_reverse.data_ptr() == m._layer_buffers[1][0][1].data_ptr()
 
 
+def test_parameters_tied_within_a_layer():
+    """One Parameter under two names of the same layer cannot live in two buffer slots: that layer is
+    packed per call, so in-place edits stay visible in both places."""
+    m = fused_birnn.RNN(3, 4, 1, bidirectional=True, dtype=torch.float64)
+    ref = torch.nn.RNN(3, 4, 1, bidirectional=True, dtype=torch.float64)
+    ref.load_state_dict(m.state_dict())
+    for mod in (m, ref):
+        mod.weight_hh_l0_reverse = mod.weight_hh_l0
+    m.flatten_parameters()
+    with torch.no_grad():
+        m.weight_hh_l0.mul_(3)
+        ref.weight_hh_l0.mul_(3)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ref(x))
+
+
 def test_pickle_deepcopy_save_load_half():
     m = fused_birnn.RNN(3, 4, 2, bidirectional=True)
     x = torch.randn(5, 2, 3)

@@ -231,10 +231,21 @@ def compile_rows(results: list[dict]) -> list[list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ files
+def _strict(v):
+    """JSON has no inf/NaN: write them as strings (a parity error of a NaN output is inf)."""
+    if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict(x) for x in v]
+    return v
+
+
 def write_json(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
+        json.dump(_strict(payload), f, indent=1, default=str, allow_nan=False)
     os.replace(tmp, path)
 
 

@@ -14,6 +14,7 @@ import torch
 
 import fused_birnn
 from fused_birnn.bench import Config, Options, get_suite, run_suite, scaled_error
+from fused_birnn.bench.parity import wrap_packed
 from fused_birnn.bench.suites import ALL, SUITES
 from fused_birnn.functional import INTERPRETER
 
@@ -49,7 +50,8 @@ def test_command_writes_json_markdown_png(tmp_path):
     assert "tiny [" in proc.stderr  # the progress bar
     payload = _check_files(tmp_path, "tiny_quick")
     assert payload["env"]["device"] == "cpu"
-    assert len(payload["results"]) == 2
+    assert len(payload["results"]) == 3  # two padded shapes and a packed one
+    assert [r["config"]["packed"] for r in payload["results"]] == [False, False, True]
     for r in payload["results"]:
         assert r["status"] == "ok", r["status_text"]
         assert r["parity"]["ours"]["backend"] == "torch"
@@ -60,12 +62,19 @@ def test_command_writes_json_markdown_png(tmp_path):
             assert r[mode]["ours_ms"] > 0 and r[mode]["ref_ms"] > 0 and r[mode]["ratio"] > 0
 
 
+def _on_data(out, fn):
+    """Apply `fn` to a tensor output, or to a PackedSequence's data."""
+    if isinstance(out, torch.nn.utils.rnn.PackedSequence):
+        return out._replace(data=fn(out.data))
+    return fn(out)
+
+
 class _Perturbed(fused_birnn.RNN):
     """Right parameters, wrong output: what the gate must catch."""
 
     def forward(self, input, hx=None):
         out, h_n = super().forward(input, hx)
-        return out + 1e-3, h_n
+        return _on_data(out, lambda d: d + 1e-3), h_n
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -83,14 +92,14 @@ class _WrongGradient(fused_birnn.RNN):
 
     def forward(self, input, hx=None):
         out, h_n = super().forward(input, hx)
-        return _ScaleGrad.apply(out), h_n
+        return _on_data(out, _ScaleGrad.apply), h_n
 
 
 def _factory(cls):
     def make(cfg: Config, backend: str, device):
-        return cls(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity,
-                   batch_first=cfg.batch_first, bidirectional=True, device=device, dtype=cfg.torch_dtype,
-                   backend="torch")
+        return wrap_packed(cls(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity,
+                               batch_first=cfg.batch_first, bidirectional=True, device=device,
+                               dtype=cfg.torch_dtype, backend="torch"), cfg)
     return make
 
 

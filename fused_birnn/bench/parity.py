@@ -50,11 +50,36 @@ def tolerance(dtype: torch.dtype, device: torch.device | str, allow_tf32: bool) 
     return TOLERANCE[dtype]
 
 
-def make_reference(cfg: Config, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.RNN:
+class PackedInput(nn.Module):
+    """Runs `rnn` on a `PackedSequence` made from a padded `(x, h0)` with `cfg.lengths()` (unsorted), and
+    returns the padded output: the packed configurations time what a user's packed call costs (pack,
+    run, unpack) on the same padded inputs, parity and timing code unchanged."""
+
+    def __init__(self, rnn: nn.Module, cfg: Config):
+        super().__init__()
+        self.rnn = rnn
+        self.lengths = cfg.lengths()
+        self.batch_first, self.total_length = cfg.batch_first, cfg.seq_len
+
+    def forward(self, x, h0=None):
+        packed = nn.utils.rnn.pack_padded_sequence(x, self.lengths, batch_first=self.batch_first,
+                                                   enforce_sorted=False)
+        out, h_n = self.rnn(packed, h0)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=self.batch_first,
+                                                  total_length=self.total_length)
+        return out, h_n
+
+
+def wrap_packed(rnn: nn.Module, cfg: Config) -> nn.Module:
+    """`rnn` itself, or wrapped in `PackedInput` for a packed configuration."""
+    return PackedInput(rnn, cfg) if cfg.packed else rnn
+
+
+def make_reference(cfg: Config, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.Module:
     """`torch.nn.RNN` for `cfg` (bidirectional), random init from the current RNG state."""
-    return nn.RNN(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity,
-                  bias=cfg.bias, batch_first=cfg.batch_first, bidirectional=True, device=device,
-                  dtype=dtype or cfg.torch_dtype)
+    return wrap_packed(nn.RNN(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity,
+                              bias=cfg.bias, batch_first=cfg.batch_first, bidirectional=True, device=device,
+                              dtype=dtype or cfg.torch_dtype), cfg)
 
 
 def make_inputs(cfg: Config, device: torch.device | str, *, generator: torch.Generator | None = None):

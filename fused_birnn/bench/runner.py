@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import report
-from .parity import CandidateFactory, check_parity, make_reference, summarize
+from .parity import CandidateFactory, check_parity, make_reference, summarize, wrap_packed
 from .suites import Config, get_suite
 from .timing import (Rotating, clear_grads, cpu_compare_ms, cuda_peak_memory, cuda_time_ms, forward_backward_fn,
                      forward_fn, grad_leaves, OthersLoad, paired_ratio)
@@ -41,9 +41,9 @@ def default_candidate(cfg: Config, backend: str, device: torch.device) -> nn.Mod
     `nn.RNN`'s state dict into it)."""
     from fused_birnn import RNN
 
-    return RNN(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity, bias=cfg.bias,
-               batch_first=cfg.batch_first, bidirectional=True, device=device, dtype=cfg.torch_dtype,
-               backend=backend)
+    return wrap_packed(RNN(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity,
+                           bias=cfg.bias, batch_first=cfg.batch_first, bidirectional=True, device=device,
+                           dtype=cfg.torch_dtype, backend=backend), cfg)
 
 
 @dataclass
@@ -207,14 +207,16 @@ def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = Non
         ref: nn.Module | None = make_reference(cfg, device)
         ours_timed = None
         for name, backend, timed in _candidates(opts.device):
-            cand = factory(cfg, backend, device)
-            cand.load_state_dict(ref.state_dict())
-            gate_cfg = cfg
+            gate_cfg, gate_ref = cfg, ref
             if not timed and opts.interpreter_max_steps and cfg.seq_len > opts.interpreter_max_steps:
                 # the interpreter is slow (minutes for a streamed H=256 layer at T=64); the kernels take T
                 # as a runtime argument, so fewer steps run exactly the same code (same H, B, dtype, config)
                 gate_cfg = replace(cfg, seq_len=opts.interpreter_max_steps)
-            p = check_parity(gate_cfg, cand, ref, device, seed=opts.seed)
+                if cfg.packed:  # lengths follow the shorter T
+                    gate_ref = wrap_packed(ref.rnn, gate_cfg)
+            cand = factory(gate_cfg, backend, device)
+            cand.load_state_dict(ref.state_dict())
+            p = check_parity(gate_cfg, cand, gate_ref, device, seed=opts.seed)
             p["backend"] = backend
             p["seq_len"] = gate_cfg.seq_len
             res["parity"][name] = p
@@ -275,14 +277,15 @@ def compile_cases(configs: list[Config], allow_tf32: bool) -> dict[tuple, dict]:
         if c.dtype not in COMPILE_DTYPES:
             continue
         prec = "tf32" if c.dtype == "fp32" and allow_tf32 else "ieee"
-        key = (c.hidden_size, c.batch, COMPILE_DTYPES[c.dtype], prec, c.nonlinearity == "relu")
+        key = (c.hidden_size, c.batch, COMPILE_DTYPES[c.dtype], prec, c.nonlinearity == "relu", c.packed)
         cases[key] = dict(hidden_size=c.hidden_size, batch_size=c.batch, dtype=COMPILE_DTYPES[c.dtype],
-                          input_precision=prec, relu=c.nonlinearity == "relu")
+                          input_precision=prec, relu=c.nonlinearity == "relu", lengths=c.packed)
     return cases
 
 
 def _case_key(row: dict) -> tuple:
-    return (row["hidden_size"], row["batch_size"], row["dtype"], row["input_precision"], row["relu"])
+    return (row["hidden_size"], row["batch_size"], row["dtype"], row["input_precision"], row["relu"],
+            row.get("lengths", False))
 
 
 def attach_compile_report(results: list[dict], allow_tf32: bool, jobs: int) -> str | None:

@@ -11,7 +11,8 @@ Sources of the shapes:
 * `deepbench`: Baidu DeepBench's vanilla-RNN training shapes (hidden 1760 and 2560, batch 16..128,
   T=50, one layer, input size = hidden), run bidirectionally.
 * `speech`: DeepSpeech2-like acoustic models: 5-7 bidirectional ReLU layers, H 800-1760, T 300-700,
-  B 32 (DS2 feeds the RNN stack a convolution's output; here the input size equals H).
+  B 32 (DS2 feeds the RNN stack a convolution's output; here the input size equals H); each shape
+  padded and as a PackedSequence with lengths between T/2 and T (cuDNN's packed path on a GPU).
 * `tagger`: a sequence tagger, 2 tanh layers, H 256, T 64, B 32, I 100.
 * `latency`: small batches (1-8), H 128-512, long sequences (T 100-1000): step latency dominates.
 * `scaling`: one-at-a-time sweeps of T, B and H around H=256, B=32, T=128 (one layer, I = H).
@@ -37,6 +38,7 @@ class Config:
 
     Attributes:
         sweep: which variable this case sweeps in its suite ("T", "B", "H" or ""), for the plots.
+        packed: feed a `PackedSequence` (unsorted, lengths from `lengths()`) instead of a padded batch.
     """
 
     num_layers: int
@@ -49,6 +51,7 @@ class Config:
     batch_first: bool = False
     bias: bool = True
     sweep: str = ""
+    packed: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -58,7 +61,15 @@ class Config:
     def label(self) -> str:
         act = "" if self.nonlinearity == "tanh" else " relu"
         return (f"L{self.num_layers} I{self.input_size} H{self.hidden_size} B{self.batch} "
-                f"T{self.seq_len} {self.dtype}{act}")
+                f"T{self.seq_len} {self.dtype}{act}{' packed' if self.packed else ''}")
+
+    def lengths(self) -> torch.Tensor:
+        """Speech-like valid lengths of a packed configuration: drawn between T/2 and T (one of them T),
+        the same for every run of this shape."""
+        gen = torch.Generator().manual_seed(self.batch * 1_000_003 + self.seq_len)
+        lengths = torch.randint((self.seq_len + 1) // 2, self.seq_len + 1, (self.batch,), generator=gen)
+        lengths[0] = self.seq_len
+        return lengths
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,11 +113,14 @@ def _deepbench(device: str, quick: bool) -> list[Config]:
 def _speech(device: str, quick: bool) -> list[Config]:
     if device == "cpu":
         shapes = [(5, 64, 50), (7, 128, 100)] if not quick else [(5, 32, 10)]
-        return [Config(layers, h, h, 8, t, nonlinearity="relu") for layers, h, t in shapes]
+        return [Config(layers, h, h, 8, t, nonlinearity="relu", packed=packed)
+                for layers, h, t in shapes for packed in (False, True)]
     if quick:
-        return [Config(5, 800, 800, 32, 100, nonlinearity="relu")]
+        return [Config(5, 800, 800, 32, 100, nonlinearity="relu", packed=packed) for packed in (False, True)]
     shapes = [(5, 800, 300), (6, 1280, 500), (7, 1760, 700)]
-    return [Config(layers, h, h, 32, t, nonlinearity="relu") for layers, h, t in shapes]
+    # each shape padded and packed (utterances of different lengths, as a CTC model sees them)
+    return [Config(layers, h, h, 32, t, nonlinearity="relu", packed=packed)
+            for layers, h, t in shapes for packed in (False, True)]
 
 
 def _latency(device: str, quick: bool) -> list[Config]:
@@ -143,7 +157,7 @@ def _scaling(device: str, quick: bool) -> list[Config]:
 
 
 def _tiny(device: str, quick: bool) -> list[Config]:
-    return [Config(2, 3, 4, 2, 3), Config(2, 3, 4, 2, 5)]
+    return [Config(2, 3, 4, 2, 3), Config(2, 3, 4, 2, 5), Config(2, 3, 4, 3, 5, packed=True)]
 
 
 SUITES = {

@@ -9,6 +9,9 @@ backwards:
 
 Direction 0 walks t = T-1 .. 0, direction 1 walks t = 0 .. T-1 (its forward order was reversed), in one
 launch (direction is grid axis 1), each writing its own half of one `[T, B, D*H]` `grad_pre` buffer.
+With lengths, a row's `dh` stays `grad_h_n` until the walk reaches the row's last processed step
+(forward: its last valid step; reverse: t = 0 is last for every row, and a row stops after its own
+first processed step, t = length - 1), exactly mirroring the forward's activity mask.
 Everything else is matrix products the caller does on `grad_pre` (dW_hh, dW_ih, biases, grad_input):
 no reduction happens here, so there are no atomics and the result is bitwise deterministic.
 
@@ -19,6 +22,7 @@ Buffers (last dimension contiguous; index math in int64):
     w_hh      [D, H, H]    W_hh[d][j, k] (contiguous; zero-padded to [D, BLOCK_H, BLOCK_H] on chip)
     grad_pre  [T, B, D*H]  dz_t, the gradient of the pre-activations (written)
     grad_h0   [D, B, H]    gradient of the initial states (written)
+    lengths   [B]          optional valid lengths, as in forward.py
     ws_dz, ws_dh [D, B, H] fp32 workspaces of the streamed kernel
 
 Grid: (cdiv(B, BLOCK_B), D), T a runtime argument, as in forward.py. Verified like forward.py, plus

@@ -9,10 +9,12 @@ sequential part,
 for every direction `d` at once: direction is grid axis 1. Direction 0 walks t = 0 .. T-1 and starts from
 `h0[0]`; direction 1 walks t = T-1 .. 0, so it reads the time-reversed input and writes its state of time
 t back at time t (the "flip back" of PyTorch's definition costs nothing), starting from `h0[1]` before
-it reads the last step. With per-row lengths (PackedSequence), each row stops at its own length and its
-reverse direction starts at its own last valid step (kernels/indexing.py); a program runs only as many
-steps as its longest row, so batches sorted by length skip most padding. Both write into one `[T, B, D*H]` output buffer, forward into `[..., :H]`,
+it reads the last step. Both write into one `[T, B, D*H]` output buffer, forward into `[..., :H]`,
 reverse into `[..., H:]`: no torch.cat, no flip. A unidirectional layer is the same launch with D = 1.
+
+With per-row lengths (PackedSequence), each row stops at its own length and its reverse direction starts
+at its own last valid step (kernels/indexing.py); a program runs only as many steps as its longest row,
+so batches sorted by length skip most padding.
 
 Fusion is legal because the two directions share no state: they only share the read-only input
 projection and write disjoint halves of the output.
@@ -28,12 +30,12 @@ exceed 2**31):
     lengths [B]          optional valid length of each row (int32/int64); None means T for all
     ws      [2, D, B, H] fp32 ping-pong workspace of the streamed kernel
 
-Grid: (cdiv(B, BLOCK_B), D). One program owns BLOCK_B batch rows of one direction for all T steps; T is
+Grid: (cdiv(B, BLOCK_B), D). One program owns BLOCK_B batch rows of one direction for all its steps; T is
 a runtime argument (not specialised) so a new sequence length does not recompile. Accumulation is fp32
 (fp64 for fp64 inputs); `tl.dot` takes the input dtype, TF32 for fp32 only when asked (cuDNN's switch).
 
 Verified: parity with nn.RNN and a float64 reference under TRITON_INTERPRET=1 (tests/test_parity.py,
-tests/test_kernels.py); compiled for sm_80 and sm_90 with shared memory, spill and tensor-core checks
+tests/test_kernels.py, tests/test_packed.py); compiled for sm_80 and sm_90 with shared memory, spill and tensor-core checks
 (tests/test_compile.py).
 """
 

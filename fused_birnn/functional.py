@@ -1,11 +1,13 @@
-"""One RNN layer (all its directions) as a `torch.autograd.Function`, and the backend dispatch.
+"""One RNN layer (all its directions) as two PyTorch custom operators, and the backend dispatch.
 
-Forward of a layer with D directions (D = 2 bidirectional):
+`birnn_layer(x, h0, params, lengths, relu, backend)` runs a layer with D directions
+(D = 2 bidirectional); `params` are the layer's parameters as `nn.RNN` names them,
+`(w_ih, w_hh[, b_ih, b_hh]) * D`:
 
     x_proj = x @ [W_ih_0; W_ih_1]^T + [b_ih_0 + b_hh_0; b_ih_1 + b_hh_1]     one GEMM, [T*B, D*H]
     out, h_n = recurrence(x_proj, W_hh [D, H, H], h0 [D, B, H])             one launch, both directions
 
-Backward:
+Its backward:
 
     grad_pre, grad_h0 = recurrence backward(out, grad_out, grad_h_n, W_hh) one launch, both directions
     grad_x      = grad_pre @ W_ih_cat                                       one GEMM
@@ -14,16 +16,30 @@ Backward:
                                                                            h0 entering at each row's end)
     grad_b      = grad_pre summed over (T, B)                               (b_ih and b_hh alike)
 
+Both are `torch.library.custom_op`s (`torch.ops.fused_birnn.rnn_layer`, `.rnn_layer_backward`), opaque
+to torch.compile (a model traces with no graph break; the compiled forward and backward graphs call
+them), with fake implementations for tracing. Eager mode calls the same two implementations through a
+plain autograd.Function, skipping the custom-op dispatcher's per-call Python cost. Being opaque
+lets them decide per call, from the storage, whether the per-direction weights already lie back to back
+(`fused_birnn.RNN` keeps them in flat buffers): then `W_ih_cat`, `W_hh` and the biases are views, else a
+concatenation. (A `triton_op` would be traced instead: storage pointers cannot be read while tracing,
+and the PyTorch path's Python loop over time would be unrolled into the graph.) Weights of another
+dtype than `x` (the module casts only `x` and `hx` under autocast) are cast while packing, and their
+gradients cast back by the autograd formula.
+
 The recurrence is the Triton kernels (`fused_birnn.kernels`) or the pure-PyTorch path
-(`fused_birnn.torch_backend`); both honour the same buffers, so everything else is shared.
+(`fused_birnn.torch_backend`), chosen per call by `resolve_backend`; both honour the same buffers, so
+everything else is shared. fp32 kernels use TF32 where `torch.backends.cudnn.allow_tf32` is set when
+each op runs. No op reads a device value on the host: forward and backward are CUDA-graph capturable.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import Optional  # custom_op schemas: older torch does not read `Tensor | None`
 
 import torch
+from torch import Tensor
 
 from . import torch_backend
 from .kernels.backward import birnn_backward
@@ -64,100 +80,193 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return backend
 
 
-@dataclass(frozen=True)
-class PackedLayer:
-    """A layer's weights in the layout the kernels read, built once and reused while the parameters
-    are unchanged (`fused_birnn.RNN` keys it on the parameters' identity, storage and version).
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype a layer runs in under `torch.autocast` for x's device, or None (autocast off, or x not
+    eligible: as for autocast's own casts, only floating tensors other than float64 are cast)."""
+    device = x.device.type
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
-    Attributes:
-        w_ih: `[D*H, I]` input weights of all directions, stacked (one GEMM).
-        w_hh: `[D, H, H]` contiguous recurrent weights.
-        bias: `[D*H]` `b_ih + b_hh` of all directions, or None.
-    """
 
-    w_ih: torch.Tensor
-    w_hh: torch.Tensor
-    bias: torch.Tensor | None
+def _joined(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """`torch.cat(tensors)` in `dtype`, without a copy where the tensors already lie back to back in
+    memory inside the first one's storage (the module's flat buffers): then a view of that storage.
+    (Storages never overlap, so adjacency within the first's storage means one storage.)"""
+    first = tensors[0]
+    size = first.numel() * first.element_size()
+    base = first.data_ptr()
+    if (all(t.data_ptr() == base + d * size and t.dtype == first.dtype and t.shape == first.shape
+            and t.is_contiguous() for d, t in enumerate(tensors))
+            and first.untyped_storage().nbytes() >= first.storage_offset() * first.element_size()
+            + len(tensors) * size):
+        n = len(tensors) * first.shape[0]
+        joined = first.as_strided((n, *first.shape[1:]), (first.stride(0) if first.dim() > 1 else 1,
+                                                         *first.stride()[1:]))
+    else:
+        joined = torch.cat(tensors)
+    return joined.to(dtype)
+
+
+def _weights(params: list[Tensor], num_directions: int, dtype: torch.dtype, kind: int) -> Tensor:
+    """One kind (0 w_ih, 1 w_hh, 2 b_ih, 3 b_hh) of every direction, joined along dim 0."""
+    return _joined(params[kind::len(params) // num_directions], dtype)
+
+
+def layer_forward(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[Tensor], relu: bool,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """One layer, all directions: `x [T, B, I]`, `h0 [D, B, H]`, `params` `(w_ih, w_hh[, b_ih, b_hh]) * D`,
+    optional per-row `lengths [B]` (int64 on x's device, values in [1, T]), tanh or ReLU, a backend
+    of `BACKENDS`. Returns `(out [T, B, D*H], h_n [D, B, H])`; with lengths, `out` is 0 at padded steps."""
+    T, B, I = x.shape
+    D, _, H = h0.shape
+    backend = resolve_backend(backend, x.device, x.dtype)
+    w_ih, w_hh = _weights(params, D, x.dtype, 0), _weights(params, D, x.dtype, 1).view(D, H, H)
+    x2 = x.reshape(T * B, I)
+    if len(params) == 4 * D:
+        x_proj = torch.addmm(_weights(params, D, x.dtype, 2) + _weights(params, D, x.dtype, 3), x2, w_ih.t())
+    else:
+        x_proj = x2 @ w_ih.t()
+    x_proj = x_proj.view(T, B, D * H)
+    h0 = h0.contiguous()
+    if backend == "triton":
+        out = torch.empty_like(x_proj) if lengths is None else torch.zeros_like(x_proj)
+        h_n = x.new_empty((D, B, H))
+        birnn_forward(x_proj, w_hh, h0, out, h_n, relu=relu, lengths=lengths,
+                      allow_tf32=torch.backends.cudnn.allow_tf32)
+    else:
+        out, h_n = torch_backend.recurrence_forward(x_proj, w_hh, h0, relu=relu, lengths=lengths)
+    return out, h_n
+
+
+rnn_layer = torch.library.custom_op("fused_birnn::rnn_layer", mutates_args=())(layer_forward)
+
+
+@rnn_layer.register_fake
+def _(x, h0, params, lengths, relu, backend):
+    T, B, _ = x.shape
+    D, _, H = h0.shape
+    return x.new_empty((T, B, D * H)), x.new_empty((D, B, H))
+
+
+def layer_backward(grad_out: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor, out: Tensor,
+                   params: list[Tensor], lengths: Optional[Tensor], relu: bool, backend: str,
+                   input_grad: bool, weight_grads: bool) -> list[Tensor]:
+    """Gradients of `rnn_layer` (arguments as there, plus its `out` and the gradients of its outputs):
+    `[grad_h0]`, then `grad_x` if `input_grad`, then if `weight_grads` `grad_w_ih [D*H, I]`,
+    `grad_w_hh [D, H, H]` and, with biases, `grad_b [D*H]` (of b_ih and b_hh alike), all in x's dtype."""
+    T, B, I = x.shape
+    D, _, H = h0.shape
+    backend = resolve_backend(backend, x.device, x.dtype)
+    w_hh = _weights(params, D, x.dtype, 1).view(D, H, H)
+    h0 = h0.contiguous()
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    grad_h_n = grad_h_n if grad_h_n.stride(-1) == 1 else grad_h_n.contiguous()
+    if backend == "triton":
+        grad_pre = torch.empty_like(out) if lengths is None else torch.zeros_like(out)
+        grad_h0 = x.new_empty((D, B, H))
+        birnn_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, relu=relu, lengths=lengths,
+                       allow_tf32=torch.backends.cudnn.allow_tf32)
+    else:
+        grad_pre, grad_h0 = torch_backend.recurrence_backward(out, grad_out, grad_h_n, w_hh, relu=relu,
+                                                              lengths=lengths)
+    grads = [grad_h0]
+    gp2 = grad_pre.view(T * B, D * H)
+    if input_grad:
+        grads.append((gp2 @ _weights(params, D, x.dtype, 0)).view(T, B, I))
+    if weight_grads:
+        grad_w_hh = torch.empty_like(w_hh)
+        for d in range(D):
+            cols = slice(d * H, (d + 1) * H)
+            gp_d, out_d = grad_pre[..., cols], out[..., cols]
+            if d == 0:  # h_{t-1} of step t is out[t-1], h0 at t = 0
+                later, earlier, first = gp_d[1:], out_d[:-1], gp_d[0]
+            else:  # the reverse direction's previous state is out[t+1] (0 past a row's end),
+                # h0 at the row's last valid step
+                later, earlier = gp_d[:-1], out_d[1:]
+                first = gp_d[T - 1] if lengths is None else gp_d[lengths - 1, torch.arange(B, device=x.device)]
+            torch.mm(first.t(), h0[d], out=grad_w_hh[d])
+            if T > 1:
+                grad_w_hh[d].addmm_(later.reshape(-1, H).t(), earlier.reshape(-1, H))
+        grads += [gp2.t() @ x.reshape(T * B, I), grad_w_hh]
+        if len(params) == 4 * D:
+            grads.append(grad_pre.sum((0, 1)))
+    return grads
+
+
+rnn_layer_backward = torch.library.custom_op("fused_birnn::rnn_layer_backward", mutates_args=())(layer_backward)
+
+
+@rnn_layer_backward.register_fake
+def _(grad_out, grad_h_n, x, h0, out, params, lengths, relu, backend, input_grad, weight_grads):
+    T, B, I = x.shape
+    D, _, H = h0.shape
+    grads = [x.new_empty((D, B, H))] + ([x.new_empty((T, B, I))] if input_grad else [])
+    if weight_grads:
+        grads += [x.new_empty((D * H, I)), x.new_empty((D, H, H))] + (
+            [x.new_empty((D * H,))] if len(params) == 4 * D else [])
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, params, lengths, relu, backend = inputs
+    ctx.save_for_backward(x, h0, output[0], lengths, *params)
+    ctx.relu, ctx.backend = relu, backend
+
+
+def _gradients(ctx, grad_out, grad_h_n, need_x: bool, need_h0: bool, need_params: bool, backward_fn):
+    """`(grad_x, grad_h0, grad_params)` of a layer saved by `_setup_context`, through `backward_fn`
+    (the backward op, or its implementation called directly in eager mode)."""
+    x, h0, out, lengths, *params = ctx.saved_tensors
+    grad_h0, *grads = backward_fn(grad_out, grad_h_n, x, h0, out, params, lengths, ctx.relu, ctx.backend,
+                                  need_x, need_params)
+    grad_x = grads.pop(0) if need_x else None
+    grad_params = [None] * len(params)
+    if need_params:  # per-parameter views of the joined gradients, in each parameter's dtype (autocast)
+        D, H = h0.shape[0], h0.shape[2]
+        grad_w_ih, grad_w_hh, *grad_b = grads
+        grad_params = []
+        for d in range(D):
+            rows = slice(d * H, (d + 1) * H)
+            # b_ih and b_hh get the same gradient, in two tensors (in-place accumulation stays separate)
+            biases = [grad_b[0][rows], grad_b[0][rows].clone()] if grad_b else []
+            grad_params += [grad_w_ih[rows], grad_w_hh[d], *biases]
+        grad_params = [g.to(p.dtype) for g, p in zip(grad_params, params, strict=True)]
+    return grad_x, grad_h0 if need_h0 else None, grad_params
+
+
+def _backward(ctx, grad_out, grad_h_n):
+    need_x, need_h0, need_params = ctx.needs_input_grad[:3]
+    grad_x, grad_h0, grad_params = _gradients(ctx, grad_out, grad_h_n, need_x, need_h0, any(need_params),
+                                              rnn_layer_backward)
+    return grad_x, grad_h0, grad_params, None, None, None
+
+
+rnn_layer.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLayer(torch.autograd.Function):
+    """The same layer for eager mode: the op implementations called directly, without the custom-op
+    dispatcher (about 100 us of Python per layer and call: as much as a whole small layer costs)."""
 
     @staticmethod
-    @torch.no_grad()
-    def from_params(params: list[tuple[torch.Tensor, ...]]) -> PackedLayer:
-        """`params[d] = (w_ih, w_hh[, b_ih, b_hh])` per direction, as in nn.RNN."""
-        w_ih = torch.cat([p[0] for p in params]) if len(params) > 1 else params[0][0].contiguous()
-        w_hh = torch.stack([p[1] for p in params]).contiguous()
-        bias = None
-        if len(params[0]) == 4:
-            bias = torch.cat([p[2] + p[3] for p in params])
-        return PackedLayer(w_ih.detach(), w_hh.detach(), bias)
-
-
-class BiRNNLayerFunction(torch.autograd.Function):
-    """Autograd of one layer. Inputs: `x [T, B, I]`, `h0 [D, B, H]`, the packed weights (what is
-    computed with), the cell, the backend, optional per-row `lengths [B]` (on x's device), then the
-    layer's parameters flat, `(w_ih, w_hh[, b_ih, b_hh]) * D` (what gradients are returned for).
-    Outputs `(out [T, B, D*H], h_n [D, B, H])`; with lengths, `out` is 0 at padded steps."""
-
-    @staticmethod
-    def forward(ctx, x, h0, packed: PackedLayer, relu: bool, backend: str, lengths, *params):
-        T, B, _ = x.shape
-        D, _, H = packed.w_hh.shape
-        x2 = x.reshape(T * B, x.shape[2])
-        if packed.bias is not None:
-            x_proj = torch.addmm(packed.bias, x2, packed.w_ih.t())
-        else:
-            x_proj = x2 @ packed.w_ih.t()
-        x_proj = x_proj.view(T, B, D * H)
-        allow_tf32 = torch.backends.cudnn.allow_tf32
-        if backend == "triton":
-            out = torch.empty_like(x_proj) if lengths is None else torch.zeros_like(x_proj)
-            h_n = torch.empty((D, B, H), dtype=x.dtype, device=x.device)
-            birnn_forward(x_proj, packed.w_hh, h0, out, h_n, relu=relu, lengths=lengths, allow_tf32=allow_tf32)
-        else:
-            out, h_n = torch_backend.recurrence_forward(x_proj, packed.w_hh, h0, relu=relu, lengths=lengths)
-        ctx.save_for_backward(x, h0, out, packed.w_ih, packed.w_hh, lengths)
-        ctx.relu, ctx.backend, ctx.allow_tf32 = relu, backend, allow_tf32
-        ctx.num_params = len(params)
+    def forward(ctx, x, h0, lengths, relu, backend, *params):
+        out, h_n = layer_forward(x, h0, list(params), lengths, relu, backend)
+        _setup_context(ctx, (x, h0, params, lengths, relu, backend), (out, h_n))
         return out, h_n
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n):
-        x, h0, out, w_ih, w_hh, lengths = ctx.saved_tensors
-        T, B, I = x.shape
-        D, _, H = w_hh.shape
-        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        grad_h_n = grad_h_n if grad_h_n.stride(-1) == 1 else grad_h_n.contiguous()
-        if ctx.backend == "triton":
-            grad_pre = torch.empty_like(out) if lengths is None else torch.zeros_like(out)
-            grad_h0 = torch.empty_like(h0)
-            birnn_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, relu=ctx.relu, lengths=lengths,
-                           allow_tf32=ctx.allow_tf32)
-        else:
-            grad_pre, grad_h0 = torch_backend.recurrence_backward(out, grad_out, grad_h_n, w_hh, relu=ctx.relu,
-                                                                  lengths=lengths)
+        need = ctx.needs_input_grad
+        grad_x, grad_h0, grad_params = _gradients(ctx, grad_out, grad_h_n, need[0], need[1], any(need[5:]),
+                                                  layer_backward)
+        return grad_x, grad_h0, None, None, None, *grad_params
 
-        needs = ctx.needs_input_grad
-        gp2 = grad_pre.view(T * B, D * H)
-        grad_x = (gp2 @ w_ih).view(T, B, I) if needs[0] else None
-        grad_params: list[torch.Tensor | None] = []
-        per_dir = ctx.num_params // D
-        if any(needs[6:]):
-            grad_w_ih = gp2.t() @ x.reshape(T * B, I)
-            grad_b = grad_pre.sum((0, 1)) if per_dir == 4 else None
-            for d in range(D):
-                cols = slice(d * H, (d + 1) * H)
-                gp_d, out_d = grad_pre[..., cols], out[..., cols]
-                if d == 0:  # h_{t-1} of step t is out[t-1], h0 at t = 0
-                    later, earlier, first = gp_d[1:], out_d[:-1], gp_d[0]
-                else:  # the reverse direction's previous state is out[t+1] (0 past a row's end),
-                    # h0 at the row's last valid step
-                    later, earlier = gp_d[:-1], out_d[1:]
-                    first = gp_d[T - 1] if lengths is None else gp_d[lengths - 1, torch.arange(B, device=x.device)]
-                grad_w_hh = first.t() @ h0[d]
-                if T > 1:
-                    grad_w_hh = grad_w_hh.addmm_(later.reshape(-1, H).t(), earlier.reshape(-1, H))
-                grad_params += [grad_w_ih[cols], grad_w_hh]
-                if per_dir == 4:
-                    grad_params += [grad_b[cols], grad_b[cols].clone()]
-        else:
-            grad_params = [None] * ctx.num_params
-        return (grad_x, grad_h0 if needs[1] else None, None, None, None, None, *grad_params)
+
+def birnn_layer(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[Tensor], relu: bool,
+                backend: str) -> tuple[Tensor, Tensor]:
+    """One layer, differentiable: the `fused_birnn::rnn_layer` op while torch.compile traces (no graph
+    break), the same implementation through a plain autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return rnn_layer(x, h0, params, lengths, relu, backend)
+    return _EagerLayer.apply(x, h0, lengths, relu, backend, *params)

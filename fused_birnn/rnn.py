@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .functional import BACKENDS, BiRNNLayerFunction, PackedLayer, resolve_backend
+from .functional import BACKENDS, autocast_dtype, birnn_layer
 
 
 def _lives_in(p: Tensor, buf: Tensor, d: int) -> bool:
@@ -44,7 +44,11 @@ class RNN(nn.RNNBase):
           entries are the states after reading time step 0.
 
     Unlike cuDNN, backward works in ``eval()`` mode, gradients are bitwise deterministic, and sequences
-    of any length run (T >= 65,536 included).
+    of any length run (T >= 65,536 included). ``torch.compile(fullgraph=True)`` traces it with no graph
+    break (each layer is one custom operator, its backward another; a ``PackedSequence`` input breaks
+    the graph as ``pack_padded_sequence`` does, ``lengths=`` does not), forward and backward can be
+    captured in a CUDA graph, and under ``torch.autocast`` the layers run in autocast's dtype, as nn.RNN's
+    do (fp32 parameters and their gradients stay fp32; only cuDNN's nn.RNN runs fp16 under bf16 autocast).
     """
 
     def __init__(
@@ -79,11 +83,12 @@ class RNN(nn.RNNBase):
         """Make each layer's parameters views of one contiguous buffer per kind, so the kernels read
         them with no per-call copy: `[D*H, I]` input weights (one GEMM for all directions),
         `[D, H, H]` recurrent weights, `[D*H]` biases. Called on construction, after `.to()`/`.half()`
-        and after unpickling; a parameter replaced later (`rnn.weight_hh_l0 = Parameter(...)`) is
-        detected at forward and packed per call instead, so results never go stale."""
+        and after unpickling. The layer op itself checks, per call, whether a layer's parameters still
+        lie back to back (`functional._joined`): a parameter replaced later
+        (`rnn.weight_hh_l0 = Parameter(...)`) is concatenated per call instead, so results never go
+        stale. A layer holding one Parameter under two names is never flattened."""
         previous = getattr(self, "_layer_buffers", [])
         self._layer_buffers: list[list[Tensor] | None] = []
-        self._layer_ptrs: list[list[int] | None] = []  # where each parameter must live to use them
         if len(getattr(self, "_flat_weights", ())) != len(getattr(self, "_flat_weights_names", (None,))):
             return  # called by nn.RNNBase before all parameters exist
         with torch.no_grad():
@@ -105,7 +110,6 @@ class RNN(nn.RNNBase):
                             p.set_(buf.untyped_storage(), buf[d].storage_offset(), buf[d].shape, buf[d].stride())
                         buffers.append(buf)
                 self._layer_buffers.append(buffers)
-                self._layer_ptrs.append(None if buffers is None else [p.data_ptr() for p in flat])
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -115,19 +119,6 @@ class RNN(nn.RNNBase):
         num_directions = 2 if self.bidirectional else 1
         names = self._all_weights[layer * num_directions:(layer + 1) * num_directions]
         return [tuple(getattr(self, n) for n in dir_names) for dir_names in names]
-
-    def _packed_layer(self, layer: int, flat: list[Tensor]) -> PackedLayer:
-        """The layer's weights as the kernels read them: the flat buffers themselves while every
-        parameter still lives in its slot, else a packed copy of whatever the parameters are now."""
-        buffers = self._layer_buffers[layer] if layer < len(self._layer_buffers) else None
-        if buffers is not None and [p.data_ptr() for p in flat] == self._layer_ptrs[layer]:
-            D, H = buffers[1].shape[:2]
-            with torch.no_grad():
-                bias = (buffers[2] + buffers[3]).view(D * H) if self.bias else None
-            return PackedLayer(buffers[0].view(D * H, -1), buffers[1], bias)
-        num_directions = 2 if self.bidirectional else 1
-        per_dir = len(flat) // num_directions
-        return PackedLayer.from_params([tuple(flat[d * per_dir:(d + 1) * per_dir]) for d in range(num_directions)])
 
     def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None, lengths: Tensor | None = None):
         """Run the RNN; arguments and results as :meth:`torch.nn.RNN.forward`, plus ``lengths``.
@@ -139,7 +130,10 @@ class RNN(nn.RNNBase):
             hx: initial states, zeros if omitted.
             lengths: optional 1-D integer tensor of N valid lengths (1..L) for a padded batched
                 ``input``, on the CPU or the input's device: the same results as packing the input,
-                without packing (padded output steps are 0). CPU lengths avoid a device sync.
+                without packing (padded output steps are 0). Their values are checked on the host:
+                free for CPU lengths, a device sync for device lengths. Under ``torch.compile`` and
+                while capturing a CUDA graph (pass device lengths there) they are not checked but
+                clamped to [1, L]; check them beforehand.
 
         Returns:
             ``(output, h_n)``.
@@ -213,7 +207,9 @@ class RNN(nn.RNNBase):
 
     @staticmethod
     def _check_lengths(lengths: Tensor, x: Tensor) -> Tensor:
-        """Validate `lengths` for a time-major `x` and return it as int64 on x's device."""
+        """Validate `lengths` for a time-major `x` and return it as int64 on x's device. The value check
+        needs the values on the host: free for CPU lengths, a sync for device lengths; under torch.compile
+        and CUDA-graph capture it is skipped (validate beforehand) and the values are clamped to [1, T]."""
         T, B = x.shape[:2]
         if not isinstance(lengths, Tensor):
             lengths = torch.as_tensor(lengths)
@@ -223,28 +219,31 @@ class RNN(nn.RNNBase):
             raise ValueError(f"lengths must be a 1-D tensor of the batch size {B}, got shape {tuple(lengths.shape)}")
         if lengths.device.type != "cpu" and lengths.device != x.device:
             raise ValueError(f"lengths must be on the CPU or on the input's device ({x.device}), got {lengths.device}")
-        if B and (lengths.min() < 1 or lengths.max() > T):  # a sync for device lengths: pass CPU lengths
+        if torch.compiler.is_compiling() or (lengths.is_cuda and torch.cuda.is_current_stream_capturing()):
+            lengths = lengths.clamp(1, T)  # values cannot be read while tracing or capturing: keep them in range
+        elif B and (lengths.min() < 1 or lengths.max() > T):  # a sync for device lengths: pass CPU lengths
             raise ValueError(f"lengths must lie in [1, {T}] (the padded sequence length), got values from "
                              f"{int(lengths.min())} to {int(lengths.max())}")
         return lengths.to(device=x.device, dtype=torch.int64, non_blocking=True)
 
     def _run_layers(self, x: Tensor, hx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The stack on a time-major `x [T, B, I]`: one autograd Function (two kernel launches) per
-        layer, dropout between layers in training mode. Returns `(output [T, B, D*H], h_n)`."""
+        """The stack on a time-major `x [T, B, I]`: one `birnn_layer` (two kernel launches with its
+        backward) per layer, dropout between layers in training mode. Under autocast the layers run in
+        autocast's dtype, as nn.RNN's do. Returns `(output [T, B, D*H], h_n)`."""
         if x.device != self._flat_weights[0].device:
             raise RuntimeError(f"input is on {x.device} but the RNN's parameters are on "
                                f"{self._flat_weights[0].device}; move one of them (e.g. model.to({x.device}))")
+        dtype = autocast_dtype(x)
+        if dtype is not None:  # the weights are cast as the op packs them
+            x, hx = x.to(dtype), hx.to(dtype)
         num_directions = 2 if self.bidirectional else 1
-        backend = resolve_backend(self.backend, x.device, x.dtype)
         relu = self.nonlinearity == "relu"
         x = x.contiguous()
         h_n = []
         for layer in range(self.num_layers):
-            flat = [p for ps in self._layer_params(layer) for p in ps]
-            packed = self._packed_layer(layer, flat)
+            params = [p for ps in self._layer_params(layer) for p in ps]
             h0 = hx[layer * num_directions:(layer + 1) * num_directions]
-            h0 = h0 if h0.stride(-1) == 1 else h0.contiguous()
-            x, h_layer = BiRNNLayerFunction.apply(x, h0, packed, relu, backend, lengths, *flat)
+            x, h_layer = birnn_layer(x, h0, params, lengths, relu, self.backend)
             h_n.append(h_layer)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = nn.functional.dropout(x, self.dropout, training=True)

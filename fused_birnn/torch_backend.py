@@ -75,12 +75,14 @@ def recurrence_forward(
     active = None if lengths is None else activity_mask(lengths, T, D, x_proj.dtype).bool()
     w_t = w_hh.transpose(1, 2)
     act_ = torch.relu_ if relu else torch.tanh_
-    for s in range(T):
-        h, h_prev = states[s], states[s - 1] if s else h0
-        torch.baddbmm(xs[s], h_prev, w_t, out=h)
-        act_(h)
+    h = h0
+    # per-step views made once (unbind): indexing inside the loop costs more than a small step's math
+    for s, (x_s, h_s) in enumerate(zip(xs.unbind(0), states.unbind(0))):
+        torch.baddbmm(x_s, h, w_t, out=h_s)
+        act_(h_s)
         if active is not None:  # inactive rows keep their state
-            torch.where(active[s], h, h_prev, out=h)
+            torch.where(active[s], h_s, h, out=h_s)
+        h = h_s
     out = to_time_order(states if active is None else states * active)
     return out, h.clone()
 
@@ -111,13 +113,14 @@ def recurrence_backward(
         carry = 1.0 - active  # an inactive step passes its state (and gradient) through unchanged
     g[T - 1].add_(grad_h_n)
     dz = torch.empty_like(g)
+    gs, derivs, dzs = g.unbind(0), deriv.unbind(0), dz.unbind(0)
     for s in range(T - 1, 0, -1):
-        torch.mul(g[s], deriv[s], out=dz[s])
-        g[s - 1].baddbmm_(dz[s], w_hh)  # + dz_s @ W_hh: the gradient flowing into h_{s-1}
+        torch.mul(gs[s], derivs[s], out=dzs[s])
+        gs[s - 1].baddbmm_(dzs[s], w_hh)  # + dz_s @ W_hh: the gradient flowing into h_{s-1}
         if lengths is not None:
-            g[s - 1].addcmul_(g[s], carry[s])
-    torch.mul(g[0], deriv[0], out=dz[0])
-    grad_h0 = torch.bmm(dz[0], w_hh)
+            gs[s - 1].addcmul_(gs[s], carry[s])
+    torch.mul(gs[0], derivs[0], out=dzs[0])
+    grad_h0 = torch.bmm(dzs[0], w_hh)
     if lengths is not None:
-        grad_h0.addcmul_(g[0], carry[0])
+        grad_h0.addcmul_(gs[0], carry[0])
     return to_time_order(dz), grad_h0

@@ -27,8 +27,10 @@ def pair(dtype=torch.float64, backend="auto", **kw):
 
 def is_flat(m):
     """Every parameter is the slot of its layer's flat buffer (no per-call packing)."""
-    return all(m._layer_ptrs[layer] == [p.data_ptr() for ps in m._layer_params(layer) for p in ps]
-               for layer in range(m.num_layers))
+    return all(bufs is not None and all(p.data_ptr() == buf[d].data_ptr()
+                                        for d, ps in enumerate(m._layer_params(layer))
+                                        for buf, p in zip(bufs, ps))
+               for layer, bufs in enumerate(m._layer_buffers))
 
 
 def outputs_and_grads(m, x, h0):

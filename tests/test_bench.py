@@ -195,3 +195,17 @@ def test_cuda_report_path_with_stand_in_timers(tmp_path, monkeypatch):
     assert "cuDNN" in md and "us/step fwd (floor)" in md and "GPU stand-in" in md
     written = report.write_plots(payload, tmp_path, "cuda")
     assert written and all(p.read_bytes()[:8] == PNG_SIGNATURE for p in written)
+
+
+def test_relu_kink_excuse_does_not_hide_a_wrong_gradient():
+    """The ReLU-kink rule (fp32 gradients excused when the same candidate is exact in float64) must not
+    excuse a candidate whose gradients are wrong in every precision."""
+    from fused_birnn.bench.parity import check_parity, make_reference
+
+    cfg = Config(2, 3, 4, 2, 5, nonlinearity="relu")
+    torch.manual_seed(0)
+    ref = make_reference(cfg, "cpu")
+    cand = _factory(_WrongGradient)(cfg, "torch", torch.device("cpu"))
+    cand.load_state_dict(ref.state_dict())
+    p = check_parity(cfg, cand, ref, "cpu")
+    assert p["fwd_ok"] and not p["bwd_ok"] and not p.get("note")

@@ -26,6 +26,8 @@ candidate is checked against the float64 truth alone.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Callable
 
 import torch
@@ -198,6 +200,9 @@ def check_parity(
                     bound = max(tol, 2 * row["ref_err_truth"])
                 row["ok"] = row["err_truth"] <= bound
             rows[name] = row
+        if (backward and result["fwd_ok"] and cfg.nonlinearity == "relu" and torch.device(device).type == "cpu"
+                and not all(r["ok"] for r in rows.values())):
+            _excuse_relu_kinks(rows, candidate, x, h0, (gy, ghn), exact, result)
         result["tensors"][mode] = rows
         ok = all(r["ok"] for r in rows.values())
         if mode == "fwd":
@@ -207,6 +212,26 @@ def check_parity(
     return result
 
 
+KINK_EXACT = 1e-9  # the candidate in float64 against the float64 truth
+
+
+def _excuse_relu_kinks(rows: dict, candidate: nn.Module, x, h0, grads, exact: dict, result: dict) -> None:
+    """ReLU gradients in fp32 can differ from float64 by ~1% when one pre-activation within rounding of
+    0 (|z| ~ 1e-8) lands on the other side of the kink: its derivative flips 0 <-> 1 and BPTT carries
+    that back through every earlier step (seen: speech CPU shape, one flip among 1.4M activations;
+    nn.RNN happened to round the other way). Such rows pass when the same candidate computed in float64
+    matches the truth to KINK_EXACT: the algorithm is exact, the difference is rounding. Marked in the
+    row (`relu_kink`) and in `result["note"]`. CPU only (the kernels have no float64 on a GPU)."""
+    cand64 = copy.deepcopy(candidate).double()
+    got64 = _run(cand64, x.double(), h0.double(), tuple(g.double() for g in grads), backward=True)
+    failing = [n for n, r in rows.items() if not r["ok"]]
+    if all(scaled_error(got64[n], exact[n]) <= KINK_EXACT for n in failing):
+        for n in failing:
+            rows[n]["ok"] = rows[n]["relu_kink"] = True
+        result["note"] = (f"{len(failing)} gradient(s) differ from float64 beyond tolerance through fp32 rounding "
+                          f"at ReLU kinks; the same candidate in float64 matches float64 nn.RNN to {KINK_EXACT:g}")
+
+
 def summarize(parity: dict | None) -> str:
     """'ok', 'FAIL fwd', 'FAIL bwd' (with the worst tensor), 'ERROR ...', or 'not run'."""
     if parity is None:
@@ -214,7 +239,7 @@ def summarize(parity: dict | None) -> str:
     if parity.get("error"):
         return f"ERROR {parity['error'][:60]}"
     if parity["fwd_ok"] and parity["bwd_ok"]:
-        return "ok"
+        return "ok (ReLU kink rounding, exact in fp64)" if parity.get("note") else "ok"
     mode = "fwd" if not parity["fwd_ok"] else "fwd+bwd"
     rows = parity["tensors"].get(mode, {})
     bad = [(n, r) for n, r in rows.items() if not r["ok"]]

@@ -290,7 +290,7 @@ def _compile_one(job: dict) -> dict:
         cfg = job["config"]
         signature, constexprs, attrs = _specialise(fn, case, row["input_precision"], cfg)
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        options = {"num_warps": cfg.num_warps}
+        options = {"num_warps": row["num_warps"]}
         if row["num_stages"] is not None:
             options["num_stages"] = row["num_stages"]
         k = triton.compile(src, target=GPUTarget("cuda", row["arch"], 32), options=options)
@@ -354,7 +354,8 @@ def _plan(cases: Sequence[CompileCase]) -> list[dict]:
                            batch_size=case.batch_size, dtype=case.dtype, input_precision=r["input_precision"],
                            relu=case.relu, lengths=case.lengths, directions=case.directions,
                            config_source=r["config_source"],
-                           block_b=cfg.block_b, block_h=cfg.block_h, num_warps=cfg.num_warps,
+                           block_b=cfg.block_b, block_h=cfg.block_h,
+                           num_warps=cfg.warps(forward=kernel.startswith("birnn_fwd")),
                            w_hh_path="on-chip" if cfg.w_on_chip else "streamed", programs=progs,
                            num_stages=r["num_stages"],
                            shared_limit=SHARED_LIMIT[arch])

@@ -194,7 +194,7 @@ def birnn_backward(
     grid = (cfg.num_batch_tiles(B), D)
     common = dict(
         HAS_LENGTHS=lengths is not None, RELU=relu, ACC_DTYPE=acc_dtype(out.dtype), INPUT_PRECISION=input_precision(out.dtype, allow_tf32),
-        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.warps(forward=False),
         **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages}),
     )
     strides = (out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),

@@ -25,7 +25,7 @@ import triton
 # both an A100 (163 KiB per block) and an H100 (227 KiB); fp32 H=256 (256 KiB) fits neither.
 ON_CHIP_MAX_BYTES = 128 * 1024
 # Tile edge of the streamed path on tensor cores: W tile and hidden-state tile are block_h wide.
-STREAMED_BLOCK_H = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32, torch.float64: 32}
+STREAMED_BLOCK_H = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32, torch.float64: 32}  # H % 16 == 0
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on a GPU
 MAX_PROGRAMS_PER_DIRECTION = 64  # above this, grow the batch tile instead of the grid
 FMA_ON_CHIP_MAX_TILE = 16 * 32  # block_b * block_h limit of the on-chip path without tensor cores
@@ -40,6 +40,7 @@ class RecurrenceConfig:
         block_h: on chip: H padded to a power of two (>= 16); streamed: the tile edge.
         w_on_chip: whether `W_hh` is loaded once and kept on chip (else streamed every step).
         num_warps: warps per program.
+        num_warps_forward: the forward kernel's warps where they differ from the backward's.
     """
 
     block_b: int
@@ -47,6 +48,11 @@ class RecurrenceConfig:
     w_on_chip: bool
     num_warps: int = 4
     num_stages: int | None = None  # None: Triton's default (3 on NVIDIA)
+    num_warps_forward: int | None = None
+
+    def warps(self, forward: bool) -> int:
+        """Warps of the forward or the backward kernel."""
+        return self.num_warps_forward if forward and self.num_warps_forward else self.num_warps
 
     def num_batch_tiles(self, batch_size: int) -> int:
         return triton.cdiv(batch_size, self.block_b)
@@ -63,10 +69,15 @@ def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype,
     # exact fp32 (and fp64) dots are FMA loops holding a whole K row in registers: beyond a 16 x 32
     # tile they spill (fp32 H=50 and H=128 did on sm_80/sm_90), so they stream sooner
     fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
+    # H not a multiple of 16: rows and the reverse half's columns are unaligned, loads go scalar and
+    # masks per element: wide tiles spilled (fp16 H=300 with 64-wide streamed tiles, TF32 H=100 on chip)
+    aligned = hidden_size % 16 == 0
     if fma:
         on_chip = block_b * block_h_full <= FMA_ON_CHIP_MAX_TILE
     else:
         on_chip = block_h_full * block_h_full * dtype.itemsize <= ON_CHIP_MAX_BYTES
+        if dtype == torch.float32 and not aligned:
+            on_chip = on_chip and block_h_full <= 64
     if on_chip:
         # the full-width hidden state and accumulator live in registers: more warps for wide tiles
         num_warps = 8 if (block_h_full >= 256 or block_b * block_h_full >= 32 * 128
@@ -75,5 +86,12 @@ def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype,
         # which pushed the backward past sm_80's 163 KiB
         num_stages = 1 if block_h_full >= 256 else None
         return RecurrenceConfig(block_b, block_h_full, True, num_warps, num_stages)
-    # FMA dots stream in 16-wide tiles: 32-wide ones spilled a few bytes at odd H with lengths (sm_80)
-    return RecurrenceConfig(block_b, MIN_DOT if fma else STREAMED_BLOCK_H[dtype], False, 4)
+    # streamed tiles: FMA dots 16 wide (32 spilled a few bytes at odd H with lengths on sm_80); tensor
+    # cores STREAMED_BLOCK_H, halved (at least 16) for unaligned H
+    if fma:
+        block_h = MIN_DOT
+    else:
+        block_h = STREAMED_BLOCK_H[dtype] if aligned else max(MIN_DOT, STREAMED_BLOCK_H[dtype] // 2)
+    # 16-bit and TF32 streamed forwards spill a few bytes at 4 warps with triton 3.6 (128-register cap);
+    # the backward spills at 8: each gets its own
+    return RecurrenceConfig(block_b, block_h, False, 4, num_warps_forward=4 if fma else 8)

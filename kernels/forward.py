@@ -220,7 +220,7 @@ def birnn_forward(
     common = dict(
         HAS_LENGTHS=lengths is not None, RELU=relu, ACC_DTYPE=acc_dtype(x_proj.dtype),
         INPUT_PRECISION=input_precision(x_proj.dtype, allow_tf32),
-        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, num_warps=cfg.warps(forward=True),
         **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages}),
     )
     strides = (x_proj.stride(0), x_proj.stride(1), out.stride(0), out.stride(1),

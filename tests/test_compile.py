@@ -28,12 +28,14 @@ ON_CHIP_SIZES = [(h, dt) for h in (7, 50, 128) for dt in ("float32", "float16", 
     # H not a multiple of 16: masked per-step tiles; the padded W_hh copy keeps these from spilling
     (100, "float16"), (200, "float16"), (200, "bfloat16")]
 STREAMED_SIZES = [(256, "float32"), (512, "float32"), (512, "float16"), (512, "bfloat16"),
-                  (1760, "float16"), (1760, "bfloat16")]
+                  (1760, "float16"), (1760, "bfloat16"),
+                  # H not a multiple of 16: narrower streamed tiles keep these from spilling
+                  (300, "float16"), (1000, "bfloat16"), (300, "float32")]
 BATCHES = (5, 64)
 # (H, B, dtype, input precision): every size above in the precision the launchers use by default, plus
 # fp32 with TF32 (cuDNN's default, torch.backends.cudnn.allow_tf32)
 CASES = [(h, b, dt, "ieee", False) for h, dt in ON_CHIP_SIZES + STREAMED_SIZES for b in BATCHES] + [
-    (h, b, "float32", "tf32", False) for h in (7, 50, 128, 256, 512) for b in BATCHES] + [
+    (h, b, "float32", "tf32", False) for h in (7, 50, 100, 128, 200, 256, 300, 512) for b in BATCHES] + [
     # the variable-length (PackedSequence) variants: per-row time indices and activity masks
     (h, 64, dt, prec, True) for h, dt, prec in [(50, "float16", "ieee"), (256, "float16", "ieee"),
                                                  (200, "bfloat16", "ieee"), (128, "float32", "tf32"),

@@ -116,16 +116,21 @@ def test_strided_views_of_larger_buffers():
 
 def test_config_table():
     """What select_config promises: legal dot shapes, on-chip up to the byte limit, streamed above."""
-    for H in (1, 7, 50, 128, 256, 257, 512, 1760, 2560):
+    for H in (1, 7, 50, 100, 128, 200, 256, 257, 300, 512, 1000, 1760, 2560):
         for B in (1, 5, 64, 1024, 5000):
             for dt in (torch.float16, torch.bfloat16, torch.float32):
                 for tf32 in (False, True):
                     c = select_config(H, B, dt, tf32)
                     assert c.block_b >= 16 and c.block_h >= 16
-                    if dt != torch.float32 or tf32:
+                    if dt != torch.float32:
                         assert c.w_on_chip == (c.block_h >= H and c.block_h ** 2 * dt.itemsize <= 128 * 1024)
+                    elif tf32:  # TF32 tiles wider than 64 only for H a multiple of 16
+                        assert c.w_on_chip == (c.block_h >= H and c.block_h ** 2 * 4 <= 128 * 1024
+                                               and (H % 16 == 0 or c.block_h <= 64))
                     else:  # exact fp32: FMA dots, on chip only for small tiles
                         assert c.w_on_chip == (c.block_h >= H and c.block_b * c.block_h <= 16 * 32)
+                    if not c.w_on_chip and (dt != torch.float32 or tf32):
+                        assert c.block_h == (64 if dt.itemsize == 2 else 32) // (1 if H % 16 == 0 else 2)
                     assert c.num_batch_tiles(B) <= 64 or c.block_b == 64
     assert select_config(256, 64, torch.float16).w_on_chip and not select_config(256, 64, torch.float32, True).w_on_chip
     assert select_config(128, 5, torch.float32, True).w_on_chip and not select_config(128, 5, torch.float32).w_on_chip

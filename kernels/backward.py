@@ -151,7 +151,8 @@ def birnn_bwd_streamed_kernel(
                 dz_j = tl.load(ws_dz + cols_j[None, :], mask=mask_b & mask_j[None, :], other=0.0)
                 w = tl.load(w_base + cols_j[:, None] * H + cols_k[None, :],
                             mask=mask_j[:, None] & mask_k[None, :], other=0.0)
-                acc = tl.dot(dz_j.to(w.dtype), w, acc=acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(dz_j.to(w.dtype), w, acc=acc, input_precision=INPUT_PRECISION,
+                             out_dtype=ACC_DTYPE)
             tl.store(ws_dh + cols_k[None, :], acc, mask=active[:, None] & mask_k[None, :])
         tl.debug_barrier()
 

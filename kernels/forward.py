@@ -88,7 +88,7 @@ def birnn_fwd_onchip_kernel(
         t, active = step_time(s, direction, n_steps, seq_len)
         m = active[:, None] & mask_h[None, :]
         x = tl.load(x_ptrs + t * stride_xt, mask=m, other=0.0).to(ACC_DTYPE)
-        z = tl.dot(h.to(w_t.dtype), w_t, acc=x, input_precision=INPUT_PRECISION)
+        z = tl.dot(h.to(w_t.dtype), w_t, acc=x, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_LENGTHS:  # a row outside its valid steps keeps its state
             h = tl.where(active[:, None], activation(z, RELU), h)
         else:
@@ -156,7 +156,8 @@ def birnn_fwd_streamed_kernel(
                 h_k = tl.load(src + cols_k[None, :], mask=mask_b & mask_k[None, :], other=0.0)
                 w_t = tl.load(w_base + cols_j[None, :] * H + cols_k[:, None],
                               mask=mask_k[:, None] & mask_j[None, :], other=0.0)
-                z = tl.dot(h_k.to(w_t.dtype), w_t, acc=z, input_precision=INPUT_PRECISION)
+                z = tl.dot(h_k.to(w_t.dtype), w_t, acc=z, input_precision=INPUT_PRECISION,
+                           out_dtype=ACC_DTYPE)
             h = activation(z, RELU)
             tl.store(o_rows + t * stride_ot + cols_j[None, :], h.to(out_ptr.dtype.element_ty), mask=m)
             # an inactive row carries its state over (a reverse row waiting for its last valid step)

@@ -247,3 +247,24 @@ def test_triton_backend_errors_where_it_cannot_run():
         m = fused_birnn.RNN(3, 4, 1, backend="triton")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             m(torch.randn(5, 2, 3))
+
+
+def test_long_sequence_on_the_pytorch_path():
+    """T = 100,000 (past cuDNN's 65,536 limit) forward and backward on the PyTorch path, checked at
+    the two ends of the sequence against a short run (the reverse direction's end state only depends
+    on the last steps it read; with contractive weights the first steps forget h0). The kernels take
+    T as a runtime argument; T >= 65,536 with int64 offsets on a GPU is tests/test_cuda.py's."""
+    m = fused_birnn.RNN(2, 4, 1, bidirectional=True, dtype=torch.float64, backend="torch")
+    with torch.no_grad():
+        m.weight_hh_l0.mul_(0.3)
+        m.weight_hh_l0_reverse.mul_(0.3)
+    T = 100_000
+    x = torch.randn(T, 1, 2, dtype=torch.float64, requires_grad=True)
+    out, h_n = m(x)
+    assert out.shape == (T, 1, 8) and torch.isfinite(out).all()
+    head, _ = m(x[:50].detach())  # the forward direction's first 50 steps do not depend on later input
+    torch.testing.assert_close(out[:50, :, :4], head[:, :, :4])
+    tail, _ = m(x[-50:].detach())  # the reverse direction's last 50 steps read only the last 50 inputs
+    torch.testing.assert_close(out[-50:, :, 4:], tail[:, :, 4:])
+    (out.sum() + h_n.sum()).backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())

@@ -89,11 +89,18 @@ def autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
+SMALL_JOIN = 4096  # elements: below this, copying is cheaper than proving adjacency (CPU, per call)
+
+
 def _joined(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     """`torch.cat(tensors)` in `dtype`, without a copy where the tensors already lie back to back in
     memory inside the first one's storage (the module's flat buffers): then a view of that storage.
     (Storages never overlap, so adjacency within the first's storage means one storage.)"""
     first = tensors[0]
+    if len(tensors) == 1:
+        return first.contiguous().to(dtype)
+    if first.numel() * len(tensors) <= SMALL_JOIN:
+        return torch.cat(tensors).to(dtype)
     size = first.numel() * first.element_size()
     base = first.data_ptr()
     if (all(t.data_ptr() == base + d * size and t.dtype == first.dtype and t.shape == first.shape
@@ -269,4 +276,7 @@ def birnn_layer(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[T
     break), the same implementation through a plain autograd.Function in eager mode."""
     if torch.compiler.is_compiling():
         return rnn_layer(x, h0, params, lengths, relu, backend)
+    if not torch.is_grad_enabled() or not (x.requires_grad or h0.requires_grad
+                                           or any(p.requires_grad for p in params)):
+        return layer_forward(x, h0, params, lengths, relu, backend)  # inference: no graph to record
     return _EagerLayer.apply(x, h0, lengths, relu, backend, *params)

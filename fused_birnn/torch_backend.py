@@ -20,13 +20,10 @@ import torch
 def to_processing_order(x: torch.Tensor, num_directions: int) -> torch.Tensor:
     """`[T, B, D*H]` time layout -> a new contiguous `[T, D, B, H]`, direction 1 reversed in time."""
     T, B, DH = x.shape
-    H = DH // num_directions
-    v = x.unflatten(-1, (num_directions, H)).transpose(1, 2)  # [T, D, B, H] view
-    p = torch.empty((T, num_directions, B, H), dtype=x.dtype, device=x.device)
-    p[:, 0] = v[:, 0]
-    if num_directions == 2:
-        p[:, 1] = v[:, 1].flip(0)
-    return p
+    v = x.unflatten(-1, (num_directions, DH // num_directions)).transpose(1, 2)  # [T, D, B, H] view
+    if num_directions == 1:
+        return v.clone(memory_format=torch.contiguous_format)
+    return torch.stack((v[:, 0], v[:, 1].flip(0)), 1)
 
 
 def to_time_order(p: torch.Tensor) -> torch.Tensor:
@@ -34,10 +31,7 @@ def to_time_order(p: torch.Tensor) -> torch.Tensor:
     T, D, B, H = p.shape
     if D == 1:
         return p.view(T, B, H)
-    x = torch.empty((T, B, D, H), dtype=p.dtype, device=p.device)
-    x[:, :, 0] = p[:, 0]
-    x[:, :, 1] = p[:, 1].flip(0)
-    return x.view(T, B, D * H)
+    return torch.stack((p[:, 0], p[:, 1].flip(0)), 2).view(T, B, D * H)
 
 
 def activity_mask(lengths: torch.Tensor, T: int, num_directions: int, dtype: torch.dtype) -> torch.Tensor:

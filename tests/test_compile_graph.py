@@ -57,7 +57,7 @@ def test_opcheck_mixed_dtypes_as_under_autocast():
 
 
 def test_flat_parameters_are_joined_without_a_copy():
-    m = fused_birnn.RNN(3, 4, 2, bidirectional=True)
+    m = fused_birnn.RNN(3, 64, 2, bidirectional=True)  # 2 x 64 x 64 elements: above SMALL_JOIN
     w_hh = [m.weight_hh_l1, m.weight_hh_l1_reverse]
     joined = _joined(w_hh, torch.float32)
     assert joined.data_ptr() == w_hh[0].data_ptr() and torch.equal(joined, torch.cat(w_hh))

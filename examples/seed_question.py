@@ -8,6 +8,7 @@ Prints one PASS line per check and fails with an AssertionError on any mismatch.
 import torch
 from torch import nn
 
+from fused_birnn import RNN
 from fused_birnn.reference import rnn_reference
 
 torch.manual_seed(0)
@@ -117,17 +118,9 @@ with torch.no_grad():
     check("fused_birnn.reference output", out_ref, out_bidir, tol=1e-5)
     check("fused_birnn.reference h_n", h_n_ref, h_n_bidir, tol=1e-5)
 
-try:
-    from fused_birnn import RNN
-except ImportError:
-    RNN = None
-
-if RNN is None:
-    print("SKIP: fused_birnn.RNN is not available")
-else:
-    fused = RNN(25, H, L, batch_first=True, bidirectional=True)
-    fused.load_state_dict(rnn_bidir.state_dict())
-    with torch.no_grad():
-        out_fused, h_n_fused = fused(input, h0)
-    check("fused_birnn.RNN output", out_fused, out_bidir, tol=1e-5)
-    check("fused_birnn.RNN h_n", h_n_fused, h_n_bidir, tol=1e-5)
+fused = RNN(25, H, L, batch_first=True, bidirectional=True)
+fused.load_state_dict(rnn_bidir.state_dict())
+with torch.no_grad():
+    out_fused, h_n_fused = fused(input, h0)
+check("fused_birnn.RNN output", out_fused, out_bidir, tol=1e-5)
+check("fused_birnn.RNN h_n", h_n_fused, h_n_bidir, tol=1e-5)

@@ -19,14 +19,6 @@ def _python_blocks(markdown: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", markdown, flags=re.MULTILINE | re.DOTALL)
 
 
-def _fused_rnn_available() -> bool:
-    try:
-        from fused_birnn import RNN  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def test_example_script_passes():
     # Let the subprocess import the same fused_birnn as this process, installed or not.
     package_root = str(Path(fused_birnn.reference.__file__).resolve().parents[1])
@@ -40,8 +32,7 @@ def test_example_script_passes():
     assert "PASS: corrected decomposition output" in result.stdout
     assert "PASS: naive decomposition diverges at layer 2" in result.stdout
     assert "FAIL" not in result.stdout
-    if _fused_rnn_available():
-        assert "PASS: fused_birnn.RNN output" in result.stdout, result.stdout
+    assert "PASS: fused_birnn.RNN output" in result.stdout, result.stdout
 
 
 def test_doc_code_blocks_run():

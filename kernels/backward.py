@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .cell import activation_grad_from_output
 from .config import RecurrenceConfig, select_config
-from .forward import acc_dtype, input_precision, pad_square
+from .forward import acc_dtype, check_buffers, input_precision, pad_square
 from .indexing import sequence_lengths, step_time
 
 
@@ -183,14 +183,17 @@ def birnn_backward(
     zero-filled."""
     T, B, DH = out.shape
     D, H = w_hh.shape[0], w_hh.shape[1]
-    assert DH == D * H and grad_out.shape == grad_pre.shape == out.shape
-    assert grad_h_n.shape == grad_h0.shape == (D, B, H)
-    assert lengths is None or (lengths.shape == (B,) and lengths.device == out.device)
-    assert w_hh.is_contiguous() and all(
-        t.stride(-1) == 1 for t in (out, grad_out, grad_h_n, grad_pre, grad_h0))
-    if T == 0 or B == 0:
+    check_buffers(DH == D * H and grad_out.shape == grad_pre.shape == out.shape
+                  and grad_h_n.shape == grad_h0.shape == (D, B, H)
+                  and (lengths is None or (lengths.shape == (B,) and lengths.device == out.device)),
+                  "birnn_backward: shapes of out/grad_out/grad_pre [T, B, D*H], grad_h_n/grad_h0 [D, B, H], "
+                  "lengths [B]")
+    if T == 0 or B == 0:  # nothing to launch; an empty tensor's strides mean nothing (may be 0)
         grad_h0.copy_(grad_h_n)
         return
+    check_buffers(w_hh.is_contiguous() and all(
+        t.stride(-1) == 1 for t in (out, grad_out, grad_h_n, grad_pre, grad_h0)),
+        "birnn_backward: w_hh contiguous and every buffer's last dimension contiguous")
     cfg = config or select_config(H, B, out.dtype, allow_tf32)
     grid = (cfg.num_batch_tiles(B), D)
     common = dict(

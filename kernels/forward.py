@@ -183,6 +183,13 @@ def pad_square(w_hh: torch.Tensor, block_h: int) -> torch.Tensor:
     return padded
 
 
+def check_buffers(ok: bool, expected: str) -> None:
+    """A launcher's precondition on the buffers it is handed (the layer op validates user input before
+    this; a launcher never asserts): ValueError naming what was expected."""
+    if not ok:
+        raise ValueError(f"{expected} expected")
+
+
 def acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -210,12 +217,14 @@ def birnn_forward(
     steps of `out` are written (pass `out` zero-filled to get nn.RNN's zeros at padded steps)."""
     T, B, DH = x_proj.shape
     D, H = w_hh.shape[0], w_hh.shape[1]
-    assert DH == D * H and out.shape == x_proj.shape and h0.shape == h_n.shape == (D, B, H)
-    assert w_hh.is_contiguous() and all(t.stride(-1) == 1 for t in (x_proj, out, h0, h_n))
-    assert lengths is None or (lengths.shape == (B,) and lengths.device == x_proj.device)
-    if T == 0 or B == 0:
+    check_buffers(DH == D * H and out.shape == x_proj.shape and h0.shape == h_n.shape == (D, B, H)
+                  and (lengths is None or (lengths.shape == (B,) and lengths.device == x_proj.device)),
+                  "birnn_forward: shapes of x_proj/out [T, B, D*H], h0/h_n [D, B, H], lengths [B]")
+    if T == 0 or B == 0:  # nothing to launch; an empty tensor's strides mean nothing (may be 0)
         h_n.copy_(h0)
         return
+    check_buffers(w_hh.is_contiguous() and all(t.stride(-1) == 1 for t in (x_proj, out, h0, h_n)),
+                  "birnn_forward: w_hh contiguous and every buffer's last dimension contiguous")
     cfg = config or select_config(H, B, x_proj.dtype, allow_tf32)
     grid = (cfg.num_batch_tiles(B), D)
     common = dict(

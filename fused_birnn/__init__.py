@@ -9,3 +9,12 @@ from .rnn import RNN
 
 __all__ = ["RNN", "convert", "to_torch"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `fused_birnn.export` (ONNX export) imports onnxscript, an optional extra: only on first use
+    if name == "export":
+        import importlib
+
+        return importlib.import_module(".export", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -256,3 +256,12 @@ class RNN(nn.RNNBase):
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
+
+    def __prepare_scriptable__(self):
+        """Called by `torch.jit.script` on every module it compiles: fail here, with the way out, rather
+        than deep inside TorchScript's compiler."""
+        raise RuntimeError(
+            "torch.jit.script cannot compile fused_birnn.RNN (its forward takes PackedSequence and "
+            "dispatches to custom ops in Python, which TorchScript does not support). Script the model after "
+            "model = fused_birnn.to_torch(model), which swaps every fused_birnn.RNN back to torch.nn.RNN with "
+            "the same parameters; or use torch.compile, or fused_birnn.export.to_onnx for ONNX.")

@@ -19,7 +19,7 @@ from fused_birnn.bench.suites import ALL, SUITES
 from fused_birnn.functional import INTERPRETER
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-STAMPS = ("torch", "triton", "cuda", "cudnn", "driver", "allow_tf32", "date", "cpu_model", "gpu_name")
+STAMPS = ("torch", "triton", "cuda", "cudnn", "driver", "date", "cpu_model", "gpu_name")
 QUIET = dict(device="cpu", quick=True, compile=False, progress=False)
 
 
@@ -40,16 +40,40 @@ def _check_files(out: Path, stem: str) -> dict:
 
 
 def test_command_writes_json_markdown_png(tmp_path):
+    """No --out: a fresh folder under the current one (never the committed bench/results/), said where."""
     env = dict(os.environ, MPLBACKEND="Agg")
+    (tmp_path / "fused_birnn-results").mkdir()  # an earlier run's folder must survive untouched
+    (tmp_path / "fused_birnn-results" / "tiny_quick.json").write_text("earlier")
     proc = subprocess.run(
         [sys.executable, "-m", "fused_birnn.bench", "--suite", "tiny", "--device", "cpu", "--quick",
-         "--no-compile", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300)
+         "--no-compile"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "CPU fwd ratio" in proc.stdout  # the final table
-    assert "tiny [" in proc.stderr  # the progress bar
-    payload = _check_files(tmp_path, "tiny_quick")
-    assert payload["env"]["device"] == "cpu"
+    runs = list((tmp_path / "fused_birnn-results").glob("cpu-*"))
+    assert len(runs) == 1, runs
+    out = runs[0]
+    assert f"results go to {out.resolve()}" in proc.stdout
+    assert (tmp_path / "fused_birnn-results" / "tiny_quick.json").read_text() == "earlier"
+    assert "CPU fwd ratio [95% CI]" in proc.stdout  # the final table
+    assert "ratio = nn.RNN time / ours (> 1: ours faster" in proc.stdout  # which way it reads
+    assert "[tiny 1/3] L2 I3 H4 B2 T3 fp32: torch: ok" in proc.stderr  # one whole line per configuration
+    assert "[tiny 3/3]" in proc.stderr
+    assert "allow_tf32" not in proc.stdout  # meaningless on a CPU run
+    payload = _check_files(out, "tiny_quick")
+    assert payload["env"]["device"] == "cpu" and "allow_tf32" not in payload["env"]
+    assert "allow_tf32" not in (out / "tiny_quick.md").read_text()
+    flagged = []
+    for r in payload["results"]:
+        for mode in ("fwd", "fwd_bwd"):
+            e = r[mode]
+            lo, hi = e["ratio_ci95"]
+            assert lo <= e["ratio"] <= hi
+            assert e["converged"] == (max(e["ratio"] - lo, hi - e["ratio"]) / e["ratio"] <= 0.05 + 1e-9)
+            assert e["stop"] in ("converged", "max_runs", "max_time") and 3 <= e["rounds"] <= 10
+            if not e["converged"]:
+                flagged.append(f"{r['label']} {'forward' if mode == 'fwd' else 'forward+backward'}")
+                assert r["label"] in proc.stdout.split("did not converge")[1]
+    assert payload["not_converged"] == flagged
     assert len(payload["results"]) == 3  # two padded shapes and a packed one
     assert [r["config"]["packed"] for r in payload["results"]] == [False, False, True]
     for r in payload["results"]:
@@ -133,7 +157,7 @@ def test_compile_only_table(tmp_path):
     payload = json.loads((tmp_path / "tiny_fp16_compile.json").read_text())
     assert payload["compile_error"] is None, payload["compile_error"]
     rows = payload["results"][0]["compile"]
-    assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    assert {r["target"] for r in rows} >= {"sm_80", "sm_90"}  # and whatever targets compile_report adds
     assert all(r["error"] is None and r["registers"] > 0 for r in rows)
     md = (tmp_path / "tiny_fp16_compile.md").read_text()
     assert "| config | kernel | target |" in md and "/ 132 (H100 SXM)" in md
@@ -172,6 +196,7 @@ def test_cuda_report_path_with_stand_in_timers(tmp_path, monkeypatch):
         return 2.0
 
     monkeypatch.setattr(runner, "cuda_time_ms", fake_time)
+    monkeypatch.setattr(runner, "cuda_times_ms", lambda *a, **k: [fake_time(*a, **k)] * 5)
     monkeypatch.setattr(runner, "cuda_peak_memory",
                         lambda fn, grad_to_none=(): {"peak_bytes": 3 << 20, "peak_extra_bytes": 1 << 20})
     monkeypatch.setattr(floor, "floor_fn", lambda seq_len, device="cuda": (lambda: None))
@@ -183,16 +208,20 @@ def test_cuda_report_path_with_stand_in_timers(tmp_path, monkeypatch):
     res = {"config": cfg.to_dict(), "label": cfg.label, "status": "ok", "status_text": "ok", "parity": {}}
     res.update(runner._time_cuda(cfg, ours, ref, ["fwd", "fwd_bwd"], Options(device="cuda", quick=True), {}))
     assert res["fwd"]["ratio"] == 1.0 and res["fwd_bwd"]["ratio"] == 1.0
+    assert res["fwd"]["ratio_ci95"] == [1.0, 1.0] and res["fwd"]["converged"] and res["fwd"]["rounds"] == 1
     assert res["fwd"]["ours_tflops"] == pytest.approx(cfg.forward_flops() / 2.0 / 1e9)
     assert res["fwd_bwd"]["ref_tflops"] == pytest.approx(3 * cfg.forward_flops() / 2.0 / 1e9)
     assert res["fwd_bwd"]["ours_peak_mib"] == 1.0
     assert res["per_step"]["floor_us"] == pytest.approx(2e3 / 3)
     assert res["per_step"]["ours_fwd_us"] == pytest.approx(2e3 / (2 * 3))
     assert calls[0] is None and calls[2] is not None  # forward: no grads to reset; fwd+bwd: reset
-    env = dict(report.environment("cpu"), device="cuda", gpu_name="stand-in", machine="GPU stand-in")
+    env = dict(report.environment("cpu"), device="cuda", gpu_name="stand-in", machine="GPU stand-in",
+               allow_tf32=True)
     payload = {"suite": "tiny", "quick": True, "env": env, "results": [res]}
     md = report.markdown_report(payload)
     assert "cuDNN" in md and "us/step fwd (floor)" in md and "GPU stand-in" in md
+    assert "ratio = cuDNN time / ours (> 1: ours faster" in md and "1.00x [1.00-1.00]" in md
+    assert "allow_tf32 True" in report.stamp_line(env)
     written = report.write_plots(payload, tmp_path, "cuda")
     assert written and all(p.read_bytes()[:8] == PNG_SIGNATURE for p in written)
 
@@ -209,3 +238,242 @@ def test_relu_kink_excuse_does_not_hide_a_wrong_gradient():
     cand.load_state_dict(ref.state_dict())
     p = check_parity(cfg, cand, ref, "cpu")
     assert p["fwd_ok"] and not p["bwd_ok"] and not p.get("note")
+
+
+# ------------------------------------------------------------------------------------ the noise stopping rule
+class _FakeClock:
+    """Time that moves only when a scripted callable runs: the stopping rule without real timings."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def callable(self, durations):
+        it = iter(durations)
+
+        def run():
+            self.now += next(it)
+
+        return run
+
+
+def _compare(ref_durations, ours_durations, **rule):
+    from fused_birnn.bench.timing import StopRule, cpu_compare_ms
+
+    clock = _FakeClock()
+    fns = {"ours": clock.callable(ours_durations), "ref": clock.callable(ref_durations)}
+    rule = StopRule(**{"min_runs": 5, "max_runs": 200, "min_time_s": 0.0, "max_time_s": 1e9, "check_every": 1,
+                       **rule})
+    return cpu_compare_ms(fns, warmup=0, rule=rule, clock=clock)
+
+
+def _forever(*values):
+    while True:
+        yield from values
+
+
+def test_stop_rule_steady_ratio_stops_at_the_first_check():
+    res = _compare(_forever(0.012), _forever(0.010))
+    r = res["ratio"]
+    assert r["stop"] == "converged" and r["converged"] and r["rounds"] == 5
+    assert r["ratio"] == pytest.approx(1.2) and r["ci95"] == pytest.approx([1.2, 1.2])
+    assert res["times"]["ref"]["median_ms"] == pytest.approx(12.0) and res["times"]["ours"]["runs"] == 5
+
+
+def test_stop_rule_noise_that_never_settles_hits_the_round_cap_and_is_flagged():
+    res = _compare(_forever(0.005, 0.020), _forever(0.010), max_runs=40)
+    r = res["ratio"]
+    assert r["stop"] == "max_runs" and not r["converged"] and r["rounds"] == 40
+    assert r["ratio"] == pytest.approx(1.25)  # median of twenty 0.5s and twenty 2.0s
+    lo, hi = r["ci95"]
+    assert lo < 1.25 * 0.95 or hi > 1.25 * 1.05
+    assert r["rel_halfwidth"] > 0.05
+
+
+def test_stop_rule_time_cap():
+    # a round takes 1.5 s or 3 s of fake time: 1.5, 4.5, 6, 9, 10.5 -> five rounds reach 10 s
+    res = _compare(_forever(0.5, 2.0), _forever(1.0), max_time_s=10.0)
+    assert res["ratio"]["stop"] == "max_time" and res["ratio"]["rounds"] == 5 and not res["ratio"]["converged"]
+
+
+def test_stop_rule_waits_for_minimum_time_and_converges_once_noise_stops():
+    noisy_then_calm = lambda: iter([0.005, 0.020] * 15 + [0.010] * 10_000)  # noqa: E731
+    res = _compare(noisy_then_calm(), _forever(0.010), max_runs=10_000)
+    r = res["ratio"]
+    assert r["stop"] == "converged" and r["converged"] and 30 < r["rounds"] < 10_000
+    assert r["ratio"] == 1.0 and r["rel_halfwidth"] <= 0.05
+    assert _compare(noisy_then_calm(), _forever(0.010), max_runs=10_000)["ratio"]["rounds"] == r["rounds"]
+    # a minimum time: steady from the start, but the rule keeps going until 3 s of fake time have passed
+    slow = _compare(_forever(0.2), _forever(0.1), min_time_s=3.0)
+    assert slow["ratio"]["rounds"] == 10 and slow["ratio"]["converged"]
+
+
+def test_stop_rule_without_a_pair_stops_at_the_minimum():
+    from fused_birnn.bench.timing import StopRule, cpu_compare_ms
+
+    clock = _FakeClock()
+    res = cpu_compare_ms({"ours": clock.callable(_forever(0.01))}, warmup=0, clock=clock,
+                         rule=StopRule(min_runs=4, min_time_s=0.0))
+    assert res["ratio"] is None and res["times"]["ours"]["runs"] == 4
+
+
+def test_ratio_interval():
+    from fused_birnn.bench.timing import ratio_interval
+
+    r, lo, hi = ratio_interval([2.0, 4.0, 6.0, 8.0, 10.0], [2.0] * 5, paired=True)
+    assert r == 3.0 and lo < 3.0 < hi and lo >= 1.0 and hi <= 5.0
+    assert ratio_interval([2.0] * 7, [1.0] * 7, paired=False) == (2.0, 2.0, 2.0)
+    a = ratio_interval([1.0, 1.1, 0.9, 1.05] * 10, [1.0] * 40, paired=True, seed=3)
+    assert a == ratio_interval([1.0, 1.1, 0.9, 1.05] * 10, [1.0] * 40, paired=True, seed=3)  # deterministic
+
+
+def _one_config_run(tmp_path, monkeypatch, bound):
+    from fused_birnn.bench import runner
+    from fused_birnn.bench.timing import StopRule
+
+    monkeypatch.setattr(runner, "CPU_QUICK_RULE", StopRule(bound=bound, min_runs=3, max_runs=4, min_time_s=0.0,
+                                                           max_time_s=5.0, check_every=1))
+    return run_suite("tiny", tmp_path, Options(**QUIET), configs=[Config(1, 3, 4, 2, 3)])
+
+
+def test_unconverged_ratios_are_flagged_in_json_markdown_and_plot(tmp_path, monkeypatch):
+    payload = _one_config_run(tmp_path, monkeypatch, bound=-1.0)  # no interval is ever narrow enough
+    saved = json.loads((tmp_path / "tiny_quick.json").read_text())
+    assert saved["not_converged"] == ["L1 I3 H4 B2 T3 fp32 forward", "L1 I3 H4 B2 T3 fp32 forward+backward"]
+    assert saved["results"][0]["fwd"]["converged"] is False and saved["results"][0]["fwd"]["rounds"] == 4
+    assert any("did not converge" in n for n in saved["results"][0]["notes"])
+    md = (tmp_path / "tiny_quick.md").read_text()
+    assert "Did not converge" in md and "]*" in md
+    from fused_birnn.bench import report
+
+    assert any("did not converge" in line for line in report.ratio_legend(payload))
+    assert any("did not converge" in n for n in report._plot_notes(payload))
+
+    payload = _one_config_run(tmp_path, monkeypatch, bound=1e9)  # any interval will do
+    assert payload["not_converged"] == [] and payload["results"][0]["fwd"]["converged"]
+    assert payload["results"][0]["fwd"]["rounds"] == 3
+    assert "Did not converge" not in (tmp_path / "tiny_quick.md").read_text()
+
+
+# ------------------------------------------------------------------------------------ terminal and plots
+def test_default_results_folder_is_new_each_time(tmp_path):
+    import datetime
+
+    from fused_birnn.bench.cli import default_out
+
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    first = default_out("cpu", tmp_path, now)
+    assert first == tmp_path / "cpu-20260102-030405"
+    first.mkdir()
+    second = default_out("cpu", tmp_path, now)
+    assert second == tmp_path / "cpu-20260102-030405-2"
+    assert default_out("cpu").parts[0] == "fused_birnn-results"  # relative to the current folder
+
+
+def test_every_option_has_help():
+    from fused_birnn.bench.cli import _parser
+
+    for action in _parser()._actions:
+        assert action.help, action.option_strings
+
+
+def test_progress_lines_are_cut_between_words_only():
+    from fused_birnn.bench.report import fit_words
+
+    label = "tagger: L2 I100 H256 B32 T64 fp32 packed"
+    assert fit_words(label, 100) == label
+    for width in range(4, len(label)):
+        cut = fit_words(label, width)
+        assert len(cut) <= width
+        kept = cut.removesuffix(" ...").removesuffix("...")
+        assert label.startswith(kept) and (kept == "" or label[len(kept)] == " ")
+
+
+def test_compile_step_reaches_its_end_and_says_how_it_went(tmp_path, monkeypatch):
+    import io
+
+    from fused_birnn.bench import report, runner
+
+    buf = io.StringIO()
+    real = report.progress
+    monkeypatch.setattr(report, "progress", lambda *a, **k: real(*a, **dict(k, stream=buf, force=True)))
+
+    def fake_attach(results, allow_tf32, jobs):
+        for r in results:
+            r["compile"] = [dict(kernel="birnn_fwd_kernel", target=t, dtype="float32", hidden_size=4, batch_size=2,
+                                 error=None, problems=[]) for t in ("sm_80", "sm_90")]
+        return None
+
+    monkeypatch.setattr(runner, "attach_compile_report", fake_attach)
+    payload = {"results": [{"config": Config(2, 3, 4, 2, 3).to_dict(), "label": "x"}]}
+    runner._compile_step(payload, "tiny", Options(**dict(QUIET, progress=True)), allow_tf32=True)
+    assert "1/1" in buf.getvalue().splitlines()[-1] or "1/1" in buf.getvalue().split("\r")[-1]
+    assert payload["compile_summary"].startswith("compile table: 2 kernel compiles for sm_80/sm_90, 0 failed")
+    monkeypatch.setattr(runner, "attach_compile_report", lambda *a: "ptxas crashed")
+    runner._compile_step(payload, "tiny", Options(**QUIET), allow_tf32=True)
+    assert payload["compile_summary"] == "compile table not available: ptxas crashed"
+
+
+def test_allow_tf32_is_stamped_on_gpu_runs_only():
+    from fused_birnn.bench import report
+
+    env = report.environment("cpu")
+    assert "allow_tf32" not in env and "allow_tf32" not in report.stamp_line(env)
+    gpu = report.environment("cuda")
+    assert f"allow_tf32 {torch.backends.cudnn.allow_tf32}" in report.stamp_line(gpu)
+
+
+def test_interpreter_numpy_warning(monkeypatch):
+    import numpy
+    import triton
+
+    from fused_birnn.bench.cli import interpreter_numpy_problem
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    assert "numpy < 2.4" in interpreter_numpy_problem()
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert interpreter_numpy_problem() is None
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert interpreter_numpy_problem() is None
+
+
+def _synthetic_payload(busy_pct: float) -> dict:
+    from fused_birnn.bench import report
+
+    env = dict(report.environment("cpu"), cpu_busy_by_others_pct_at_start=busy_pct)
+    results = []
+    for i, (fwd, fb) in enumerate(((0.8, 1.3), (1.1, 2.05), (0.95, 1.0))):
+        cfg = Config(2, 3, 4, 2, 3 + i)
+        results.append({"config": cfg.to_dict(), "label": cfg.label, "status": "ok", "status_text": "ok",
+                        "fwd": {"ratio": fwd, "ratio_ci95": [fwd * 0.97, fwd * 1.02], "converged": True},
+                        "fwd_bwd": {"ratio": fb, "ratio_ci95": [fb * 0.9, fb * 1.1], "converged": False}})
+    return {"suite": "tiny", "env": env, "results": results, "noise_rule": {"bound": 0.05},
+            "not_converged": [f"{r['label']} forward+backward" for r in results]}
+
+
+def test_speedup_plot_values_legend_and_warning():
+    from matplotlib.patches import Rectangle
+
+    from fused_birnn.bench import report
+
+    plt = report._pyplot()
+    fig = report.speedup_figure(_synthetic_payload(busy_pct=60.0))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    for v in ("0.80x", "1.10x", "0.95x", "1.30x*", "2.05x*", "1.00x*"):  # every value, flagged when unsettled
+        assert v in texts, (v, texts)
+    assert any("WARNING: other processes used up to 60%" in t for t in texts)
+    assert any("did not converge" in t for t in texts)
+    legend = ax.get_legend().get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for p in ax.patches if isinstance(p, Rectangle) and p.get_width() > 0]
+    assert len(bars) == 6 and not any(legend.overlaps(b) for b in bars)
+    plt.close(fig)
+    quiet = report.speedup_figure(_synthetic_payload(busy_pct=1.0) | {"not_converged": []})
+    assert not any("WARNING" in t.get_text() or "converge" in t.get_text() for t in quiet.axes[0].texts)
+    plt.close(quiet)

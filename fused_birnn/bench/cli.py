@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,32 @@ from .suites import ALL, DTYPES, SUITES
 
 _CHILD = "_FUSED_BIRNN_BENCH_CHILD"  # set in a re-executed child: never re-execute twice
 DEVICE_DIRS = {"cuda": "gpu", "cpu": "cpu"}
+RESULTS_ROOT = "fused_birnn-results"
+
+
+def default_out(kind: str, root: Path | str = RESULTS_ROOT, now: datetime.datetime | None = None) -> Path:
+    """A folder no earlier run used: `<root>/<kind>-<YYYYmmdd-HHMMSS>[-N]` (created by the caller)."""
+    base = Path(root) / f"{kind}-{(now or datetime.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 2
+    while out.exists():
+        out, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return out
+
+
+def interpreter_numpy_problem() -> str | None:
+    """triton 3.6's interpreter fails on a runtime loop bound with numpy >= 2.4 (NOTES-triton 8d): say so
+    before the parity gate of the kernels fails with an obscure error."""
+    import numpy
+    import triton
+
+    def version(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v)[:2])
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"WARNING: triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} "
+                "(it needs numpy < 2.4): the interpreter parity gate of the Triton kernels will fail; "
+                "pip install 'numpy<2.4'")
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"one or more of {', '.join(SUITES)}, or 'all' ({', '.join(ALL)})")
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None,
                     help="default: cuda if available, else cpu (--compile-only: GPU shapes unless 'cpu')")
-    ap.add_argument("--out", default=None, help="output folder (default bench/results/<gpu|cpu>/)")
+    ap.add_argument("--out", default=None,
+                    help=f"output folder (default: a new {RESULTS_ROOT}/<cpu|gpu>-<date>-<time>/ under the current "
+                         "folder, so that no earlier results are overwritten)")
     ap.add_argument("--quick", action="store_true", help="shrunken suites and short timings (smoke runs)")
     ap.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=None,
                     help="only these dtypes (default: fp32 fp16 bf16 on CUDA, fp32 on CPU)")
@@ -34,8 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-compile", action="store_true", help="skip the compile table in a timing run")
     ap.add_argument("--jobs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
                     help="parallel compiles for the compile table")
-    ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-plots", action="store_true",
+                    help="write no PNG plots, only <suite>.json and <suite>.md (plots need matplotlib: "
+                         "pip install 'fused_birnn[bench]')")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="random seed of the weights and of the parity-gate inputs (default 0); the timed inputs "
+                         "are fixed")
     ap.add_argument("--interpreter-steps", type=int, default=8,
                     help="CPU: time steps of the (untimed) interpreter parity gate of the Triton kernels; "
                          "0 = each configuration's own T (slow: minutes for H=256 fp32)")
@@ -71,7 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         want = "1" if device == "cpu" else "0"
         if argv is None and os.environ.get(_CHILD) != "1" and INTERPRETER != (want == "1"):
             return _reexec(want)
-    out = Path(args.out) if args.out else Path("bench") / "results" / DEVICE_DIRS[device]
+    out = Path(args.out) if args.out else default_out("compile" if args.compile_only else DEVICE_DIRS[device])
+    print(f"results go to {out.resolve()}" + ("" if args.out else " (--out DIR to choose)"), flush=True)
+    if device == "cpu" and INTERPRETER and not args.compile_only:
+        problem = interpreter_numpy_problem()
+        if problem:
+            print(problem, file=sys.stderr)
     opts = Options(device=device if not args.compile_only else "cpu", quick=args.quick,
                    compile=not args.no_compile, compile_jobs=args.jobs, plots=not args.no_plots, seed=args.seed,
                    interpreter_max_steps=args.interpreter_steps)
@@ -87,14 +126,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             head = report.result_columns(device)
             print(report.text_table(head, [report.result_row(r, device) for r in payload["results"]]))
-            if payload.get("compile_error"):
-                print(f"compile table not available: {payload['compile_error']}")
+            for line in report.ratio_legend(payload):
+                print(line)
+            if payload.get("compile_summary"):
+                print(payload["compile_summary"])
         if payload.get("plots_error"):
             print(payload["plots_error"], file=sys.stderr)
-        busy = [r.get(m, {}).get("others_cpu_pct") or 0 for r in payload["results"] for m in ("fwd", "fwd_bwd")
-                if isinstance(r.get(m), dict)]
-        if device == "cpu" and busy and max(busy) > 10:
-            print(f"WARNING: other processes used up to {max(busy):.0f}% of the CPUs during the timings; "
-                  "CPU figures are unreliable", file=sys.stderr)
+        for line in report.run_warnings(payload):
+            print(line, file=sys.stderr)
         print("wrote " + ", ".join(payload["files"]))
     return 0

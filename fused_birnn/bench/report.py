@@ -95,8 +95,6 @@ def environment(device: str) -> dict:
         "cuda": torch.version.cuda or "n/a",
         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "n/a",
         "cudnn_enabled": bool(torch.backends.cudnn.enabled),
-        "allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
@@ -107,6 +105,9 @@ def environment(device: str) -> dict:
         "git": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if device == "cuda":  # TF32 switches mean nothing on a CPU run: stamped on GPU runs only
+        env["allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
+        env["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu_name=props.name, sm_count=props.multi_processor_count,
@@ -118,39 +119,48 @@ def environment(device: str) -> dict:
 
 
 def stamp_line(env: dict) -> str:
+    tf32 = f"allow_tf32 {env['allow_tf32']} | " if "allow_tf32" in env else ""
     return (f"{env['machine']} | driver {env['driver']} | torch {env['torch']} | triton {env['triton']} | "
-            f"CUDA {env['cuda']} | cuDNN {env['cudnn']} | allow_tf32 {env['allow_tf32']} | {env['date']}")
+            f"CUDA {env['cuda']} | cuDNN {env['cudnn']} | {tf32}{env['date']}")
 
 
 # ------------------------------------------------------------------------------------------ progress
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, one line per step otherwise)."""
+BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar:20}| {elapsed}"
+BAR_FIXED_COLS = 45  # what BAR_FORMAT takes besides the description (counts up to 999/999, elapsed h:mm:ss)
 
-    def __init__(self, total: int, title: str, stream=None, width: int = 24):
-        self.total, self.title, self.width = max(total, 1), title, width
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.done = 0
 
-    def show(self, what: str) -> None:
-        filled = int(self.width * self.done / self.total)
-        bar = "#" * filled + "-" * (self.width - filled)
-        line = f"{self.title} [{bar}] {self.done}/{self.total} {what}"
-        if self.tty:
-            cols = shutil.get_terminal_size((100, 20)).columns
-            self.stream.write("\r" + line[: cols - 1].ljust(cols - 1))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+def progress(total: int, title: str, *, enabled: bool = True, stream=None, force: bool = False):
+    """A tqdm bar on stderr, drawn on a terminal only (or always with `force`); `progress_line` prints
+    what each step found, on a terminal and in a log alike."""
+    from tqdm import tqdm
 
-    def step(self, what: str = "") -> None:
-        self.done += 1
-        self.show(what)
+    disable = True if not enabled else (False if force else None)  # None: tqdm draws on a TTY only
+    return tqdm(total=total, desc=fit_words(title, desc_width()), file=stream or sys.stderr, leave=True,
+                disable=disable, dynamic_ncols=True, bar_format=BAR_FORMAT)
 
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+
+def progress_line(text: str, bar=None) -> None:
+    """A whole line on stderr above the bar (never cut: a terminal wraps it)."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=getattr(bar, "fp", None) or sys.stderr)
+
+
+def desc_width() -> int:
+    return max(shutil.get_terminal_size((100, 20)).columns - BAR_FIXED_COLS, 12)
+
+
+def fit_words(text: str, width: int) -> str:
+    """`text` if it fits in `width` columns, else its leading whole words and '...'."""
+    if len(text) <= width:
+        return text
+    out = ""
+    for word in text.split():
+        nxt = f"{out} {word}" if out else word
+        if len(nxt) + 4 > width:
+            break
+        out = nxt
+    return out + " ..." if out else "..."
 
 
 # ------------------------------------------------------------------------------------------ tables
@@ -160,16 +170,71 @@ def _ms(v) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
 
-def _ratio(v) -> str:
-    return "-" if v is None else f"{v:.2f}x"
+NOT_CONVERGED_MARK = "*"
+
+
+def _ratio(e: dict | None) -> str:
+    """'1.07x [1.04-1.10]': the ratio and its bootstrap 95% interval; '*' when it did not converge."""
+    e = e or {}
+    v = e.get("ratio")
+    if v is None:
+        return "-"
+    text = f"{v:.2f}x"
+    if e.get("ratio_ci95"):
+        lo, hi = e["ratio_ci95"]
+        text += f" [{lo:.2f}-{hi:.2f}]"
+    return text + (NOT_CONVERGED_MARK if e.get("converged") is False else "")
+
+
+def ratio_definition(device: str) -> str:
+    ref = "nn.RNN" if device == "cpu" else "cuDNN"
+    return f"ratio = {ref} time / ours (> 1: ours faster, < 1: ours slower)"
+
+
+def ratio_legend(payload: dict) -> list[str]:
+    """The lines that say how to read the ratio columns (terminal and markdown)."""
+    rule = payload.get("noise_rule") or {}
+    lines = [ratio_definition(payload["env"]["device"]) + "; [lo-hi] = bootstrap 95% interval"
+             + (f"; {rule['text']}" if rule.get("text") else "")]
+    bad = payload.get("not_converged") or []
+    if bad:
+        lines.append(f"{NOT_CONVERGED_MARK} did not converge (interval wider than ±{rule.get('bound', 0.05):.0%} "
+                     f"at the cap): " + "; ".join(bad))
+    return lines
+
+
+def run_warnings(payload: dict) -> list[str]:
+    """Why this run's CPU figures may mislead: other processes' load (around the run or during a
+    measurement). Shown in the terminal, the markdown and on the plots."""
+    env = payload["env"]
+    if env.get("device") != "cpu":
+        return []
+    around = [v for v in (env.get("cpu_busy_by_others_pct_at_start"), env.get("cpu_busy_by_others_pct_at_end"))
+              if v is not None]
+    during = [r[m].get("others_cpu_pct") or 0 for r in payload["results"] for m in ("fwd", "fwd_bwd")
+              if isinstance(r.get(m), dict)]
+    worst = max(around + during, default=0)
+    if worst <= 10:
+        return []
+    return [f"WARNING: other processes used up to {worst:.0f}% of the CPUs around or during the timings; "
+            "CPU figures are unreliable (rerun on a quiet machine)"]
+
+
+def result_line(r: dict) -> str:
+    """One configuration's outcome for the terminal: parity, then each ratio with its interval."""
+    parts = [f"{r['label']}: {r['status_text']}"]
+    for m, name in (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd")):
+        if isinstance(r.get(m), dict):
+            parts.append(f"{name} {_ratio(r[m])}")
+    return "; ".join(parts)
 
 
 def result_columns(device: str) -> list[str]:
     label = "CPU " if device == "cpu" else ""
     ref = "nn.RNN" if device == "cpu" else "cuDNN"
     ours = "ours (torch)" if device == "cpu" else "ours"
-    cols = ["config", "parity", f"{label}fwd {ours} ms", f"{label}fwd {ref} ms", f"{label}fwd ratio",
-            f"{label}fwd+bwd {ours} ms", f"{label}fwd+bwd {ref} ms", f"{label}fwd+bwd ratio"]
+    cols = ["config", "parity", f"{label}fwd {ours} ms", f"{label}fwd {ref} ms", f"{label}fwd ratio [95% CI]",
+            f"{label}fwd+bwd {ours} ms", f"{label}fwd+bwd {ref} ms", f"{label}fwd+bwd ratio [95% CI]"]
     if device == "cuda":
         cols += ["fwd TFLOP/s ours/cuDNN", "fwd+bwd peak MiB ours/cuDNN", "us/step fwd (floor)"]
     return cols
@@ -177,8 +242,8 @@ def result_columns(device: str) -> list[str]:
 
 def result_row(r: dict, device: str) -> list[str]:
     f, fb = r.get("fwd") or {}, r.get("fwd_bwd") or {}
-    row = [r["label"], r["status_text"], _ms(f.get("ours_ms")), _ms(f.get("ref_ms")), _ratio(f.get("ratio")),
-           _ms(fb.get("ours_ms")), _ms(fb.get("ref_ms")), _ratio(fb.get("ratio"))]
+    row = [r["label"], r["status_text"], _ms(f.get("ours_ms")), _ms(f.get("ref_ms")), _ratio(f),
+           _ms(fb.get("ours_ms")), _ms(fb.get("ref_ms")), _ratio(fb)]
     if device == "cuda":
         tf = "-" if f.get("ours_tflops") is None else (
             f"{f['ours_tflops']:.2f}/" + ("-" if f.get("ref_tflops") is None else f"{f['ref_tflops']:.2f}"))
@@ -230,6 +295,22 @@ def compile_rows(results: list[dict]) -> list[list[str]]:
     return rows
 
 
+def compile_summary(payload: dict) -> str:
+    """One line: how the compile table went."""
+    if payload.get("compile_error"):
+        return f"compile table not available: {payload['compile_error']}"
+    rows = [c for r in payload["results"] for c in (r.get("compile") or [])]
+    failed = [c for c in rows if c.get("error")]
+    bad = [c for c in rows if not c.get("error") and c.get("problems")]
+    targets = "/".join(sorted({c["target"] for c in rows})) or "no target"
+    text = (f"compile table: {len(rows)} kernel compiles for {targets}, {len(failed)} failed, "
+            f"{len(bad)} with problems (spills, shared memory, no tensor cores)")
+    for c in (failed + bad)[:5]:
+        why = c["error"].splitlines()[0][:100] if c.get("error") else "; ".join(c["problems"])
+        text += f"\n  {c['kernel']} {c['target']} {c['dtype']} H={c['hidden_size']} B={c['batch_size']}: {why}"
+    return text
+
+
 # ------------------------------------------------------------------------------------------ files
 def _strict(v):
     """JSON has no inf/NaN: write them as strings (a parity error of a NaN output is inf)."""
@@ -250,7 +331,8 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 NOTES = """\
-- ratio = {ref} time / ours (> 1: ours is faster). Times are medians{how}.
+- Times are medians{how}.
+- {noise}
 - parity: checked on every configuration before timing it (output, h_n; for fwd+bwd also the gradients of
   the input, h0 and every parameter) against nn.RNN with identical weights and inputs; scaled max error
   `max|a-b|/max|b|` <= tol (fp32 1e-5, fp32+TF32 and fp16 1e-2, bf16 3e-2), or no more than twice nn.RNN's
@@ -266,35 +348,43 @@ def markdown_report(payload: dict) -> str:
     rows = [result_row(r, device) for r in payload["results"]]
     title = f"# fused_birnn vs torch.nn.RNN: suite `{payload['suite']}`" + (" (quick)" if payload.get("quick") else "")
     lines = [title, "", f"**{stamp_line(env)}**", ""]
-    busy = [v for v in (env.get("cpu_busy_by_others_pct_at_start"), env.get("cpu_busy_by_others_pct_at_end"))
-            if v is not None]
-    if device == "cpu" and busy and max(busy) > 10:
-        lines += [f"**WARNING: other processes kept {max(busy):.0f}% of the CPUs busy around this run; CPU times "
-                  "are unreliable (rerun on a quiet machine).**", ""]
+    for w in run_warnings(payload):
+        lines += [f"**{w}.**", ""]
+    if payload.get("not_converged"):
+        lines += [f"**Did not converge ({NOT_CONVERGED_MARK} in the table): " + "; ".join(payload["not_converged"])
+                  + ".**", ""]
     if device == "cpu":
         lines += ["CPU figures: `fused_birnn.RNN(backend='torch')` (the pure-PyTorch path) against `torch.nn.RNN` "
                   f"on the same CPU, {env['cpu_threads']} threads. The Triton kernels ran through the interpreter "
                   "for the parity gate only (column `parity`, `triton:`); interpreter timings are never shown.", ""]
     else:
         lines += [f"CUDA figures: `fused_birnn.RNN` (Triton kernels) against `torch.nn.RNN` (cuDNN {env['cudnn']}); "
-                  f"torch.backends.cudnn.allow_tf32 = {env['allow_tf32']} (our fp32 `tl.dot` follows it), "
-                  f"torch.backends.cuda.matmul.allow_tf32 = {env['matmul_allow_tf32']}.", ""]
+                  f"torch.backends.cudnn.allow_tf32 = {env.get('allow_tf32')} (our fp32 `tl.dot` follows it), "
+                  f"torch.backends.cuda.matmul.allow_tf32 = {env.get('matmul_allow_tf32')}.", ""]
     if payload.get("interrupted"):
         lines += [f"**Interrupted {payload['interrupted']}.**", ""]
     lines += [markdown_table(head, rows) if rows else "_no configurations_", ""]
+    lines += [ratio_definition(device) + "; [lo-hi]: bootstrap 95% interval of the ratio.", ""]
     how = (" of interleaved `time.perf_counter` runs after warm-up (ours and nn.RNN alternate run by run); the "
            "CPU ratio is the median of the per-round ratios (steadier on a shared CPU whose speed drifts), "
            "the ratio of the medians is in the JSON" if device == "cpu"
            else " of `triton.testing.do_bench` (CUDA events, L2 flushed), inputs rotated among "
                 "pre-generated sets; peak memory from `torch.cuda.max_memory_allocated`; us/step = forward time "
                 "/ (layers * T), floor = an empty persistent Triton loop of T steps, one program per direction")
-    lines += ["Notes:", "", NOTES.format(ref="nn.RNN" if device == "cpu" else "cuDNN", how=how)]
+    rule = payload.get("noise_rule") or {}
+    noise = ("Noise: " + rule["text"] + f"; a ratio still wider at the cap is marked {NOT_CONVERGED_MARK} and "
+             "listed as not converged (JSON: `converged: false`, `not_converged`)." if rule.get("text") else
+             "Noise: no interval recorded.")
+    lines += ["Notes:", "", NOTES.format(how=how, noise=noise)]
     comp = compile_rows(payload["results"])
     if comp:
+        tf32 = payload.get("compile_allow_tf32")
         lines += ["## Compiled kernels (sm_80 and sm_90, from `fused_birnn.compile_report`)", "",
                   markdown_table(compile_columns(), comp), "",
                   "programs = cdiv(B, block_b) * 2 directions; TC = tensor-core instructions in the SASS "
-                  "(in the time loop); spill = LOCAL + STACK bytes.", ""]
+                  "(in the time loop); spill = LOCAL + STACK bytes."
+                  + ("" if tf32 is None else f" fp32 compiled as a GPU run would launch it with "
+                     f"torch.backends.cudnn.allow_tf32 = {tf32}."), ""]
     elif payload.get("compile_error"):
         lines += ["## Compiled kernels", "", f"not available: {payload['compile_error']}", ""]
     return "\n".join(lines)
@@ -311,35 +401,84 @@ def _pyplot():
 
 
 def _stamp(fig, env: dict) -> None:
-    fig.text(0.005, 0.005, stamp_line(env), fontsize=6, ha="left", va="bottom", color="0.35")
+    """Below everything else (savefig(bbox_inches="tight") keeps text outside the figure's frame)."""
+    fig.text(0.005, 0.0, stamp_line(env), fontsize=6, ha="left", va="top", color="0.35")
 
 
-def plot_speedup(payload: dict, path: Path) -> None:
+def _plot_notes(payload: dict) -> list[str]:
+    """The warnings a reader of the PNG alone must see: CPU load, ratios that did not converge."""
+    import textwrap
+
+    notes = list(run_warnings(payload))
+    bad = payload.get("not_converged") or []
+    if bad:
+        timed = sum(isinstance(r.get(m), dict) and r[m].get("ratio") is not None
+                    for r in payload["results"] for m in ("fwd", "fwd_bwd"))
+        notes.append(f"{NOT_CONVERGED_MARK} did not converge: the 95% interval of {len(bad)} of {timed} ratios "
+                     f"stayed wider than ±{(payload.get('noise_rule') or {}).get('bound', 0.05):.0%}")
+    return [line for n in notes for line in textwrap.wrap(n, 120)]
+
+
+def _add_notes(fig, ax, notes: list[str]) -> None:
+    if notes:
+        ax.text(0.0, 1.02, "\n".join(notes), transform=ax.transAxes, ha="left", va="bottom", fontsize=7,
+                color="red")
+
+
+def speedup_figure(payload: dict):
+    """Horizontal bars of the ratio per configuration, forward and forward+backward, with the 95%
+    interval as error bars and the value printed at each bar's end; the legend sits outside the axes."""
     plt = _pyplot()
     results, env = payload["results"], payload["env"]
     labels = [r["label"] for r in results]
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * max(n, 1)))
+    notes = _plot_notes(payload)
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.42 * max(n, 1) + 0.15 * len(notes)))
     ys = range(n)
+    right = 1.0
     for k, (mode, color) in enumerate((("fwd", "tab:blue"), ("fwd_bwd", "tab:orange"))):
-        vals = [(r.get(mode) or {}).get("ratio") for r in results]
-        ax.barh([y + (k - 0.5) * 0.38 for y in ys], [v or 0 for v in vals], height=0.36, color=color,
+        entries = [r.get(mode) or {} for r in results]
+        vals = [e.get("ratio") for e in entries]
+        pos = [y + (k - 0.5) * 0.38 for y in ys]
+        err = [[0.0] * n, [0.0] * n]
+        for i, e in enumerate(entries):
+            if e.get("ratio") is not None and e.get("ratio_ci95"):
+                lo, hi = e["ratio_ci95"]
+                err[0][i], err[1][i] = max(e["ratio"] - lo, 0.0), max(hi - e["ratio"], 0.0)
+        ax.barh(pos, [v or 0 for v in vals], height=0.36, color=color, xerr=err,
+                error_kw=dict(ecolor="0.25", lw=0.8, capsize=2),
                 label="forward" if mode == "fwd" else "forward+backward")
+        for y, e, lo_hi_err in zip(pos, entries, err[1]):
+            v = e.get("ratio")
+            if v is None:
+                continue
+            end = v + lo_hi_err
+            right = max(right, end)
+            ax.annotate(_ratio({"ratio": v, "converged": e.get("converged")}), (end, y), xytext=(3, 0),
+                        textcoords="offset points", va="center", ha="left", fontsize=7)
     for y, r in zip(ys, results):
         if r["status"] != "ok":
-            ax.text(0.02, y, r["status_text"][:40], va="center", fontsize=7, color="red",
+            ax.text(0.02, y, r["status_text"][:60], va="center", fontsize=7, color="red",
                     transform=ax.get_yaxis_transform())
     ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlim(0, right * 1.22)  # room for the printed values
     ax.set_yticks(list(ys), labels, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(n - 0.5, -0.5)
     cpu = env["device"] == "cpu"
     ax.set_xlabel(("CPU: nn.RNN time / fused_birnn (torch path) time" if cpu
-                   else "cuDNN time / fused_birnn time") + "  (> 1: ours faster)")
-    ax.set_title(f"{'CPU ' if cpu else ''}speedup, suite '{payload['suite']}'")
-    ax.legend(fontsize=7, loc="best", framealpha=0.8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+                   else "cuDNN time / fused_birnn time") + "  (> 1: ours faster); bars: bootstrap 95% interval")
+    ax.set_title(f"{'CPU ' if cpu else ''}speedup, suite '{payload['suite']}'", pad=8 + 11 * len(notes))
+    _add_notes(fig, ax, notes)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
     _stamp(fig, env)
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_speedup(payload: dict, path: Path) -> None:
+    plt = _pyplot()
+    fig = speedup_figure(payload)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -400,13 +539,16 @@ def plot_sweep(payload: dict, var: str, path: Path) -> bool:
         ax.set_ylabel(("CPU " if cpu else "") + "time (ms)")
         ax.set_title(f"{'CPU ' if cpu else ''}{title} time vs {var}")
         ax.grid(True, which="both", lw=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # below the axes: never over the lines
+            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    notes = _plot_notes(payload)
     fig.suptitle(f"suite '{payload['suite']}': solid = fused_birnn{' (torch path)' if cpu else ''}, "
                  f"dashed = nn.RNN{'' if cpu else ' (cuDNN)'}", fontsize=9)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
+    if notes:  # above the title; savefig(bbox_inches="tight") keeps it in the image
+        fig.text(0.5, 1.0, "\n".join(notes), ha="center", va="bottom", fontsize=7, color="red")
     _stamp(fig, env)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 

@@ -14,6 +14,7 @@ Every configuration's kernels are also compiled for sm_80 and sm_90 (`fused_birn
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -26,13 +27,18 @@ from torch import nn
 from . import report
 from .parity import CandidateFactory, check_parity, make_reference, summarize, wrap_packed
 from .suites import Config, get_suite
-from .timing import (Rotating, clear_grads, cpu_compare_ms, cuda_peak_memory, cuda_time_ms, forward_backward_fn,
-                     forward_fn, grad_leaves, OthersLoad, paired_ratio)
+from .timing import (OthersLoad, Rotating, StopRule, clear_grads, cpu_compare_ms, cuda_peak_memory, cuda_time_ms,
+                     cuda_times_ms, forward_backward_fn, forward_fn, grad_leaves, ratio_interval, ratio_summary)
 
 CPU_ATTEMPTS = 3  # measurements of a CPU mode while other processes keep taking CPU time
 CPU_RETRY_SLEEP_S = 5.0
 CPU_BUSY_LIMIT_PCT = 10.0  # other processes' share of the CPUs above which a CPU timing counts as disturbed
 TIMED_MODES = (("fwd", forward_fn), ("fwd_bwd", forward_backward_fn))
+MODE_NAMES = {"fwd": "forward", "fwd_bwd": "forward+backward"}
+# how long a ratio is measured (timing.StopRule): until its bootstrap 95% interval is within ±5%, with caps
+CPU_RULE = StopRule(bound=0.05, min_runs=11, max_runs=5000, min_time_s=1.0, max_time_s=20.0)
+CPU_QUICK_RULE = StopRule(bound=0.05, min_runs=3, max_runs=10, min_time_s=0.05, max_time_s=2.0, check_every=1)
+CUDA_MAX_WINDOWS, CUDA_QUICK_MAX_WINDOWS = 4, 2  # do_bench windows per candidate and mode, at most
 COMPILE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
@@ -59,7 +65,7 @@ class Options:
         candidate_factory: builds the candidate module `(cfg, backend, device) -> nn.Module`; it must have
             nn.RNN's parameter names (the runner loads nn.RNN's state dict into it). Tests inject a wrong one.
         seed: weights and parity inputs.
-        progress: draw the progress bar on stderr.
+        progress: progress bars (on a terminal) and one line per configuration, on stderr.
         interpreter_max_steps: CPU only: the untimed interpreter parity gate of the Triton kernels runs at
             most this many time steps (same H, B, layers, dtype; 0: the configuration's T).
     """
@@ -95,10 +101,15 @@ def _interp_label(name: str, parity: dict, cfg: Config) -> str:
     return f"{name} (interpreter" + (f", T={parity['seq_len']})" if parity["seq_len"] != cfg.seq_len else ")")
 
 
-def _timing_entry(ours: dict | None, ref: dict | None, flops: int | None) -> dict:
+def _timing_entry(ours: dict | None, ref: dict | None, flops: int | None, ratio: dict | None = None) -> dict:
+    """One mode's timings; `ratio` (timing.ratio_summary) adds the ratio, its 95% interval, `converged`."""
     e: dict = {"ours_ms": ours and ours["ms"], "ref_ms": ref and ref["ms"], "ratio": None}
     if ours and ref:
         e["ratio"] = ref["ms"] / ours["ms"]
+    if ratio is not None:
+        e["ratio"] = ratio["ratio"]
+        e["ratio_ci95"], e["ratio_rel_halfwidth"] = ratio["ci95"], ratio["rel_halfwidth"]
+        e.update({k: v for k, v in ratio.items() if k not in ("ratio", "ci95", "rel_halfwidth")})
     for who, t in (("ours", ours), ("ref", ref)):
         if t is None:
             continue
@@ -115,25 +126,43 @@ def _time_cuda(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[
     from .floor import floor_fn
 
     warmup, rep = (5, 20) if opts.quick else (25, 100)
+    max_windows = CUDA_QUICK_MAX_WINDOWS if opts.quick else CUDA_MAX_WINDOWS
+    bound = (CPU_QUICK_RULE if opts.quick else CPU_RULE).bound
     inputs = Rotating(cfg, ours_device(ours))
     out: dict = {}
     fwd_flops = cfg.forward_flops()
     for mode, builder in TIMED_MODES:
         if mode not in modes:
             continue
+        models = {who: m for who, m in (("ours", ours), ("ref", ref)) if m is not None}
+        fns = {who: builder(m, inputs) for who, m in models.items()}
+        leaves = {who: (grad_leaves(m, inputs) if mode == "fwd_bwd" else []) for who, m in models.items()}
+        # do_bench windows, ours and the reference alternately, until the ratio of the medians has its
+        # bootstrap 95% interval within the bound (CUDA timings are steady: usually after the first)
+        times: dict[str, list[float]] = {who: [] for who in fns}
+        ratio, windows = None, 0
+        while True:
+            for who, fn in fns.items():
+                times[who] += cuda_times_ms(fn, grad_to_none=leaves[who] or None, warmup_ms=warmup, rep_ms=rep)
+            windows += 1
+            if len(fns) < 2:
+                break
+            interval = ratio_interval(times["ref"], times["ours"], paired=False)
+            ratio = ratio_summary(interval, bound, stop="converged", rounds=windows)
+            if ratio["converged"] or windows >= max_windows:
+                ratio["stop"] = "converged" if ratio["converged"] else "max_runs"
+                break
         measured = {}
         for who, model in (("ours", ours), ("ref", ref)):
-            if model is None:
+            if who not in fns:
                 measured[who] = None
                 continue
-            fn = builder(model, inputs)
-            leaves = grad_leaves(model, inputs) if mode == "fwd_bwd" else []
-            ms = cuda_time_ms(fn, grad_to_none=leaves or None, warmup_ms=warmup, rep_ms=rep)
-            mem = cuda_peak_memory(fn, grad_to_none=leaves)
-            measured[who] = {"ms": ms, "peak_mib": mem["peak_extra_bytes"] / 2**20,
+            mem = cuda_peak_memory(fns[who], grad_to_none=leaves[who])
+            measured[who] = {"ms": statistics.median(times[who]), "samples": len(times[who]),
+                             "peak_mib": mem["peak_extra_bytes"] / 2**20,
                              "peak_total_mib": mem["peak_bytes"] / 2**20}
-        out[mode] = _timing_entry(measured["ours"], measured["ref"],
-                                  fwd_flops * (3 if mode == "fwd_bwd" else 1))
+        out[mode] = _timing_entry(measured["ours"], measured["ref"], fwd_flops * (3 if mode == "fwd_bwd" else 1),
+                                  ratio)
     T, L = cfg.seq_len, cfg.num_layers
     if T not in floors:
         floors[T] = cuda_time_ms(floor_fn(T), warmup_ms=warmup, rep_ms=rep)
@@ -155,8 +184,7 @@ def ours_device(model: nn.Module) -> torch.device:
 
 def _time_cpu(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[str], opts: Options) -> dict:
     inputs = Rotating(cfg, "cpu")
-    kw = dict(warmup=1, min_runs=3, max_runs=10, min_time_s=0.05) if opts.quick else \
-        dict(warmup=3, min_runs=11, max_runs=100, min_time_s=3.0)
+    warmup, rule = (1, CPU_QUICK_RULE) if opts.quick else (3, CPU_RULE)
     out: dict = {}
     for mode, builder in TIMED_MODES:
         if mode not in modes:
@@ -176,18 +204,17 @@ def _time_cpu(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[s
             if attempt:
                 time.sleep(CPU_RETRY_SLEEP_S)
             load = OthersLoad().start()
-            t = cpu_compare_ms(fns, resets=resets, **kw)
+            t = cpu_compare_ms(fns, resets=resets, warmup=warmup, rule=rule, pair=("ref", "ours"))
             attempts.append((load.stop(), t))
             if attempts[-1][0] is None or attempts[-1][0] <= CPU_BUSY_LIMIT_PCT:
                 break
         others, t = min(attempts, key=lambda a: a[0] if a[0] is not None else 0.0)
         conv = {who: {"ms": v["median_ms"], "min_ms": v["min_ms"], "iqr_ms": v["iqr_ms"], "runs": v["runs"],
                       "times_ms": [round(x, 4) for x in v["times_ms"]]}
-                for who, v in t.items()}
-        e = _timing_entry(conv.get("ours"), conv.get("ref"), None)
-        if "ours" in t and "ref" in t:
-            e["ratio_of_medians"] = e["ratio"]
-            e["ratio"] = paired_ratio(t["ref"]["times_ms"], t["ours"]["times_ms"])
+                for who, v in t["times"].items()}
+        e = _timing_entry(conv.get("ours"), conv.get("ref"), None, t["ratio"])
+        if t["ratio"] is not None:
+            e["ratio_of_medians"] = conv["ref"]["ms"] / conv["ours"]["ms"]
         e["others_cpu_pct"] = others
         e["attempts"] = len(attempts)
         e["noisy"] = others is not None and others > CPU_BUSY_LIMIT_PCT
@@ -257,6 +284,11 @@ def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = Non
                     worst = max(res[m]["others_cpu_pct"] for m in noisy)
                     res["notes"].append(f"CPU timing disturbed: other processes used {worst:.0f}% of the CPUs")
                     res["status_text"] += f" [noisy CPU: others {worst:.0f}%]"
+            for m in modes:
+                e = res.get(m) or {}
+                if e.get("converged") is False:
+                    res["notes"].append(f"{MODE_NAMES[m]} ratio did not converge: 95% interval "
+                                        f"±{e['ratio_rel_halfwidth']:.0%} after {e['rounds']} rounds ({e['stop']})")
     except Exception as e:  # noqa: BLE001 - one bad configuration must not end the run
         res["status"] = "error"
         res["status_text"] = f"ERROR {type(e).__name__}: {str(e)[:80]}"
@@ -317,6 +349,26 @@ def file_stem(suite: str, dtypes: tuple[str, ...] | None, quick: bool) -> str:
     return suite + (f"_{'-'.join(dtypes)}" if dtypes else "") + ("_quick" if quick else "")
 
 
+def not_converged(results: list[dict]) -> list[str]:
+    """'<label> <mode>' of every timed ratio whose 95% interval stayed wider than the bound."""
+    return [f"{r['label']} {MODE_NAMES[m]}" for r in results for m in ("fwd", "fwd_bwd")
+            if (r.get(m) or {}).get("converged") is False]
+
+
+def _compile_step(payload: dict, suite: str, opts: Options, allow_tf32: bool) -> None:
+    """The compile table, with a progress bar that reaches its end and a line saying how it went."""
+    n = len(compile_cases([Config(**r["config"]) for r in payload["results"]], allow_tf32))
+    what = f"compile {suite}: {n} configuration(s), forward + backward kernels for each GPU target"
+    bar = report.progress(1, what, enabled=opts.progress)
+    if opts.progress and bar.disable:  # no terminal: a line says what the next minute(s) are spent on
+        report.progress_line(what + " ...")
+    payload["compile_allow_tf32"] = allow_tf32
+    payload["compile_error"] = attach_compile_report(payload["results"], allow_tf32, opts.compile_jobs)
+    bar.update(1)
+    bar.close()
+    payload["compile_summary"] = report.compile_summary(payload)  # the command prints it
+
+
 def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[str, ...] | None = None,
               compile_only: bool = False, configs: list[Config] | None = None,
               sizing: str | None = None) -> dict:
@@ -328,39 +380,46 @@ def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[s
     sizing = sizing or opts.device
     configs = configs if configs is not None else get_suite(suite, sizing, quick=opts.quick, dtypes=dtypes)
     env = report.environment(opts.device if not compile_only else sizing)
+    # the GPU kernels' fp32 dot follows cuDNN's TF32 switch: compile what a GPU run would launch
+    allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
     stem = file_stem(suite, dtypes, opts.quick) + ("_compile" if compile_only else "")
+    rule = CPU_QUICK_RULE if opts.quick else CPU_RULE
     payload: dict = {"suite": suite, "quick": opts.quick, "compile_only": compile_only, "sizing": sizing,
                      "env": env, "partial": True, "results": [], "compile_error": None,
                      "flops_formula": "forward: 2*T*B*(I_l*H + H*H) per direction per layer "
-                                      "(I_l = I for layer 0, 2H above); forward+backward: 3x forward"}
+                                      "(I_l = I for layer 0, 2H above); forward+backward: 3x forward",
+                     "ratio_definition": report.ratio_definition(env["device"]),
+                     "noise_rule": dict(vars(rule), confidence=0.95,
+                                        text=rule.describe() if env["device"] == "cpu" else
+                                        f"do_bench windows until the bootstrap 95% interval of the ratio of "
+                                        f"medians lies within ±{rule.bound:.0%} (at most "
+                                        f"{CUDA_QUICK_MAX_WINDOWS if opts.quick else CUDA_MAX_WINDOWS} windows)")}
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     t0 = time.perf_counter()
 
     if compile_only:
         payload["results"] = [{"config": c.to_dict(), "label": c.label} for c in configs]
-        if opts.progress:
-            report.Progress(1, f"compile {suite}").show(f"{len(configs)} configurations, sm_80 + sm_90 ...")
-        payload["compile_error"] = attach_compile_report(payload["results"], env["allow_tf32"], opts.compile_jobs)
+        _compile_step(payload, suite, opts, allow_tf32)
     else:
-        bar = report.Progress(len(configs), suite) if opts.progress else None
+        bar = report.progress(len(configs), suite, enabled=opts.progress)
         floors: dict[int, float] = {}
         try:
-            for cfg in configs:
-                if bar:
-                    bar.show(cfg.label)
+            for i, cfg in enumerate(configs):
+                bar.set_description_str(report.fit_words(f"{suite}: {cfg.label}", report.desc_width()))
                 payload["results"].append(run_config(cfg, opts, floors))
+                payload["not_converged"] = not_converged(payload["results"])
                 report.write_json(json_path, payload)
-                if bar:
-                    bar.step(cfg.label + " " + payload["results"][-1]["status_text"][:40])
+                bar.update(1)
+                if opts.progress:
+                    report.progress_line(f"[{suite} {i + 1}/{len(configs)}] "
+                                         + report.result_line(payload["results"][-1]), bar)
         except KeyboardInterrupt:  # `timeout --signal=INT`: keep what was measured, write the reports
             payload["interrupted"] = f"after {len(payload['results'])} of {len(configs)} configurations"
-        if bar:
-            bar.close()
+        bar.set_description_str(suite)
+        bar.close()
         if opts.compile and not payload.get("interrupted"):
-            if opts.progress:
-                report.Progress(1, f"compile {suite}").show("sm_80 + sm_90 ...")
-            payload["compile_error"] = attach_compile_report(payload["results"], env["allow_tf32"],
-                                                             opts.compile_jobs)
+            _compile_step(payload, suite, opts, allow_tf32)
+    payload["not_converged"] = [] if compile_only else not_converged(payload["results"])
     payload["partial"] = False
     payload["wall_s"] = round(time.perf_counter() - t0, 1)
     if env["device"] == "cpu" and not compile_only:
@@ -377,8 +436,8 @@ def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[s
         if opts.plots and payload["results"]:
             try:
                 payload["plots"] = [p.name for p in report.write_plots(payload, out_dir, stem)]
-            except ImportError as e:  # a bare GPU machine may lack matplotlib: keep the JSON and the table
-                payload["plots_error"] = f"no plots: {e}"
+            except ImportError as e:  # matplotlib is the [bench] extra: keep the JSON and the table
+                payload["plots_error"] = f"no plots: {e} (pip install 'fused_birnn[bench]')"
             except Exception as e:  # noqa: BLE001 - a plotting bug must not lose the measurements
                 payload["plots_error"] = f"no plots: {type(e).__name__}: {e}"
             report.write_json(json_path, payload)

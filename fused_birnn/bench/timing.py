@@ -7,9 +7,11 @@ reuse the previous call's input buffers.
 from __future__ import annotations
 
 import gc
+import math
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -84,6 +86,15 @@ def cuda_time_ms(fn: Callable[[], None], *, grad_to_none: Sequence[torch.Tensor]
                                          return_mode="median"))
 
 
+def cuda_times_ms(fn: Callable[[], None], *, grad_to_none: Sequence[torch.Tensor] | None = None,
+                  warmup_ms: int = 25, rep_ms: int = 100) -> list[float]:
+    """Every CUDA-event timing of one `triton.testing.do_bench` window (L2 flushed between runs)."""
+    import triton.testing
+
+    return [float(t) for t in triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                                                      return_mode="all")]
+
+
 def cuda_peak_memory(fn: Callable[[], None], *, grad_to_none: Sequence[torch.Tensor] = ()) -> dict:
     """Peak allocated bytes during one call: absolute, and above what was allocated before it."""
     clear_grads(grad_to_none)
@@ -99,6 +110,63 @@ def cuda_peak_memory(fn: Callable[[], None], *, grad_to_none: Sequence[torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------- CPU
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """How long to measure a ratio of two timings: until the bootstrap 95% interval of the ratio lies
+    within `ratio * (1 ± bound)`, checked once at least `min_runs` rounds and `min_time_s` seconds are
+    done, and again every `check_every` rounds or more (spacing grows by 25% per check); at most
+    `max_runs` rounds or `max_time_s` seconds. What stops at a cap is flagged "did not converge"."""
+
+    bound: float = 0.05
+    min_runs: int = 11
+    max_runs: int = 5000
+    min_time_s: float = 1.0
+    max_time_s: float = 20.0
+    check_every: int = 5
+    resamples: int = 1000
+
+    def describe(self) -> str:
+        return (f"measured until the bootstrap 95% interval of the ratio lies within ±{self.bound:.0%} of it "
+                f"(at least {self.min_runs} rounds and {self.min_time_s:g} s, at most {self.max_runs} rounds "
+                f"or {self.max_time_s:g} s per mode)")
+
+
+def ratio_interval(num: Sequence[float], den: Sequence[float], *, paired: bool, resamples: int = 1000,
+                   confidence: float = CONFIDENCE, seed: int = 0) -> tuple[float, float, float]:
+    """`(ratio, lo, hi)`: the ratio of two timing samples and its percentile-bootstrap interval.
+
+    paired (`num[i]`, `den[i]` measured in the same round): ratio = median of `num[i] / den[i]`, the
+    rounds resampled; unpaired: ratio = median(num) / median(den), each sample resampled on its own.
+    Deterministic (`seed`)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    q = ((1 - confidence) / 2, (1 + confidence) / 2)
+    if paired:
+        r = a / b
+        stat = float(np.median(r))
+        boot = np.median(r[rng.integers(0, len(r), (resamples, len(r)))], axis=1)
+    else:
+        stat = float(np.median(a) / np.median(b))
+        boot = (np.median(a[rng.integers(0, len(a), (resamples, len(a)))], axis=1)
+                / np.median(b[rng.integers(0, len(b), (resamples, len(b)))], axis=1))
+    lo, hi = np.quantile(boot, q)
+    return stat, float(min(lo, stat)), float(max(hi, stat))
+
+
+def rel_halfwidth(ratio: float, lo: float, hi: float) -> float:
+    """The larger distance from the ratio to an end of its interval, relative to the ratio."""
+    return max(ratio - lo, hi - ratio) / ratio
+
+
+def within_bound(ratio: float, lo: float, hi: float, bound: float) -> bool:
+    return rel_halfwidth(ratio, lo, hi) <= bound + 1e-12
+
+
 class OthersLoad:
     """Share of the machine's CPUs used by *other* processes between `start()` and `stop()` (percent):
     the non-idle time in /proc/stat minus this process's own CPU time. None where /proc/stat is missing."""
@@ -133,33 +201,73 @@ class OthersLoad:
 
 
 def cpu_compare_ms(fns: dict[str, Callable[[], None]], *, resets: dict[str, Callable[[], None]] | None = None,
-                   warmup: int = 2, min_runs: int = 5, max_runs: int = 50, min_time_s: float = 1.0) -> dict:
-    """Wall-clock (`time.perf_counter`) medians of several callables, interleaved run by run so that
-    drifts of a shared CPU (frequency, other load) hit all of them alike. `resets[name]`, if given, runs
-    before each call of `fns[name]`, untimed. Returns `{name: {"median_ms", "min_ms", "iqr_ms", "runs", "times_ms"}}`."""
+                   warmup: int = 2, rule: StopRule = StopRule(), pair: tuple[str, str] | None = ("ref", "ours"),
+                   clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Wall-clock times of several callables, interleaved run by run (one round runs each once) so that
+    drifts of a shared CPU (frequency, other load) hit all of them alike, for as long as `rule` says.
+    `resets[name]`, if given, runs before each call of `fns[name]`, untimed. `clock` is the timer (tests
+    pass a fake one).
+
+    With `pair = (num, den)` both in `fns`, the ratio is the median over rounds of `num_i / den_i` and
+    rounds continue until its bootstrap 95% interval lies within `±rule.bound` of it (`StopRule`).
+
+    Returns `{"times": {name: {"median_ms", "min_ms", "iqr_ms", "runs", "times_ms"}}, "ratio": None or
+    {"ratio", "ci95", "rel_halfwidth", "converged", "stop", "rounds", "elapsed_s"}}`; `stop` is
+    "converged", "max_runs", "max_time", or "min_runs" (no pair to converge)."""
     resets = resets or {}
     noop = lambda: None  # noqa: E731
     for _ in range(warmup):
         for name, fn in fns.items():
             resets.get(name, noop)()
             fn()
+    paired = pair is not None and all(n in fns for n in pair)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    runs = 0
-    while runs < min_runs or (runs < max_runs and time.perf_counter() - start < min_time_s):
+    start = clock()
+    rounds, next_check, stop, interval = 0, rule.min_runs, "", None
+    while True:
         for name, fn in fns.items():
             resets.get(name, noop)()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
-        runs += 1
-    out = {}
-    for name, ts in times.items():
-        ms = sorted(t * 1e3 for t in ts)
-        q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
-        out[name] = {"median_ms": statistics.median(ms), "min_ms": ms[0], "iqr_ms": q[2] - q[0], "runs": len(ms),
-                     "times_ms": [t * 1e3 for t in ts]}  # in run order: round i of every callable is adjacent
+            times[name].append((clock() - t0) * 1e3)
+        rounds += 1
+        elapsed = clock() - start
+        if rounds >= rule.min_runs and elapsed >= rule.min_time_s:
+            if not paired:
+                stop = "min_runs"
+                break
+            if rounds >= next_check:
+                interval = ratio_interval(times[pair[0]], times[pair[1]], paired=True, resamples=rule.resamples)
+                if within_bound(*interval, rule.bound):
+                    stop = "converged"
+                    break
+                # geometric spacing: the bootstrap's cost stays a fraction of the measuring
+                next_check = max(rounds + rule.check_every, math.ceil(rounds * 1.25))
+                interval = None
+        if rounds >= rule.max_runs:
+            stop = "max_runs"
+            break
+        if elapsed >= rule.max_time_s:
+            stop = "max_time"
+            break
+    out: dict = {"times": {}, "ratio": None}
+    for name, ms in times.items():
+        srt = sorted(ms)
+        q = statistics.quantiles(srt, n=4) if len(srt) >= 2 else [srt[0]] * 3
+        out["times"][name] = {"median_ms": statistics.median(srt), "min_ms": srt[0], "iqr_ms": q[2] - q[0],
+                              "runs": len(srt), "times_ms": ms}  # in run order: round i of every callable adjacent
+    if paired:
+        if interval is None:
+            interval = ratio_interval(times[pair[0]], times[pair[1]], paired=True, resamples=rule.resamples)
+        out["ratio"] = ratio_summary(interval, rule.bound, stop=stop, rounds=rounds, elapsed_s=clock() - start)
     return out
+
+
+def ratio_summary(interval: tuple[float, float, float], bound: float, **extra) -> dict:
+    """JSON fields of a measured ratio: value, 95% interval, its relative half-width, converged."""
+    r, lo, hi = interval
+    return {"ratio": r, "ci95": [lo, hi], "rel_halfwidth": rel_halfwidth(r, lo, hi),
+            "converged": within_bound(r, lo, hi, bound), **extra}
 
 
 def paired_ratio(num_ms: Sequence[float], den_ms: Sequence[float]) -> float:

@@ -40,6 +40,7 @@ from typing import Optional  # custom_op schemas: older torch does not read `Ten
 
 import torch
 from torch import Tensor
+from torch._C import _functorch
 
 from . import torch_backend
 from .kernels.backward import birnn_backward
@@ -221,9 +222,19 @@ def _setup_context(ctx, inputs, output):
     ctx.relu, ctx.backend = relu, backend
 
 
+def _transformed(*tensors: Tensor | None) -> bool:
+    """Whether a tensor is a `torch.func` or `is_grads_batched` wrapper: it has no storage, so no kernel
+    (nor the PyTorch path's `out=` ops) can read it."""
+    return any(t is not None and (_functorch.is_functorch_wrapped_tensor(t) or _functorch.is_legacy_batchedtensor(t))
+               for t in tensors)
+
+
 def _gradients(ctx, grad_out, grad_h_n, need_x: bool, need_h0: bool, need_params: bool, backward_fn):
-    """`(grad_x, grad_h0, grad_params)` of a layer saved by `_setup_context`, through `backward_fn`
-    (the backward op, or its implementation called directly in eager mode)."""
+    """`(grad_x, grad_h0, grad_params)` of a layer saved by `_setup_context`: through `backward_fn` (the
+    backward op, or its implementation called directly in eager mode), or, where that cannot serve, by
+    differentiating a recomputation (`_recomputed_gradients`)."""
+    if torch.is_grad_enabled() or _transformed(grad_out, grad_h_n, *ctx.saved_tensors):
+        return _recomputed_gradients(ctx, grad_out, grad_h_n, need_x, need_h0, need_params)
     x, h0, out, lengths, *params = ctx.saved_tensors
     grad_h0, *grads = backward_fn(grad_out, grad_h_n, x, h0, out, params, lengths, ctx.relu, ctx.backend,
                                   need_x, need_params)
@@ -242,6 +253,28 @@ def _gradients(ctx, grad_out, grad_h_n, need_x: bool, need_h0: bool, need_params
     return grad_x, grad_h0 if need_h0 else None, grad_params
 
 
+def _recomputed_gradients(ctx, grad_out, grad_h_n, need_x: bool, need_h0: bool, need_params: bool):
+    """The layer's gradients as autograd's gradients of `torch_backend.differentiable_layer` recomputed
+    from the saved inputs: for a gradient that is itself differentiated (`create_graph=True`: grad mode is
+    on in backward; the result stays connected to the saved inputs, so double backward, gradient
+    penalties and `gradgradcheck` are exact), batched (`is_grads_batched=True`) or transformed
+    (`torch.func`). Costs one more forward and the composite's backward; ordinary backward never comes
+    here."""
+    x, h0, _, lengths, *params = ctx.saved_tensors
+    create_graph = torch.is_grad_enabled()
+    inputs = [x, h0, *params]
+    wanted = [need_x, need_h0] + [need_params] * len(params)
+    with torch.enable_grad():
+        if not create_graph:  # differentiate a fresh graph of its own
+            inputs = [t.detach().requires_grad_(w) for t, w in zip(inputs, wanted)]
+        out, h_n = torch_backend.differentiable_layer(inputs[0], inputs[1], inputs[2:], lengths, relu=ctx.relu)
+        chosen = [t for t, w in zip(inputs, wanted) if w]
+        found = iter(torch.autograd.grad((out, h_n), chosen, (grad_out, grad_h_n), create_graph=create_graph,
+                                         allow_unused=True))
+    grads = [next(found) if w else None for w in wanted]
+    return grads[0], grads[1], grads[2:]
+
+
 def _backward(ctx, grad_out, grad_h_n):
     need_x, need_h0, need_params = ctx.needs_input_grad[:3]
     grad_x, grad_h0, grad_params = _gradients(ctx, grad_out, grad_h_n, need_x, need_h0, any(need_params),
@@ -254,13 +287,17 @@ rnn_layer.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerLayer(torch.autograd.Function):
     """The same layer for eager mode: the op implementations called directly, without the custom-op
-    dispatcher (about 100 us of Python per layer and call: as much as a whole small layer costs)."""
+    dispatcher (about 100 us of Python per layer and call: as much as a whole small layer costs).
+    `setup_context` and `vmap` make it usable under `torch.func` transforms."""
 
     @staticmethod
-    def forward(ctx, x, h0, lengths, relu, backend, *params):
-        out, h_n = layer_forward(x, h0, list(params), lengths, relu, backend)
-        _setup_context(ctx, (x, h0, params, lengths, relu, backend), (out, h_n))
-        return out, h_n
+    def forward(x, h0, lengths, relu, backend, *params):
+        return layer_forward(x, h0, list(params), lengths, relu, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h0, lengths, relu, backend, *params = inputs
+        _setup_context(ctx, (x, h0, params, lengths, relu, backend), output)
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_n):
@@ -269,6 +306,28 @@ class _EagerLayer(torch.autograd.Function):
                                                   layer_backward)
         return grad_x, grad_h0, None, None, None, *grad_params
 
+    @staticmethod
+    def vmap(info, in_dims, x, h0, lengths, relu, backend, *params):
+        """`torch.func.vmap` over inputs, states or lengths: the V samples become V*B rows of one batch,
+        one launch as before. Over parameters (per-sample weights), or under another transform (a
+        `torch.func.grad` outside this vmap): the composite layer, batched by vmap itself."""
+        x_dim, h0_dim, len_dim, _, _, *param_dims = in_dims
+        V = info.batch_size
+        if any(d is not None for d in param_dims) or _transformed(x, h0, lengths, *params):
+            def one(x, h0, lengths, *params):
+                return torch_backend.differentiable_layer(x, h0, list(params), lengths, relu=relu)
+            return torch.vmap(one, in_dims=(x_dim, h0_dim, len_dim, *param_dims))(x, h0, lengths, *params), (0, 0)
+        T, I = x.shape[0 if x_dim != 0 else 1], x.shape[-1]
+        x = x.movedim(x_dim, 1) if x_dim is not None else x.unsqueeze(1).expand(T, V, *x.shape[1:])
+        B = x.shape[2]
+        h0 = h0.movedim(h0_dim, 1) if h0_dim is not None else h0.unsqueeze(1).expand(-1, V, -1, -1)
+        if lengths is not None:
+            lengths = lengths.movedim(len_dim, 0) if len_dim is not None else lengths.expand(V, B)
+            lengths = lengths.reshape(V * B)
+        out, h_n = _EagerLayer.apply(x.reshape(T, V * B, I), h0.reshape(h0.shape[0], V * B, -1), lengths,
+                                     relu, backend, *params)
+        return (out.view(T, V, B, -1), h_n.view(h_n.shape[0], V, B, -1)), (1, 1)
+
 
 def birnn_layer(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[Tensor], relu: bool,
                 backend: str) -> tuple[Tensor, Tensor]:
@@ -276,6 +335,11 @@ def birnn_layer(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[T
     break), the same implementation through a plain autograd.Function in eager mode."""
     if torch.compiler.is_compiling():
         return rnn_layer(x, h0, params, lengths, relu, backend)
+    if any(t is not None and _functorch.is_gradtrackingtensor(t) for t in (x, h0, lengths, *params)):
+        # torch.func.grad / vjp / jacrev / hessian: plain differentiable ops, exact to any order
+        return torch_backend.differentiable_layer(x, h0, params, lengths, relu=relu)
+    if _transformed(x, h0, lengths, *params):  # torch.func.vmap: the Function's vmap rule
+        return _EagerLayer.apply(x, h0, lengths, relu, backend, *params)
     if not torch.is_grad_enabled() or not (x.requires_grad or h0.requires_grad
                                            or any(p.requires_grad for p in params)):
         return layer_forward(x, h0, params, lengths, relu, backend)  # inference: no graph to record

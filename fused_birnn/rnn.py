@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 from torch import Tensor, nn
+from torch._C import _functorch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .functional import BACKENDS, autocast_dtype, birnn_layer
@@ -14,6 +17,11 @@ def _lives_in(p: Tensor, buf: Tensor, d: int) -> bool:
     return (p.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
             and p.storage_offset() == buf[d].storage_offset() and p.shape == buf.shape[1:]
             and p.stride() == buf.stride()[1:] and p.dtype == buf.dtype)
+
+
+class InputTypeError(TypeError, AttributeError):
+    """An input that is neither a Tensor nor a PackedSequence: a TypeError, and also the AttributeError
+    that nn.RNN raises for it (from `input.dim()`), so code written against either catches it."""
 
 
 class RNN(nn.RNNBase):
@@ -51,21 +59,23 @@ class RNN(nn.RNNBase):
     do (fp32 parameters and their gradients stay fp32; only cuDNN's nn.RNN runs fp16 under bf16 autocast).
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        nonlinearity: str = "tanh",
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        device=None,
-        dtype=None,
-        *,
-        backend: str = "auto",
-    ) -> None:
+    @overload
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, device=None, dtype=None, *, backend: str = "auto") -> None: ...
+
+    @overload
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None: ...
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        # nn.RNN's own argument handling, step for step, so every argument (positional or keyword, valid
+        # or not) behaves as there: nonlinearity is taken out, the rest goes to nn.RNNBase unchanged.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
         if nonlinearity == "tanh":
             mode = "RNN_TANH"
         elif nonlinearity == "relu":
@@ -76,8 +86,9 @@ class RNN(nn.RNNBase):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.nonlinearity = nonlinearity
         self.backend = backend
-        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, 0, device, dtype)
+        super().__init__(mode, *args, **kwargs)
+        if self.proj_size:  # nn.RNN lets a positional proj_size through to RNNBase; no RNN projects
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
 
     def flatten_parameters(self) -> None:
         """Make each layer's parameters views of one contiguous buffer per kind, so the kernels read
@@ -143,7 +154,7 @@ class RNN(nn.RNNBase):
                 raise ValueError("pass either a PackedSequence or lengths=, not both")
             return self._forward_packed(input, hx)
         if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+            raise InputTypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
         is_batched = input.dim() == 3
@@ -196,8 +207,8 @@ class RNN(nn.RNNBase):
         if hx is None:
             return torch.zeros(self.num_layers * num_directions, batch, self.hidden_size,
                                dtype=input.dtype, device=input.device)
-        if hx.dtype != input.dtype:
-            raise ValueError(f"hx dtype ({hx.dtype}) does not match input dtype ({input.dtype})")
+        if hx.dtype != input.dtype:  # nn.RNN fails later, in a matmul, with a RuntimeError
+            raise RuntimeError(f"hx dtype ({hx.dtype}) does not match input dtype ({input.dtype})")
         weight = self._flat_weights[0]
         for name, t in (("input", input), ("hx", hx)):
             if t.device != weight.device:
@@ -221,9 +232,13 @@ class RNN(nn.RNNBase):
             raise ValueError(f"lengths must be on the CPU or on the input's device ({x.device}), got {lengths.device}")
         if torch.compiler.is_compiling() or (lengths.is_cuda and torch.cuda.is_current_stream_capturing()):
             lengths = lengths.clamp(1, T)  # values cannot be read while tracing or capturing: keep them in range
-        elif B and (lengths.min() < 1 or lengths.max() > T):  # a sync for device lengths: pass CPU lengths
-            raise ValueError(f"lengths must lie in [1, {T}] (the padded sequence length), got values from "
-                             f"{int(lengths.min())} to {int(lengths.max())}")
+        else:  # a sync for device lengths: pass CPU lengths
+            values = lengths
+            while _functorch.is_functorch_wrapped_tensor(values):  # torch.func.vmap: every sample's lengths
+                values = _functorch.get_unwrapped(values)
+            if values.numel() and (values.min() < 1 or values.max() > T):
+                raise ValueError(f"lengths must lie in [1, {T}] (the padded sequence length), got values from "
+                                 f"{int(values.min())} to {int(values.max())}")
         return lengths.to(device=x.device, dtype=torch.int64, non_blocking=True)
 
     def _run_layers(self, x: Tensor, hx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:

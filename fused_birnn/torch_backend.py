@@ -118,3 +118,43 @@ def recurrence_backward(
     if lengths is not None:
         grad_h0.addcmul_(gs[0], carry[0])
     return to_time_order(dz), grad_h0
+
+
+def differentiable_layer(
+    x: torch.Tensor, h0: torch.Tensor, params: list[torch.Tensor], lengths: torch.Tensor | None, *,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer (all directions) from plain differentiable ops: no `out=`, no in-place update, no
+    hand-written backward. Same contract as `functional.layer_forward` (`x [T, B, I]`, `h0 [D, B, H]`,
+    `params` `(w_ih, w_hh[, b_ih, b_hh]) * D`, optional `lengths [B]`).
+
+    Autograd differentiates it to any order and `torch.func` transforms batch it, which is what the fast
+    paths cannot offer: the layer's backward differentiates this recomputation instead of running its
+    kernels when a gradient is itself being differentiated (`create_graph=True`), batched
+    (`is_grads_batched=True`) or transformed (`torch.func.jacrev`, `vjp`, `grad`)."""
+    T, B, _ = x.shape
+    D, _, H = h0.shape
+    per_direction = len(params) // D
+    params = [p.to(x.dtype) for p in params]  # autocast: weights run in x's dtype, gradients flow back
+    w_ih = torch.cat(params[0::per_direction])
+    w_hh_t = torch.stack(params[1::per_direction]).transpose(1, 2)  # [D, H, H], h @ W_hh^T per direction
+    x_proj = x @ w_ih.t()
+    if per_direction == 4:
+        x_proj = x_proj + (torch.cat(params[2::per_direction]) + torch.cat(params[3::per_direction]))
+    xs = x_proj.reshape(T, B, D, H).permute(0, 2, 1, 3)  # [T, D, B, H]
+    if D == 2:  # processing order: step s of the reverse direction reads time T-1-s
+        xs = torch.stack((xs[:, 0], xs[:, 1].flip(0)), 1)
+    active = None if lengths is None else activity_mask(lengths, T, D, x.dtype).bool()
+    act = torch.relu if relu else torch.tanh
+    h, states = h0, []
+    for s in range(T):
+        new = act(xs[s] + torch.bmm(h, w_hh_t))
+        if active is not None:  # inactive rows keep their state
+            new = torch.where(active[s], new, h)
+        states.append(new)
+        h = new
+    st = torch.stack(states)  # [T, D, B, H]
+    if active is not None:
+        st = st * active
+    out = torch.stack((st[:, 0], st[:, 1].flip(0)), 2) if D == 2 else st[:, 0].unsqueeze(2)
+    return out.reshape(T, B, D * H), h

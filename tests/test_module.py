@@ -27,8 +27,9 @@ def test_constructor_and_state_dict_match_nn_rnn():
         ours.load_state_dict(ref.state_dict())
         ref.load_state_dict(ours.state_dict())
         assert repr(ours).startswith(repr(ref)[:-1])  # nn.RNN's repr, plus the nonlinearity if not tanh
-    # positional arguments in nn.RNN's order, and nn.RNN's initialisation range 1/sqrt(H)
-    m = fused_birnn.RNN(3, 4, 2, "relu", False, True, 0.0, True, None, torch.float64)
+    # positional arguments in nn.RNN's real order (nn.RNNBase's, proj_size before device), and nn.RNN's
+    # initialisation range 1/sqrt(H)
+    m = fused_birnn.RNN(3, 4, 2, "relu", False, True, 0.0, True, 0, None, torch.float64)
     assert (m.nonlinearity, m.bias, m.batch_first, m.bidirectional) == ("relu", False, True, True)
     assert m.weight_hh_l1_reverse.dtype == torch.float64
     assert all(p.abs().max() <= 0.5 for p in m.parameters())
@@ -206,9 +207,9 @@ def test_bad_inputs_raise_like_nn_rnn(backend):
 
 def test_errors_nn_rnn_leaves_obscure_are_clear():
     m = fused_birnn.RNN(3, 4, 1)
-    with pytest.raises(ValueError, match=r"hx dtype \(torch.float64\) does not match input dtype \(torch.float32\)"):
+    with pytest.raises(RuntimeError, match=r"hx dtype \(torch.float64\) does not match input dtype \(torch.float32\)"):
         m(torch.randn(5, 2, 3), torch.randn(1, 2, 4, dtype=torch.float64))
-    with pytest.raises(TypeError, match="input must be a Tensor"):
+    with pytest.raises(TypeError, match="input must be a Tensor"):  # also an AttributeError, as nn.RNN's
         m([[1.0, 2.0, 3.0]])
     with pytest.raises(ValueError, match="backend must be one of"):
         fused_birnn.RNN(3, 4, backend="cudnn")

@@ -12,6 +12,9 @@ the result back:
   a loop (a backward branch encloses them: the time loop), and the deepest loop nest they are in,
 * the `W_hh` path and the number of programs one launch starts (`cdiv(B, block_b) * D`).
 
+Each target is planned with its own limits (`DeviceLimits.for_arch`): the configuration compiled for
+sm_86 is the one an sm_86 device would launch.
+
 The kernels are specialised the way a real launch specialises them (`JITFunction.run`): pointers and
 integer arguments divisible by 16 carry `tt.divisibility=16`, integers equal to 1 become constexprs,
 `T` is not specialised; integer values are those of contiguous buffers of the given (H, B, D).
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 # Per-block shared memory a kernel may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes.
-SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}  # = kernels.config.SHARED_PER_BLOCK
 MAX_REGISTERS = 255
 DTYPES = ("float16", "bfloat16", "float32")
 TL_PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
@@ -85,7 +88,7 @@ class CompileCase:
     w_on_chip: bool | None = None
     num_warps: int | None = None
     kernels: tuple[str, ...] | None = None
-    targets: tuple[int, ...] = (80, 90)
+    targets: tuple[int, ...] = (80, 86, 89, 90)
     num_stages: int | None = None
 
     @classmethod
@@ -144,11 +147,12 @@ def compile_report(configs: Iterable[Any], *, jobs: int = 2, timeout: float | No
 # --------------------------------------------------------------------------------------------------------
 # the compiling side (TRITON_INTERPRET=0)
 # --------------------------------------------------------------------------------------------------------
-def _resolve(case: CompileCase) -> dict:
-    """Case -> the config it runs with, and its kernels."""
+def _resolve(case: CompileCase, arch: int = 90) -> dict:
+    """Case -> the config it runs with on target `arch` (plans take the target's limits), and its
+    kernels."""
     import torch
 
-    from fused_birnn.kernels.config import RecurrenceConfig, select_config
+    from fused_birnn.kernels.config import DeviceLimits, RecurrenceConfig, select_config
 
     precision = case.input_precision or "ieee"
     explicit = (case.block_b, case.block_h, case.w_on_chip)
@@ -157,6 +161,8 @@ def _resolve(case: CompileCase) -> dict:
         params = inspect.signature(select_config).parameters
         kw = {"allow_tf32": precision == "tf32"} if "allow_tf32" in params else (
             {"input_precision": precision} if "input_precision" in params else {})
+        if "limits" in params:
+            kw["limits"] = DeviceLimits.for_arch(arch)
         cfg = select_config(case.hidden_size, case.batch_size, getattr(torch, case.dtype), **kw)
         source = "select_config"
     elif any(v is None for v in explicit):
@@ -343,13 +349,13 @@ def _plan(cases: Sequence[CompileCase]) -> list[dict]:
     """One job per (case, kernel, target)."""
     jobs = []
     for case in cases:
-        r = _resolve(case)
-        cfg = r["config"]
-        progs = -(-case.batch_size // cfg.block_b) * case.directions
-        for kernel in r["kernels"]:
-            for arch in case.targets:
-                if arch not in SHARED_LIMIT:
-                    raise ValueError(f"target sm_{arch}: no shared memory limit known ({sorted(SHARED_LIMIT)})")
+        for arch in case.targets:
+            if arch not in SHARED_LIMIT:
+                raise ValueError(f"target sm_{arch}: no shared memory limit known ({sorted(SHARED_LIMIT)})")
+            r = _resolve(case, arch)
+            cfg = r["config"]
+            progs = -(-case.batch_size // cfg.block_b) * case.directions
+            for kernel in r["kernels"]:
                 row = dict(kernel=kernel, target=f"sm_{arch}", arch=arch, hidden_size=case.hidden_size,
                            batch_size=case.batch_size, dtype=case.dtype, input_precision=r["input_precision"],
                            relu=case.relu, lengths=case.lengths, directions=case.directions,
@@ -428,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
     ap.add_argument("--fp32-precision", nargs="+", choices=("ieee", "tf32"), default=["ieee"],
                     help="input precision(s) of the float32 cases (default ieee)")
-    ap.add_argument("--targets", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    ap.add_argument("--targets", type=int, nargs="+", default=[80, 86, 89, 90], help="compute capabilities")
     ap.add_argument("--relu", action="store_true", help="the relu cell (default tanh)")
     ap.add_argument("--lengths", action="store_true", help="the variable-length (PackedSequence) variant")
     ap.add_argument("--directions", type=int, default=2)

@@ -36,8 +36,8 @@ import triton
 import triton.language as tl
 
 from .cell import activation_grad_from_output
-from .config import RecurrenceConfig, select_config
-from .forward import acc_dtype, check_buffers, input_precision, pad_square
+from .config import RecurrenceConfig, device_limits, select_config
+from .forward import acc_dtype, check_buffers, device_guard, input_precision, pad_square
 from .indexing import sequence_lengths, step_time
 
 
@@ -194,7 +194,7 @@ def birnn_backward(
     check_buffers(w_hh.is_contiguous() and all(
         t.stride(-1) == 1 for t in (out, grad_out, grad_h_n, grad_pre, grad_h0)),
         "birnn_backward: w_hh contiguous and every buffer's last dimension contiguous")
-    cfg = config or select_config(H, B, out.dtype, allow_tf32)
+    cfg = config or select_config(H, B, out.dtype, allow_tf32, device_limits(out.device))
     grid = (cfg.num_batch_tiles(B), D)
     common = dict(
         HAS_LENGTHS=lengths is not None, RELU=relu, ACC_DTYPE=acc_dtype(out.dtype), INPUT_PRECISION=input_precision(out.dtype, allow_tf32),
@@ -205,11 +205,12 @@ def birnn_backward(
                grad_pre.stride(0), grad_pre.stride(1), grad_h_n.stride(0), grad_h_n.stride(1),
                grad_h0.stride(0), grad_h0.stride(1))
     args = (out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, lengths)
-    if cfg.w_on_chip:
-        args = (out, grad_out, grad_h_n, pad_square(w_hh, cfg.block_h), grad_pre, grad_h0, lengths)
-        birnn_bwd_onchip_kernel[grid](*args, T, B, H, *strides, **common)
-    else:
-        ws_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
-        ws_dz = torch.empty((D, B, H), device=out.device, dtype=ws_dtype)
-        ws_dh = torch.empty_like(ws_dz)
-        birnn_bwd_streamed_kernel[grid](*args, ws_dz, ws_dh, T, B, H, *strides, **common)
+    with device_guard(out):  # Triton launches on the current device: make it the tensors' device
+        if cfg.w_on_chip:
+            args = (out, grad_out, grad_h_n, pad_square(w_hh, cfg.block_h), grad_pre, grad_h0, lengths)
+            birnn_bwd_onchip_kernel[grid](*args, T, B, H, *strides, **common)
+        else:
+            ws_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+            ws_dz = torch.empty((D, B, H), device=out.device, dtype=ws_dtype)
+            ws_dh = torch.empty_like(ws_dz)
+            birnn_bwd_streamed_kernel[grid](*args, ws_dz, ws_dh, T, B, H, *strides, **common)

@@ -41,13 +41,15 @@ tests/test_kernels.py, tests/test_packed.py); compiled for sm_80 and sm_90 with 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from .cell import activation
 from .indexing import sequence_lengths, step_time
-from .config import RecurrenceConfig, select_config
+from .config import RecurrenceConfig, device_limits, select_config
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -183,6 +185,12 @@ def pad_square(w_hh: torch.Tensor, block_h: int) -> torch.Tensor:
     return padded
 
 
+def device_guard(t: torch.Tensor):
+    """`torch.cuda.device(t.device)` for a CUDA tensor (Triton launches on the current device and its
+    current stream, not on the tensors' device), a no-op context otherwise."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def check_buffers(ok: bool, expected: str) -> None:
     """A launcher's precondition on the buffers it is handed (the layer op validates user input before
     this; a launcher never asserts): ValueError naming what was expected."""
@@ -225,7 +233,7 @@ def birnn_forward(
         return
     check_buffers(w_hh.is_contiguous() and all(t.stride(-1) == 1 for t in (x_proj, out, h0, h_n)),
                   "birnn_forward: w_hh contiguous and every buffer's last dimension contiguous")
-    cfg = config or select_config(H, B, x_proj.dtype, allow_tf32)
+    cfg = config or select_config(H, B, x_proj.dtype, allow_tf32, device_limits(x_proj.device))
     grid = (cfg.num_batch_tiles(B), D)
     common = dict(
         HAS_LENGTHS=lengths is not None, RELU=relu, ACC_DTYPE=acc_dtype(x_proj.dtype),
@@ -235,10 +243,11 @@ def birnn_forward(
     )
     strides = (x_proj.stride(0), x_proj.stride(1), out.stride(0), out.stride(1),
                h0.stride(0), h0.stride(1), h_n.stride(0), h_n.stride(1))
-    if cfg.w_on_chip:
-        w_pad = pad_square(w_hh, cfg.block_h)
-        birnn_fwd_onchip_kernel[grid](x_proj, w_pad, h0, out, h_n, lengths, T, B, H, *strides, **common)
-    else:
-        ws = torch.empty((2, D, B, H), device=x_proj.device, dtype=torch.float64
-                         if x_proj.dtype == torch.float64 else torch.float32)
-        birnn_fwd_streamed_kernel[grid](x_proj, w_hh, h0, out, h_n, lengths, ws, T, B, H, *strides, **common)
+    with device_guard(x_proj):  # Triton launches on the current device: make it the tensors' device
+        if cfg.w_on_chip:
+            w_pad = pad_square(w_hh, cfg.block_h)
+            birnn_fwd_onchip_kernel[grid](x_proj, w_pad, h0, out, h_n, lengths, T, B, H, *strides, **common)
+        else:
+            ws = torch.empty((2, D, B, H), device=x_proj.device, dtype=torch.float64
+                             if x_proj.dtype == torch.float64 else torch.float32)
+            birnn_fwd_streamed_kernel[grid](x_proj, w_hh, h0, out, h_n, lengths, ws, T, B, H, *strides, **common)

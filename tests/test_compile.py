@@ -1,5 +1,7 @@
-"""The recurrence kernels compile for real GPUs (sm_80, sm_90) at every configuration `select_config` can
-return, fit the target's shared memory, do not spill, and use tensor cores where they should.
+"""The recurrence kernels compile for real GPUs (sm_80, sm_86, sm_89, sm_90) at every configuration
+`select_config` can return for that target (each planned with the target's own limits: sm_86/sm_89 allow
+101,376 B of shared memory per block), fit the target's shared memory, do not spill, and use tensor cores
+where they should.
 
 No GPU is needed: `fused_birnn.compile_report` runs `triton.compile` for a `GPUTarget` in a subprocess
 with `TRITON_INTERPRET=0` (this suite runs the interpreter) and reads the cubin with the wheel's
@@ -22,7 +24,7 @@ import triton
 
 from fused_birnn.compile_report import KERNELS, CompileCase, analyse_sass, compile_report, cuobjdump_path
 
-TARGETS = (80, 90)
+TARGETS = (80, 86, 89, 90)
 ON_CHIP_SIZES = [(h, dt) for h in (7, 50, 128) for dt in ("float32", "float16", "bfloat16")] + [
     (256, "float16"), (256, "bfloat16"),
     # H not a multiple of 16: masked per-step tiles; the padded W_hh copy keeps these from spilling

@@ -134,3 +134,24 @@ def test_config_table():
                     assert c.num_batch_tiles(B) <= 64 or c.block_b == 64
     assert select_config(256, 64, torch.float16).w_on_chip and not select_config(256, 64, torch.float32, True).w_on_chip
     assert select_config(128, 5, torch.float32, True).w_on_chip and not select_config(128, 5, torch.float32).w_on_chip
+
+
+def test_plans_fit_the_device_shared_memory():
+    """sm_86/sm_89/sm_120 allow 101,376 B per block: fp16 H=256 on chip (139,264 B) and the 3-stage TF32
+    on-chip backward at H=128 (106,496 B) must not be planned there; sm_80/sm_90 keep them."""
+    from fused_birnn.kernels.config import DeviceLimits, onchip_shared_bytes
+
+    sm86, sm80 = DeviceLimits.for_arch(86), DeviceLimits.for_arch(80)
+    assert not select_config(256, 32, torch.float16, False, sm86).w_on_chip
+    assert select_config(256, 32, torch.float16, False, sm80).w_on_chip
+    c = select_config(128, 32, torch.float32, True, sm86)
+    assert c.w_on_chip and c.num_stages == 1
+    assert select_config(128, 32, torch.float32, True, sm80).num_stages is None
+    for limits in (sm86, sm80, DeviceLimits.for_arch(90)):
+        for H in (7, 50, 100, 128, 200, 256):
+            for dt in (torch.float16, torch.float32):
+                c = select_config(H, 32, dt, True, limits)
+                if c.w_on_chip:
+                    for fwd in (True, False):
+                        assert onchip_shared_bytes(c.block_b, c.block_h, dt.itemsize, c.num_stages, fwd) \
+                            <= limits.shared_per_block

@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import overload
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, _VF, nn
 from torch._C import _functorch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .functional import BACKENDS, autocast_dtype, birnn_layer
+from .functional import BACKENDS, INTERPRETER, autocast_dtype, birnn_layer
+
+# backend='auto' on a CPU: training on sequences shorter than this runs ATen's own RNN (see
+# RNN._aten_serves); measured crossover of forward+backward against nn.RNN, 1 and 2 threads (bench/).
+ATEN_MAX_TRAINING_STEPS = 32
 
 
 def _lives_in(p: Tensor, buf: Tensor, d: int) -> bool:
@@ -195,6 +199,13 @@ class RNN(nn.RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)  # the caller's order -> sorted
         hx = self._initial_state(data, hx, int(batch_sizes[0]))
         self.check_forward_args(data, hx, batch_sizes)
+        if self._aten_serves(data, hx, len(batch_sizes)):
+            weights = self._current_weights()
+            output, h_n = (_VF.rnn_relu if self.nonlinearity == "relu" else _VF.rnn_tanh)(
+                data, batch_sizes, hx, weights, self.bias, self.num_layers, self.dropout, self.training,
+                self.bidirectional)
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
+                h_n, unsorted_indices)
         padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # [T, B, I], sorted
         output, h_n = self._run_layers(padded, hx, lengths.to(data.device, non_blocking=True))
         output = pack_padded_sequence(output, lengths).data
@@ -241,6 +252,27 @@ class RNN(nn.RNNBase):
                                  f"{int(values.min())} to {int(values.max())}")
         return lengths.to(device=x.device, dtype=torch.int64, non_blocking=True)
 
+    def _current_weights(self) -> list[Tensor]:
+        """Every parameter in nn.RNN's flat order, read now (`functional_call` swaps entries of
+        `_parameters`; a dict lookup costs a fraction of `getattr` on a Module)."""
+        return [self._parameters[name] for name in self._flat_weights_names]
+
+    def _aten_serves(self, x: Tensor, hx: Tensor, steps: int) -> bool:
+        """Whether `backend='auto'` hands this call to ATen's own RNN (`torch._VF.rnn_tanh`/`rnn_relu`, what
+        nn.RNN runs on a CPU): on a CPU without the interpreter, in plain eager fp32/fp64 without autocast,
+        for inference (our per-layer Python costs more than the recurrence saves: measured 0.6-1.0x of
+        nn.RNN) and for training on short sequences (`steps < ATEN_MAX_TRAINING_STEPS`, where our
+        hand-written BPTT has too few steps to repay that cost). Everything else runs our path: training
+        on longer sequences (1.2-3x nn.RNN, README), `lengths=`, and torch.func transforms. Same results
+        either way: ATen's CPU RNN is deterministic, differentiable to any order and has no length limit."""
+        if (self.backend != "auto" or x.device.type != "cpu" or INTERPRETER or x.dtype not in (torch.float32, torch.float64)
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or _functorch.maybe_current_level() is not None):  # torch.func: our layer's rules
+            return False
+        if steps < ATEN_MAX_TRAINING_STEPS or not torch.is_grad_enabled():
+            return True
+        return not (x.requires_grad or hx.requires_grad or any(p.requires_grad for p in self._current_weights()))
+
     def _run_layers(self, x: Tensor, hx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
         """The stack on a time-major `x [T, B, I]`: one `birnn_layer` (two kernel launches with its
         backward) per layer, dropout between layers in training mode. Under autocast the layers run in
@@ -248,6 +280,10 @@ class RNN(nn.RNNBase):
         if x.device != self._flat_weights[0].device:
             raise RuntimeError(f"input is on {x.device} but the RNN's parameters are on "
                                f"{self._flat_weights[0].device}; move one of them (e.g. model.to({x.device}))")
+        if lengths is None and self._aten_serves(x, hx, x.size(0)):
+            return (_VF.rnn_relu if self.nonlinearity == "relu" else _VF.rnn_tanh)(
+                x, hx, self._current_weights(), self.bias, self.num_layers, self.dropout, self.training,
+                self.bidirectional, False)
         dtype = autocast_dtype(x)
         if dtype is not None:  # the weights are cast as the op packs them
             x, hx = x.to(dtype), hx.to(dtype)

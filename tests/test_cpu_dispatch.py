@@ -1,0 +1,88 @@
+"""`backend='auto'` on a CPU without the interpreter: which calls ATen's own RNN serves (nn.RNN's kernel,
+where our path is not faster: inference and short training sequences) and which run our path, and that
+the results are nn.RNN's either way. The suite runs under TRITON_INTERPRET=1, so these tests switch the
+module's view of the interpreter off."""
+
+import types
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import fused_birnn
+import fused_birnn.rnn as rnn_module
+from fused_birnn.rnn import ATEN_MAX_TRAINING_STEPS
+
+
+@pytest.fixture
+def aten_calls(monkeypatch):
+    """Counts calls into ATen's RNN from fused_birnn.rnn, as if the interpreter were off."""
+    calls = []
+    real = rnn_module._VF
+
+    def counted(name):
+        def call(*args):
+            calls.append(name)
+            return getattr(real, name)(*args)
+        return call
+
+    monkeypatch.setattr(rnn_module, "INTERPRETER", False)
+    monkeypatch.setattr(rnn_module, "_VF", types.SimpleNamespace(rnn_tanh=counted("rnn_tanh"),
+                                                                  rnn_relu=counted("rnn_relu")))
+    return calls
+
+
+def pair(**kwargs):
+    ours = fused_birnn.RNN(3, 4, 2, bidirectional=True, **kwargs)
+    ref = torch.nn.RNN(3, 4, 2, bidirectional=True, **{k: v for k, v in kwargs.items() if k != "backend"})
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_inference_runs_atens_kernel_with_nn_rnns_results(aten_calls, nonlinearity):
+    ours, ref = pair(nonlinearity=nonlinearity)
+    x = torch.randn(40, 2, 3)
+    with torch.no_grad():
+        out, h_n = ours(x)
+        packed_out, packed_h_n = ours(pack_sequence([torch.randn(n, 3) for n in (5, 2, 4)], enforce_sorted=False))
+    assert aten_calls == [f"rnn_{nonlinearity}"] * 2
+    ref_out, ref_h_n = ref(x)
+    assert torch.equal(out, ref_out) and torch.equal(h_n, ref_h_n)
+
+
+def test_short_training_sequences_run_aten_long_ones_our_path(aten_calls, monkeypatch):
+    layers = []
+    real_layer = rnn_module.birnn_layer
+    monkeypatch.setattr(rnn_module, "birnn_layer", lambda *a: layers.append(1) or real_layer(*a))
+    ours, ref = pair()
+    for T, expect_aten in ((ATEN_MAX_TRAINING_STEPS - 1, True), (ATEN_MAX_TRAINING_STEPS, False)):
+        aten_calls.clear()
+        layers.clear()
+        x = torch.randn(T, 2, 3, requires_grad=True)
+        out, h_n = ours(x)
+        (out.pow(2).sum() + h_n.sum()).backward()
+        assert (aten_calls == ["rnn_tanh"]) == expect_aten and bool(layers) != expect_aten, T
+        grads = [x.grad] + [p.grad for p in ours.parameters()]
+        x.grad = None
+        ours.zero_grad()
+        ref_out, ref_h_n = ref(x)
+        (ref_out.pow(2).sum() + ref_h_n.sum()).backward()
+        torch.testing.assert_close(out, ref_out)
+        for g, expected in zip(grads, [x.grad] + [p.grad for p in ref.parameters()]):
+            torch.testing.assert_close(g, expected)
+        x.grad = None
+        ref.zero_grad()
+
+
+def test_our_path_where_aten_does_not_serve(aten_calls):
+    ours, _ = pair()
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        ours(x, lengths=torch.tensor([5, 3]))                     # lengths=: ours
+        fused_birnn.RNN(3, 4, backend="torch")(x)                 # an explicit backend
+        fused_birnn.RNN(3, 4, dtype=torch.float16)(x.half())      # a dtype ATen's CPU RNN is not asked for
+        with torch.autocast("cpu", dtype=torch.bfloat16):         # autocast keeps our semantics
+            ours(x)
+    torch.func.vmap(ours)(torch.randn(2, 5, 2, 3))               # torch.func: our layer's rules
+    assert aten_calls == []

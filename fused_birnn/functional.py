@@ -317,9 +317,8 @@ class _EagerLayer(torch.autograd.Function):
             def one(x, h0, lengths, *params):
                 return torch_backend.differentiable_layer(x, h0, list(params), lengths, relu=relu)
             return torch.vmap(one, in_dims=(x_dim, h0_dim, len_dim, *param_dims))(x, h0, lengths, *params), (0, 0)
-        T, I = x.shape[0 if x_dim != 0 else 1], x.shape[-1]
-        x = x.movedim(x_dim, 1) if x_dim is not None else x.unsqueeze(1).expand(T, V, *x.shape[1:])
-        B = x.shape[2]
+        x = x.movedim(x_dim, 1) if x_dim is not None else x.unsqueeze(1).expand(-1, V, -1, -1)
+        T, _, B, I = x.shape
         h0 = h0.movedim(h0_dim, 1) if h0_dim is not None else h0.unsqueeze(1).expand(-1, V, -1, -1)
         if lengths is not None:
             lengths = lengths.movedim(len_dim, 0) if len_dim is not None else lengths.expand(V, B)

@@ -106,10 +106,14 @@ def test_vmap_over_inputs_states_and_lengths(batch_first, backend):
     xs = torch.randn(5, 2, 6, 3, dtype=F64) if batch_first else torch.randn(5, 6, 2, 3, dtype=F64)
     h0s = torch.randn(5, 4, 2, 4, dtype=F64)
     out, h_n = torch.func.vmap(ours)(xs, h0s)
+    # the sample dimension anywhere: innermost on x, out and h_n
+    out_last, h_n_last = torch.func.vmap(ours, in_dims=(-1, 0), out_dims=-1)(xs.movedim(0, -1), h0s)
     for i in range(5):
         ref_out, ref_h_n = ref(xs[i], h0s[i])
         torch.testing.assert_close(out[i], ref_out)
         torch.testing.assert_close(h_n[i], ref_h_n)
+        torch.testing.assert_close(out_last[..., i], ref_out)
+        torch.testing.assert_close(h_n_last[..., i], ref_h_n)
     # unbatched h0, per-sample lengths
     x_tm = xs if not batch_first else xs.transpose(1, 2)
     lengths = torch.tensor([[6, 2], [1, 6], [3, 3], [6, 6], [2, 5]])
@@ -179,3 +183,10 @@ def test_empty_batch_forward_and_backward(bidirectional, backend):
     (out.sum() + h_n.sum()).backward()
     assert x.grad.shape == x.shape
     assert all(p.grad is not None and not p.grad.any() for p in ours.parameters())
+
+
+def test_vmap_checks_every_samples_lengths():
+    m = fused_birnn.RNN(3, 4, 1, bidirectional=True)
+    lengths = torch.tensor([[6, 2], [7, 6]])  # the second sample's 7 exceeds T = 6
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        torch.func.vmap(lambda x, n: m(x, lengths=n))(torch.randn(2, 6, 2, 3), lengths)

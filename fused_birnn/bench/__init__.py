@@ -9,13 +9,16 @@ against nn.RNN; a candidate that fails is reported as a parity FAILURE and not t
 
 * CUDA: forward and forward+backward times (`triton.testing.do_bench`, median, CUDA events), ratio
   cuDNN / ours, peak memory, TFLOP/s, time per sequential step against an empty persistent loop's;
-* CPU: the pure-PyTorch path (`backend='torch'`) against nn.RNN on the same CPU, wall-clock medians;
-  the Triton kernels through the interpreter for the parity gate only (the command re-executes itself
-  with `TRITON_INTERPRET=1` so that they can run);
+* CPU: the pure-PyTorch path (`backend='torch'`) against nn.RNN on the same CPU, wall-clock medians,
+  ours and nn.RNN interleaved round by round; the Triton kernels through the interpreter for the parity
+  gate only (the command re-executes itself with `TRITON_INTERPRET=1` so that they can run);
 
-then the sm_80/sm_90 compile table of every configuration's kernels (`fused_birnn.compile_report`). Writes
-`<suite>.json` (raw), `<suite>.md` (table) and PNG plots under `--out` (default `bench/results/gpu|cpu/`),
-each stamped with the machine, driver, torch, triton, CUDA, cuDNN, allow_tf32 and the date.
+each ratio (> 1: ours faster) measured until its bootstrap 95% interval lies within ±5% of it
+(`timing.StopRule`, capped in rounds and seconds; what stops at a cap is flagged "did not converge"); then
+the compile table of every configuration's kernels (`fused_birnn.compile_report`). Writes `<suite>.json`
+(raw), `<suite>.md` (table) and PNG plots (with the `[bench]` extra, matplotlib) under `--out` (default: a
+new `fused_birnn-results/<cpu|gpu>-<date>-<time>/` under the current folder), each stamped with the
+machine, driver, torch, triton, CUDA, cuDNN, allow_tf32 (GPU runs) and the date.
 
 Library use (tests): `run_suite(name, out_dir, Options(device="cpu", candidate_factory=...))`.
 """

@@ -332,7 +332,7 @@ def birnn_layer(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[T
                 backend: str) -> tuple[Tensor, Tensor]:
     """One layer, differentiable: the `fused_birnn::rnn_layer` op while torch.compile traces (no graph
     break), the same implementation through a plain autograd.Function in eager mode."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # torch.compile, torch.export, jit.trace
         return rnn_layer(x, h0, params, lengths, relu, backend)
     if any(t is not None and _functorch.is_gradtrackingtensor(t) for t in (x, h0, lengths, *params)):
         # torch.func.grad / vjp / jacrev / hessian: plain differentiable ops, exact to any order

@@ -241,7 +241,8 @@ class RNN(nn.RNNBase):
             raise ValueError(f"lengths must be a 1-D tensor of the batch size {B}, got shape {tuple(lengths.shape)}")
         if lengths.device.type != "cpu" and lengths.device != x.device:
             raise ValueError(f"lengths must be on the CPU or on the input's device ({x.device}), got {lengths.device}")
-        if torch.compiler.is_compiling() or (lengths.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or (lengths.is_cuda and torch.cuda.is_current_stream_capturing())):
             lengths = lengths.clamp(1, T)  # values cannot be read while tracing or capturing: keep them in range
         else:  # a sync for device lengths: pass CPU lengths
             values = lengths

@@ -214,8 +214,6 @@ def test_torchscript_script_names_to_torch():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.xfail(strict=True, reason="needs functional.birnn_layer to call the custom op under "
-                                       "torch.jit.is_tracing(), as it does under torch.compiler.is_compiling()")
 def test_torchscript_trace_records_the_op():
     """torch.jit.trace records one `fused_birnn::rnn_layer` per layer: the trace runs other shapes,
     differentiates, and survives save/load."""

@@ -268,9 +268,3 @@ def ratio_summary(interval: tuple[float, float, float], bound: float, **extra) -
     r, lo, hi = interval
     return {"ratio": r, "ci95": [lo, hi], "rel_halfwidth": rel_halfwidth(r, lo, hi),
             "converged": within_bound(r, lo, hi, bound), **extra}
-
-
-def paired_ratio(num_ms: Sequence[float], den_ms: Sequence[float]) -> float:
-    """Median over rounds of `num[i] / den[i]`: on a CPU whose speed drifts (shared hosts), the two runs
-    of one round see the same machine, so their ratio is steadier than a ratio of medians."""
-    return statistics.median(a / b for a, b in zip(num_ms, den_ms))

@@ -3,8 +3,10 @@
 #
 #   bash bench/gpu_run.sh OUTDIR [STEP ...]
 #
-# STEP: setup | tests | compile | quick | all | a suite (seed tagger latency scaling deepbench speech) |
-#       SUITE:DTYPE (e.g. speech:fp16, to split a long suite across commands).
+# STEP: setup | tests | sanitize | compile | quick | all | a suite (seed tagger latency scaling deepbench
+#       speech) | SUITE:DTYPE (e.g. speech:fp16, to split a long suite across commands).
+# `tests` runs the CUDA tests (the split recurrence's among them) and then, where compute-sanitizer exists,
+# `sanitize`: the small split test under `compute-sanitizer --tool racecheck` and `--tool synccheck`.
 # Default (no STEP): setup tests seed tagger latency scaling deepbench speech compile -- longer than one
 # 10-minute command of the GPU tool: there, run a few steps per command, e.g.
 #   bash bench/gpu_run.sh "$OUT" tests seed tagger
@@ -14,12 +16,12 @@
 #   bash bench/gpu_run.sh "$OUT" compile          # needs no GPU: `--compile-only` runs on a CPU machine too
 # Every step is bounded by `timeout` (BENCH_STEP_TIMEOUT seconds, default 530) and a step that fails or
 # times out does not stop the next ones; a suite writes its JSON after every configuration, so a timed-out
-# suite keeps what it measured. Writes under OUTDIR: results/ (JSON, md, PNG per suite), tests.log,
+# suite keeps what it measured. Writes under OUTDIR: results/ (JSON, md, PNG per suite), tests.log, sanitize_*.log,
 # tests.xml, gpu_run.log, env.txt; and copies results/ to bench/results/gpu/ in the checkout.
 set -u -o pipefail
 
 if [ $# -lt 1 ]; then
-    sed -n '2,19p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -111,6 +113,20 @@ if torch.cuda.is_available() else None, 'allow_tf32', torch.backends.cudnn.allow
     cat "$OUT/env.txt" >>"$LOG"
 }
 
+sanitize() {  # the small split forward+backward under compute-sanitizer's racecheck and synccheck
+    local cs
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+    if [ -z "$cs" ]; then
+        say "sanitize: compute-sanitizer not found, skipped"
+        return 0
+    fi
+    for tool in racecheck synccheck; do
+        run_step "sanitize:$tool" "$cs" --tool "$tool" --error-exitcode 3 "$PY" -m pytest -m cuda \
+            "$REPO/tests/test_cuda.py" -q -k sanitizer -p no:cacheprovider >"$OUT/sanitize_$tool.log" 2>&1
+        tail -n 15 "$OUT/sanitize_$tool.log" >&2
+    done
+}
+
 run_step() {  # name, command...: bounded by timeout; never aborts the script
     local name=$1
     shift
@@ -138,7 +154,9 @@ for step in "${STEPS[@]}"; do
             run_step tests "$PY" -m pytest -m cuda "$REPO/tests" -q -rs --junitxml="$OUT/tests.xml" \
                 -o cache_dir="$OUT/.pytest_cache" >"$OUT/tests.log" 2>&1
             tail -n 30 "$OUT/tests.log" >&2
+            sanitize
             ;;
+        sanitize) sanitize ;;
         quick)
             run_step quick "$PY" -m fused_birnn.bench --suite all --device "$DEVICE" --out "$RESULTS" --quick --no-compile ;;
         compile)
@@ -147,13 +165,14 @@ for step in "${STEPS[@]}"; do
         all)
             run_step tests "$PY" -m pytest -m cuda "$REPO/tests" -q -rs --junitxml="$OUT/tests.xml" \
                 -o cache_dir="$OUT/.pytest_cache" >"$OUT/tests.log" 2>&1
+            sanitize
             for s in seed tagger latency scaling deepbench speech; do bench "$s"; done
             run_step compile "$PY" -m fused_birnn.bench --suite all --compile-only --device "$DEVICE" --out "$RESULTS" \
                 --jobs "$(( $(nproc) > 2 ? $(nproc) / 2 : 1 ))"
             ;;
         *:*) bench "${step%%:*}" "${step#*:}" ;;
         seed | tagger | latency | scaling | deepbench | speech | tiny) bench "$step" ;;
-        *) say "unknown step $step (expected setup, tests, compile, quick, all, a suite or SUITE:DTYPE)" ;;
+        *) say "unknown step $step (expected setup, tests, sanitize, compile, quick, all, a suite or SUITE:DTYPE)" ;;
     esac
 done
 

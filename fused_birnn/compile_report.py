@@ -1,8 +1,9 @@
 """Compile the recurrence kernels for real GPUs without one, and report what the GPU would get.
 
-For every case (hidden size, batch size, dtype, configuration) and every target (sm_80, sm_90 by default)
-this compiles the forward and backward recurrence kernels of the path the configuration selects
-(`birnn_{fwd,bwd}_onchip_kernel` or `birnn_{fwd,bwd}_streamed_kernel`) with
+For every case (hidden size, batch size, dtype, configuration) and every target (sm_80, sm_86, sm_89,
+sm_90 by default) this compiles the forward and backward recurrence kernels (`birnn_fwd_kernel`,
+`birnn_bwd_kernel`, specialised for the plan: S programs per group, on-chip or streamed `W_hh` slices,
+in-kernel barrier or launch per step) with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32), options={"num_warps": ...})` and reads
 the result back:
 
@@ -10,7 +11,10 @@ the result back:
 * shared memory bytes (`metadata.shared`) against the target's per-block limit,
 * tensor-core instructions in the SASS (`HMMA`, `HGMMA`; `cuobjdump -sass`), how many of them sit inside
   a loop (a backward branch encloses them: the time loop), and the deepest loop nest they are in,
-* the `W_hh` path and the number of programs one launch starts (`cdiv(B, block_b) * D`).
+* the `W_hh` path, S, and the number of programs one launch starts (`S * cdiv(B, block_b) * D`) against
+  the target's SMs, with the plan's estimated time per forward step (an estimate: kernels/config.py),
+* from the PTX: GPU-scope release and acquire operations (the split barrier) and every load of the
+  exchange buffer (those located in `kernels/exchange.py`), flagging any that may allocate in L1.
 
 Each target is planned with its own limits (`DeviceLimits.for_arch`): the configuration compiled for
 sm_86 is the one an sm_86 device would launch.
@@ -49,11 +53,9 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}  # =
 MAX_REGISTERS = 255
 DTYPES = ("float16", "bfloat16", "float32")
 TL_PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
-KERNELS = {
-    "birnn_fwd_onchip_kernel": ("forward", True),
-    "birnn_fwd_streamed_kernel": ("forward", False),
-    "birnn_bwd_onchip_kernel": ("backward", True),
-    "birnn_bwd_streamed_kernel": ("backward", False),
+KERNELS = {  # name -> pass (one skeleton per pass serves every W_hh path and split)
+    "birnn_fwd_kernel": "forward",
+    "birnn_bwd_kernel": "backward",
 }
 TENSOR_CORE_OPS = ("HMMA", "HGMMA")  # HGMMA: sm_90 warpgroup MMA; HMMA: mma.sync (sm_80+, fp16/bf16/tf32)
 
@@ -74,6 +76,8 @@ class CompileCase:
         kernels: kernel names to compile; None: the forward and backward kernel of the config's path.
         targets: compute capabilities.
         num_stages: a Triton `num_stages` option to try; None: not passed (the launchers' default).
+        split: S programs per group forced into the plan (what `FUSED_BIRNN_SPLIT=S` does); None: the
+            plan's choice.
     """
 
     hidden_size: int
@@ -90,6 +94,7 @@ class CompileCase:
     kernels: tuple[str, ...] | None = None
     targets: tuple[int, ...] = (80, 86, 89, 90)
     num_stages: int | None = None
+    split: int | None = None
 
     @classmethod
     def make(cls, hidden_size: int, batch_size: int, dtype: Any, config: Any = None, **kw) -> "CompileCase":
@@ -163,6 +168,8 @@ def _resolve(case: CompileCase, arch: int = 90) -> dict:
             {"input_precision": precision} if "input_precision" in params else {})
         if "limits" in params:
             kw["limits"] = DeviceLimits.for_arch(arch)
+        if "split" in params:
+            kw["split"] = case.split
         cfg = select_config(case.hidden_size, case.batch_size, getattr(torch, case.dtype), **kw)
         source = "select_config"
     elif any(v is None for v in explicit):
@@ -173,39 +180,44 @@ def _resolve(case: CompileCase, arch: int = 90) -> dict:
         source = "explicit"
     if precision not in ("ieee", "tf32") or (precision == "tf32" and case.dtype != "float32"):
         raise ValueError(f"{case}: input_precision {precision!r} (tf32 is for float32 only)")
-    kernels = case.kernels or tuple(k for k, (_, on_chip) in KERNELS.items() if on_chip == cfg.w_on_chip)
+    kernels = case.kernels or tuple(KERNELS)
     for k in kernels:
         if k not in KERNELS:
             raise ValueError(f"unknown kernel {k!r}; expected one of {tuple(KERNELS)}")
     # num_stages: the case's experiment, else the config's if it grows one (the launchers then pass it)
-    num_stages = case.num_stages if case.num_stages is not None else getattr(cfg, "num_stages", None)
+    stages = getattr(cfg, "stages", None)  # what the launchers pass (1 wherever the exchange buffer is read)
+    num_stages = case.num_stages if case.num_stages is not None else (
+        stages(case.hidden_size) if stages else getattr(cfg, "num_stages", None))
     return dict(config=cfg, config_source=source, input_precision=precision, kernels=kernels,
                 num_stages=num_stages)
 
 
-def _int_args(kernel: str, H: int, B: int, D: int) -> dict[str, int]:
-    """Integer arguments (other than T) of a launch on contiguous buffers, as the launchers pass them."""
+def _int_args(kernel: str, H: int, B: int, D: int, cfg) -> dict[str, int]:
+    """Integer arguments (other than T and the step range) of a launch on contiguous buffers, as the
+    launchers pass them."""
     seq = (B * D * H, D * H)  # [T, B, D*H] strides (t, b)
     state = (B * H, H)  # [D, B, H] strides (d, b)
     if kernel.startswith("birnn_fwd"):
-        names = ("stride_xt", "stride_xb", "stride_ot", "stride_ob",
-                 "stride_h0d", "stride_h0b", "stride_hnd", "stride_hnb")
-        vals = seq + seq + state + state
+        names = ("stride_xt", "stride_xb", "stride_ot", "stride_ob", "stride_hnd", "stride_hnb")
+        vals = seq + seq + state
     else:
         names = ("stride_ot", "stride_ob", "stride_got", "stride_gob", "stride_gpt", "stride_gpb",
-                 "stride_ghnd", "stride_ghnb", "stride_gh0d", "stride_gh0b")
-        vals = seq + seq + seq + state + state
-    return dict(B=B, H=H, **dict(zip(names, vals)))
+                 "stride_gh0d", "stride_gh0b")
+        vals = seq + seq + seq + state
+    stride_w = -(-H // 16) * 16  # streamed W_hh rows padded to 16 elements (launch.row_padded)
+    return dict(B=B, H=H, U=cfg.units_per_program(H), stride_w=stride_w, **dict(zip(names, vals)))
 
 
 def _specialise(fn, case: CompileCase, precision: str, cfg) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) as `JITFunction.run` builds them for this launch."""
     import triton.language as tl
 
-    ints = _int_args(fn.__name__, case.hidden_size, case.batch_size, case.directions)
+    H = case.hidden_size
+    ints = _int_args(fn.__name__, H, case.batch_size, case.directions, cfg)
     constexprs: dict[Any, Any] = dict(
         HAS_LENGTHS=case.lengths, RELU=case.relu, ACC_DTYPE=tl.float32, INPUT_PRECISION=precision,
-        BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h)
+        BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.k_block(H), SPLIT=cfg.programs_per_group(H),
+        W_ON_CHIP=cfg.w_on_chip, BARRIER=cfg.runs_persistent(H, 1024))
     signature: dict[str, str] = {}
     attrs: dict[tuple, list] = {}
     for i, p in enumerate(fn.params):
@@ -213,12 +225,13 @@ def _specialise(fn, case: CompileCase, precision: str, cfg) -> tuple[dict, dict,
         if p.is_constexpr:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            # workspaces are fp32 (fp64 for fp64 inputs); every other buffer has the input dtype
-            signature[name] = ("*fp32" if name.startswith("ws_") else "*i64" if name == "lengths_ptr"
-                               else TL_PTR[case.dtype])
+            # dh is fp32, the barrier counters and the error flag int32, lengths int64; every other
+            # buffer (the exchange buffer too) has the input dtype
+            signature[name] = ("*fp32" if name == "dh_ptr" else "*i64" if name == "lengths_ptr"
+                               else "*i32" if name in ("sync_ptr", "err_ptr") else TL_PTR[case.dtype])
             if not p.do_not_specialize_on_alignment:
                 attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-        elif p.do_not_specialize:  # T
+        elif p.do_not_specialize:  # T, the step range, the spin bound
             signature[name] = "i32"
         else:
             v = ints[name]
@@ -277,6 +290,56 @@ def analyse_sass(sass: str) -> dict:
                 local_stores=local["STL"], local_loads=local["LDL"], local_in_loop=local_in_loop)
 
 
+_PTX_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"')
+_PTX_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)")
+_PTX_MEM = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:ld|cp\.async)\.[\w.]+)")
+_PTX_SEM = re.compile(r"\b(?:atom|red|ld|st)\.[\w.]+")  # memory operations that may carry a semantic
+
+
+def exchange_load_files() -> set[str]:
+    """File names whose code is exchange-buffer loads only (`kernels/exchange.py`)."""
+    from fused_birnn.kernels import exchange
+
+    return {os.path.basename(exchange.__file__)}
+
+
+def analyse_ptx(ptx: str, exchange_files: set[str]) -> dict:
+    """The barrier's memory-model operations and the exchange loads in the PTX: operations with release
+    (or acq_rel) and acquire semantics at GPU scope (`atom`, `red`, and `ld.acquire`, which Triton emits
+    for an acquire `atomic_add` of 0), and every global load or `cp.async` whose `.loc` is in one of
+    `exchange_files` (the line numbers of an inlined load's `.loc` vary, its file does not), with those
+    that may allocate in L1 (`ld.global` without `.cg`/`.cv`/volatile/relaxed/acquire, `.ca`, `.nc`,
+    `cp.async.ca`)."""
+    lines = ptx.splitlines()
+    files = {m.group(1): os.path.basename(m.group(2)) for m in map(_PTX_FILE.match, lines) if m}  # at the end
+    where = None
+    loads, l1 = [], []
+    release = acquire = 0
+    for line in lines:
+        m = _PTX_LOC.match(line)
+        if m:
+            where = files.get(m.group(1), "")
+            continue
+        for op in _PTX_SEM.findall(line):
+            parts = op.split(".")
+            if "gpu" in parts or "sys" in parts:
+                release += "release" in parts or "acq_rel" in parts
+                acquire += "acquire" in parts or "acq_rel" in parts
+        m = _PTX_MEM.match(line)
+        if m and where in exchange_files:
+            op = m.group(1)
+            parts = op.split(".")
+            if (parts[0] == "ld" and "shared" in parts) or (parts[0] == "cp" and parts[2] not in ("ca", "cg")):
+                continue  # shared-memory reads; cp.async.commit_group / wait_group
+            loads.append(op)
+            bypass = (parts[0] == "ld" and bool({"volatile", "relaxed", "acquire", "cg", "cv"} & set(parts))
+                      or op.startswith("cp.async.cg"))
+            if not bypass or "nc" in parts or "ca" in parts:
+                l1.append(op)
+    return dict(release_ops=release, acquire_ops=acquire, exchange_loads=len(loads),
+                exchange_load_ops=sorted(set(loads)), exchange_loads_l1=sorted(set(l1)))
+
+
 def _compile_one(job: dict) -> dict:
     """Worker: compile one kernel for one target; never raises."""
     import triton
@@ -315,6 +378,7 @@ def _compile_one(job: dict) -> dict:
         regs, stack, _static_shared, local = map(int, m.groups())
         shared = int(k.metadata.shared)
         sass_info = analyse_sass(sass)
+        sass_info.update(analyse_ptx(k.asm["ptx"], exchange_load_files()))
         # ptxas places register spills in the stack frame: cuobjdump's STACK (LOCAL stays 0 for them)
         row.update(registers=regs, local_bytes=local, stack_bytes=stack, spill_bytes=local + stack,
                    shared=shared,
@@ -337,6 +401,14 @@ def problems(row: dict) -> list[str]:
         out.append(f"spills: STACK {row['stack_bytes']} B, LOCAL {row['local_bytes']} B, "
                    f"{row['local_stores']} STL / {row['local_loads']} LDL in the SASS, "
                    f"{row['local_in_loop']} of them inside a loop")
+    if row.get("exchange_loads_l1"):
+        out.append(f"exchange-buffer loads that may hit a stale L1 line: {row['exchange_loads_l1']}")
+    if row.get("split", 1) > 1 and row.get("persistent"):
+        if not row.get("release_ops") or not row.get("acquire_ops"):
+            out.append(f"split barrier without GPU-scope release ({row.get('release_ops')}) and acquire "
+                       f"({row.get('acquire_ops')}) atomics")
+        if not row.get("exchange_loads"):
+            out.append("split kernel with no exchange-buffer load found in the PTX")
     wants_tc = row["dtype"] in ("float16", "bfloat16") or row["input_precision"] == "tf32"
     if wants_tc and row["tensor_core"] == 0:
         out.append("no tensor-core instructions")
@@ -347,6 +419,10 @@ def problems(row: dict) -> list[str]:
 
 def _plan(cases: Sequence[CompileCase]) -> list[dict]:
     """One job per (case, kernel, target)."""
+    import torch
+
+    from fused_birnn.kernels.config import DeviceLimits, estimate_step_us
+
     jobs = []
     for case in cases:
         for arch in case.targets:
@@ -354,7 +430,10 @@ def _plan(cases: Sequence[CompileCase]) -> list[dict]:
                 raise ValueError(f"target sm_{arch}: no shared memory limit known ({sorted(SHARED_LIMIT)})")
             r = _resolve(case, arch)
             cfg = r["config"]
-            progs = -(-case.batch_size // cfg.block_b) * case.directions
+            H = case.hidden_size
+            progs = cfg.programs(H, case.batch_size, case.directions)
+            est = estimate_step_us(cfg, H, case.batch_size, getattr(torch, case.dtype),
+                                   r["input_precision"] == "tf32", DeviceLimits.for_arch(arch), case.directions)
             for kernel in r["kernels"]:
                 row = dict(kernel=kernel, target=f"sm_{arch}", arch=arch, hidden_size=case.hidden_size,
                            batch_size=case.batch_size, dtype=case.dtype, input_precision=r["input_precision"],
@@ -363,6 +442,10 @@ def _plan(cases: Sequence[CompileCase]) -> list[dict]:
                            block_b=cfg.block_b, block_h=cfg.block_h,
                            num_warps=cfg.warps(forward=kernel.startswith("birnn_fwd")),
                            w_hh_path="on-chip" if cfg.w_on_chip else "streamed", programs=progs,
+                           split=cfg.programs_per_group(H), units=cfg.units_per_program(H), forced_split=case.split,
+                           block_k=cfg.k_block(H), persistent=cfg.runs_persistent(H, 1024),
+                           sms=DeviceLimits.for_arch(arch).sm_count, estimate_us_per_step=est["us"],
+                           estimate=est,
                            num_stages=r["num_stages"],
                            shared_limit=SHARED_LIMIT[arch])
                 jobs.append(dict(row=row, case=dataclasses.asdict(case), config=cfg))
@@ -384,15 +467,20 @@ def run_jobs(jobs: list[dict], workers: int = 2) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("kernel", "target", "dtype", "H", "B", "path", "BBxBH/w", "progs", "regs", "spill", "shared KiB",
-            "fits", "TC (in loop, depth)", "s")
+    head = ("kernel", "target", "dtype", "H", "B", "path", "S", "BBxBNxBK/w", "progs/SMs", "est us/step",
+            "regs", "spill", "shared KiB", "fits", "TC (in loop, depth)", "rel/acq", "s")
     lines = []
     for r in rows:
         dt = r["dtype"] + ("/tf32" if r["input_precision"] == "tf32" else "")
-        cfg = f"{r['block_b']}x{r['block_h']}/{r['num_warps']}" + (
+        cfg = f"{r['block_b']}x{r['block_h']}x{r.get('block_k', r['block_h'])}/{r['num_warps']}" + (
             f"/s{r['num_stages']}" if r.get("num_stages") is not None else "")
+        split = r.get("split", 1)
+        mode = "" if split == 1 else (" persist" if r.get("persistent") else " per-step")
+        est = r.get("estimate_us_per_step")
         base = [r["kernel"].removeprefix("birnn_").removesuffix("_kernel"), r["target"], dt,
-                str(r["hidden_size"]), str(r["batch_size"]), r["w_hh_path"], cfg, str(r["programs"])]
+                str(r["hidden_size"]), str(r["batch_size"]), r["w_hh_path"], f"{split}{mode}", cfg,
+                f"{r['programs']}/{r.get('sms', '?')}", "-" if est is None or r["kernel"].startswith("birnn_bwd")
+                else f"~{est:.2f}"]
         if r.get("error"):
             lines.append(base + ["ERROR: " + r["error"].splitlines()[0][:80]])
             continue
@@ -402,7 +490,7 @@ def format_table(rows: list[dict]) -> str:
             regs, str(r["spill_bytes"]), f"{r['shared'] / 1024:.1f}",
             "yes" if r["fits_shared"] else f"NO (> {r['shared_limit'] / 1024:.0f})",
             f"{r['tensor_core']} {tc_ops} ({r['tensor_core_in_loop']}, {r['tensor_core_loop_depth']})",
-            f"{r['compile_s']:.1f}"])
+            f"{r.get('release_ops', 0)}/{r.get('acquire_ops', 0)}", f"{r['compile_s']:.1f}"])
     widths = [max(len(x[i]) for x in [head, *lines] if i < len(x)) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < len(widths) else c  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths + [0] * len(cells))))
@@ -412,7 +500,10 @@ def format_table(rows: list[dict]) -> str:
                + ("" if not bad else ":\n" + "\n".join(
                    f"  {r['kernel']} {r['target']} {r['dtype']}/{r['input_precision']} H={r['hidden_size']} "
                    f"B={r['batch_size']}: {'; '.join(r['problems'])}" for r in bad)))
-    out.append("regs with '!' are at the 255-register cap; TC = tensor-core instructions in the SASS.")
+    out.append("regs with '!' are at the 255-register cap; TC = tensor-core instructions in the SASS; S = programs "
+               "per group (persist: in-kernel barrier, per-step: a launch per step); rel/acq = GPU-scope "
+               "release/acquire atomics in the PTX.\n'est us/step' is an ESTIMATE of one forward step on the "
+               "target (the cost model of kernels/config.py with a typical SM count), not a measurement.")
     return "\n".join(out)
 
 
@@ -457,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fused_birnn.kernels import backward, forward  # decorate now, before the workers fork
 
-    for fn in (forward.birnn_fwd_onchip_kernel, backward.birnn_bwd_onchip_kernel):
+    for fn in (forward.birnn_fwd_kernel, backward.birnn_bwd_kernel):
         assert hasattr(fn, "params"), "kernels decorated with the interpreter on"
 
     t0 = time.perf_counter()

@@ -35,3 +35,18 @@ def activation_grad_from_output(h, RELU: tl.constexpr):
         return tl.where(h > 0, 1.0, 0.0).to(h.dtype)
     else:
         return 1.0 - h * h
+
+
+# The cell as the recurrence skeletons (kernels/forward.py, kernels/backward.py) call it. A program owns
+# all of a cell's state for its hidden units (an LSTM's c, a GRU's reset gate would stay local to it):
+# only h (forward) and dz (backward) cross programs.
+@triton.jit
+def cell_forward(z, RELU: tl.constexpr):
+    """The new state of the program's units from their pre-activation z = x_proj + h_prev @ W_hh^T."""
+    return activation(z, RELU)
+
+
+@triton.jit
+def cell_backward(g, h, RELU: tl.constexpr):
+    """dz of the program's units from the gradient g reaching their output h."""
+    return g * activation_grad_from_output(h, RELU)

@@ -1,44 +1,77 @@
-"""Launch configurations of the recurrence kernels: a small explicit table keyed on (H, B, dtype).
+"""Launch plans of the recurrence kernels: S cooperating programs per group, tiles and warps, from the
+device's limits and a per-step cost estimate.
 
-Two ways to hold `W_hh` during the time loop:
+A group is (direction, batch tile of `block_b` rows); its H hidden units are divided among S programs
+(kernels/forward.py). Two ways to hold a program's slice of `W_hh`:
 
-* on chip (`w_on_chip=True`): one program loads its direction's whole `W_hh` (padded to
-  `block_h x block_h`) once, before the loop; Triton places it in shared memory as the `tl.dot` operand.
-  The hidden state stays in registers in fp32. Chosen while the padded matrix takes at most
-  `ON_CHIP_MAX_BYTES` (fp16/bf16: H <= 128 ... 256 is measured by the compile checks, fp32: H <= 128).
-* streamed (`w_on_chip=False`): every step walks `W_hh` in `block_h x block_h` tiles (from L2 on a GPU)
-  and exchanges the hidden state through a small fp32 workspace owned by the program, with a CTA barrier
-  between steps. Used above the on-chip limit; any H works.
+* on chip (`w_on_chip=True`): loaded once before the time loop ([H, U] padded to
+  `k_block x block_h`); Triton keeps it in shared memory as the `tl.dot` operand. The state of the whole
+  group is the dot's other operand, so `k_block = next_power_of_2(H)` bounds this to moderate H.
+  S = 1 is the one-program-per-group kernel (the state stays in registers, no barrier).
+* streamed (`w_on_chip=False`): every step walks the slice in `block_k` chunks from L2; any H.
 
-Plans are device-aware: `select_config` takes the device's `DeviceLimits` (shared memory per block, SM
-count, registers), so an on-chip configuration is only returned where it fits the block's shared memory
-(sm_86/sm_89/sm_120 allow 101,376 B, sm_80 166,912 B, sm_90 232,448 B).
+The plan (`select_config`) lists the candidates that fit the device, keeps those whose grid is resident
+in one wave with margin (`RESIDENT_FRACTION` of the SMs' capacity: no cooperative launch in Triton, so
+an in-kernel barrier needs every program of a launch running at once), and picks the lowest estimated
+time per step (`estimate_step_us`). Where no split plan is resident, the launch-per-step mode runs
+(`persistent=False`: the launch boundary is the barrier; correct on any device, a launch per step).
+`FUSED_BIRNN_SPLIT=S` (kernels/launch.py) forces S where a candidate with that S exists.
 
-`tests/test_compile.py` compiles every configuration this table can return at representative sizes for
-sm_80, sm_86, sm_89 and sm_90, each planned with its own limits, and checks shared memory, spills and
-tensor-core use.
+Plans are device-aware: `DeviceLimits` carries shared memory per block and per SM, SM count and
+registers; sm_86/sm_89/sm_120 allow 101,376 B per block, sm_80 166,912 B, sm_90 232,448 B.
+`tests/test_compile.py` compiles every configuration this table returns at representative sizes for
+sm_80, sm_86, sm_89 and sm_90, each planned with its own limits, and checks shared memory, spills,
+tensor-core use and, for split plans, the barrier's release/acquire and L1-bypassing exchange loads.
+
+The cost model (`estimate_step_us`) is an estimate from stated assumptions, not a measurement: no GPU has
+run these kernels. Its constants are in `COST`; a GPU run of the benchmark prints the estimate next to
+the measurement so the first such run calibrates them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
 import triton
 
-# Per-block shared memory a kernel may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes, and SM count,
-# per compute capability; the launchers read the real device instead (`device_limits`).
-SHARED_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+from .sync import ABORT_COUNT, MAX_SPINS
 
-# Padded W_hh bytes allowed on chip. fp16 H=256 (128 KiB of operand, ~139 KiB with Triton's scratch) fits
-# both an A100 (163 KiB per block) and an H100 (227 KiB); fp32 H=256 (256 KiB) fits neither.
+# Per-block shared memory a kernel may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), bytes, per compute
+# capability; the launchers read the real device instead (`device_limits`).
+SHARED_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+SHARED_PER_SM = {80: 167936, 86: 102400, 87: 167936, 89: 102400, 90: 233472, 100: 233472, 120: 102400}
+TYPICAL_SMS = {80: 108, 86: 84, 87: 16, 89: 128, 90: 132, 100: 148, 120: 170}
+
+# Padded W_hh bytes allowed on chip in one program (S = 1). fp16 H=256 (128 KiB of operand, ~139 KiB with
+# Triton's scratch) fits an A100 (163 KiB per block) and an H100 (227 KiB), not sm_86 (99 KiB).
 ON_CHIP_MAX_BYTES = 128 * 1024
-# Tile edge of the streamed path on tensor cores: W tile and hidden-state tile are block_h wide.
-STREAMED_BLOCK_H = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32, torch.float64: 32}  # H % 16 == 0
+# Tile edge of the streamed path on tensor cores (the K chunk); FMA dots use MIN_DOT.
+STREAMED_BLOCK_H = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32, torch.float64: 32}
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on a GPU
 MAX_PROGRAMS_PER_DIRECTION = 64  # above this, grow the batch tile instead of the grid
 FMA_ON_CHIP_MAX_TILE = 16 * 32  # block_b * block_h limit of the on-chip path without tensor cores
+SPLIT_BLOCK_N = (16, 32, 64, 128)  # units per program the split plans try
+MAX_SPLIT_K = 1024  # on-chip split: the group's state [block_b, next_pow2(H)] is the dot's A operand
+RESIDENT_FRACTION = 0.9  # of the SMs' program capacity a persistent split grid may take (margin)
+REGISTERS_PER_THREAD_EST = 168  # plan-time estimate (the compile checks measure 72-170)
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+# The cost model's machine: an H100 SXM unless the device says otherwise (estimates, see module doc).
+COST = dict(
+    clock_ghz=1.75,          # sustained SM clock
+    smem_bytes_per_clk=128,  # shared-memory bandwidth per SM
+    l2_bytes_per_clk_sm=64,  # L2 -> one SM
+    l2_total_tb_s=5.5,       # L2 bandwidth of the whole chip
+    l2_latency_clk=600,      # one dependent L2 round trip (exchange read, atomic)
+    mma_clk=(16, 33),        # (K per mma.sync for 16-bit; 8 for TF32), latency of one dependent MMA
+    fma_per_clk_sm=128,      # fp32 FMA lanes per SM (exact fp32: no tensor cores)
+    step_fixed_clk=450,      # per step: activation, stores, layout conversions, loop overhead
+    barrier_clk=1400,        # arrive (acq_rel atomic) + acquire poll round trips + 2 bar.sync
+    launch_us=4.0,           # one kernel launch (the launch-per-step fallback)
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +84,8 @@ class DeviceLimits:
         registers_per_sm: 32-bit registers per SM.
         shared_per_sm: shared memory per SM, bytes.
         name: what the limits describe (device name or `sm_XX`).
+        unbounded: the interpreter: no limits, one program per group holds everything unless a split is
+            forced.
     """
 
     shared_per_block: int
@@ -58,27 +93,27 @@ class DeviceLimits:
     registers_per_sm: int = 65536
     shared_per_sm: int = 233472
     name: str = ""
+    unbounded: bool = False
 
     @staticmethod
     def for_arch(arch: int, sm_count: int | None = None) -> "DeviceLimits":
         """The limits of a compute capability (e.g. 86), with a typical SM count for it."""
         if arch not in SHARED_PER_BLOCK:
             raise ValueError(f"arch: no shared-memory limit known for sm_{arch} ({sorted(SHARED_PER_BLOCK)})")
-        typical_sms = {80: 108, 86: 84, 87: 16, 89: 128, 90: 132, 100: 148, 120: 170}
-        per_block = SHARED_PER_BLOCK[arch]
-        return DeviceLimits(per_block, sm_count or typical_sms[arch], 65536, per_block + 1024, f"sm_{arch}")
+        return DeviceLimits(SHARED_PER_BLOCK[arch], sm_count or TYPICAL_SMS[arch], 65536, SHARED_PER_SM[arch],
+                            f"sm_{arch}")
 
 
-# the plan's default when no device is given (the interpreter, or a caller that does not say): an A100
-DEFAULT_LIMITS = DeviceLimits.for_arch(80)
+DEFAULT_LIMITS = DeviceLimits.for_arch(80)  # a caller that names no device: an A100
+INTERPRETER_LIMITS = DeviceLimits(1 << 40, 1, 1 << 40, 1 << 40, "interpreter", unbounded=True)
 
 
 @lru_cache(maxsize=None)
 def _cuda_limits(index: int) -> DeviceLimits:
     p = torch.cuda.get_device_properties(index)
     arch = p.major * 10 + p.minor
-    fallback = SHARED_PER_BLOCK.get(arch, SHARED_PER_BLOCK[80] if p.major < 9 else SHARED_PER_BLOCK[90])
-    per_block = int(getattr(p, "shared_memory_per_block_optin", 0) or fallback)
+    per_block = int(getattr(p, "shared_memory_per_block_optin", 0)
+                    or SHARED_PER_BLOCK.get(arch, SHARED_PER_BLOCK[80 if p.major < 9 else 90]))
     return DeviceLimits(per_block, int(p.multi_processor_count),
                         int(getattr(p, "regs_per_multiprocessor", 0) or 65536),
                         int(getattr(p, "shared_memory_per_multiprocessor", 0) or per_block + 1024),
@@ -86,22 +121,13 @@ def _cuda_limits(index: int) -> DeviceLimits:
 
 
 def device_limits(device: torch.device | None) -> DeviceLimits:
-    """The limits of `device`: read from the CUDA device's properties (cached), else `DEFAULT_LIMITS`."""
-    if device is not None and device.type == "cuda":
+    """The limits of `device`: read from the CUDA device's properties (cached); the interpreter's (no
+    limits) for a CPU device; `DEFAULT_LIMITS` for None."""
+    if device is None:
+        return DEFAULT_LIMITS
+    if device.type == "cuda":
         return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_LIMITS
-
-
-def onchip_shared_bytes(block_b: int, block_h: int, itemsize: int, num_stages: int | None,
-                        forward: bool) -> int:
-    """Estimated shared memory of the on-chip kernels: W_hh (block_h^2), the state as the dot's A
-    operand (block_b x block_h), and for the backward the per-step loads (out, grad_out) the pipeliner
-    prefetches num_stages - 1 steps ahead. Matches Triton 3.6/3.9 exactly on every size the compile checks
-    cover (e.g. fp16 H=256 139,264 B; TF32 backward H=128 106,496 B at 3 stages)."""
-    stages = 3 if num_stages is None else num_stages
-    tile = block_b * block_h * itemsize
-    prefetched = 0 if forward else 2 * (stages - 1) * tile
-    return block_h * block_h * itemsize + tile + prefetched
+    return INTERPRETER_LIMITS
 
 
 @dataclass(frozen=True)
@@ -110,18 +136,30 @@ class RecurrenceConfig:
 
     Attributes:
         block_b: batch rows per program (the `M` of every `tl.dot`, >= 16).
-        block_h: on chip: H padded to a power of two (>= 16); streamed: the tile edge.
-        w_on_chip: whether `W_hh` is loaded once and kept on chip (else streamed every step).
-        num_warps: warps per program.
+        block_h: hidden units one program owns, padded to a power of two (>= 16); for S = 1 on chip, H
+            padded.
+        w_on_chip: whether each program's slice of `W_hh` is loaded once and kept on chip (else streamed
+            from L2 every step in `block_k` chunks).
+        num_warps: warps per program (the backward's).
+        num_stages: Triton's software-pipelining stages; None: Triton's default.
         num_warps_forward: the forward kernel's warps where they differ from the backward's.
+        split: S, programs per group; None: `cdiv(H, block_h)`.
+        block_k: streamed: the K chunk; None: `block_h`. (On chip K is `next_power_of_2(H)`.)
+        persistent: one launch for all steps (in-kernel barrier when S > 1) or one launch per step;
+            None: persistent, except S > 1 under the interpreter (whose programs run one after another).
+        max_spins: polls of a barrier wait before the group aborts; None: `MAX_SPINS`.
     """
 
     block_b: int
     block_h: int
     w_on_chip: bool
     num_warps: int = 4
-    num_stages: int | None = None  # None: Triton's default (3 on NVIDIA)
+    num_stages: int | None = None
     num_warps_forward: int | None = None
+    split: int | None = None
+    block_k: int | None = None
+    persistent: bool | None = None
+    max_spins: int | None = None
 
     def warps(self, forward: bool) -> int:
         """Warps of the forward or the backward kernel."""
@@ -130,46 +168,252 @@ class RecurrenceConfig:
     def num_batch_tiles(self, batch_size: int) -> int:
         return triton.cdiv(batch_size, self.block_b)
 
+    def programs_per_group(self, hidden_size: int) -> int:
+        """S: programs sharing one group's hidden units."""
+        return self.split or triton.cdiv(hidden_size, self.block_h)
 
-def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype,
-                  allow_tf32: bool = False, limits: DeviceLimits | None = None) -> RecurrenceConfig:
-    """The configuration the forward and the backward recurrence use for this (H, B, dtype), for fp32
-    whether `tl.dot` may use TF32 tensor cores, on a device with `limits` (None: `DEFAULT_LIMITS`)."""
-    limits = limits or DEFAULT_LIMITS
-    block_h_full = max(MIN_DOT, triton.next_power_of_2(hidden_size))
+    def units_per_program(self, hidden_size: int) -> int:
+        """U = cdiv(H, S): units of program p are [p*U, p*U + U) (the last ones may be fewer)."""
+        return triton.cdiv(hidden_size, self.programs_per_group(hidden_size))
+
+    def k_block(self, hidden_size: int) -> int:
+        """The dot's K block: the whole (padded) state on chip, a chunk when streamed."""
+        if self.w_on_chip:
+            return max(MIN_DOT, triton.next_power_of_2(hidden_size))
+        return self.block_k or self.block_h
+
+    def programs(self, hidden_size: int, batch_size: int, directions: int = 2) -> int:
+        """Programs of one launch."""
+        return self.programs_per_group(hidden_size) * self.num_batch_tiles(batch_size) * directions
+
+    def runs_persistent(self, hidden_size: int, seq_len: int) -> bool:
+        """One launch for all steps (else one per step)."""
+        S = self.programs_per_group(hidden_size)
+        if S == 1:
+            return True  # nobody waits
+        if S * (seq_len + 2) >= ABORT_COUNT:  # the group's counter must stay below ABORT_COUNT
+            return False
+        return self.persistent if self.persistent is not None else not INTERPRETER
+
+    def stages(self, hidden_size: int) -> int | None:
+        """The `num_stages` a launch compiles with: 1 wherever the exchange buffer is read (S > 1, or
+        streamed slices): Triton's pipeliner turns even volatile loads into L1-allocating `cp.async.ca`
+        (seen in the PTX), which could read a stale line of another SM's state; those kernels prefetch the
+        next chunk by hand instead. Else `num_stages` (None: Triton's default)."""
+        if self.programs_per_group(hidden_size) > 1 or not self.w_on_chip:
+            return 1
+        return self.num_stages
+
+    def spin_limit(self) -> int:
+        return self.max_spins if self.max_spins is not None else MAX_SPINS
+
+    def check(self, hidden_size: int) -> None:
+        """ValueError unless this configuration can run at this H."""
+        S = self.programs_per_group(hidden_size)
+        bad = []
+        for name in ("block_b", "block_h") + (("block_k",) if self.block_k else ()):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                bad.append(f"{name}={v} (a power of two)")
+        if S < 1 or self.units_per_program(hidden_size) > self.block_h:
+            bad.append(f"split={S} with block_h={self.block_h} at H={hidden_size} "
+                       f"(each of the S programs owns cdiv(H, S) <= block_h units)")
+        if self.w_on_chip and S == 1 and self.block_h < hidden_size:
+            bad.append(f"block_h={self.block_h} < H={hidden_size} on chip with one program")
+        if bad:
+            raise ValueError("config: " + "; ".join(bad) + " expected")
+
+
+# ------------------------------------------------------------------------------------------ resources
+def onchip_shared_bytes(block_b: int, block_h: int, itemsize: int, num_stages: int | None,
+                        forward: bool, block_k: int | None = None) -> int:
+    """Estimated shared memory of an on-chip program: its W_hh slice (block_k x block_h), the group's
+    state as the dot's A operand (block_b x block_k) and, for the backward, the per-step loads (out,
+    grad_out, block_b x block_h) the pipeliner prefetches num_stages - 1 steps ahead. For S = 1
+    (block_k = block_h) it matches Triton 3.6/3.9 on the sizes the compile checks cover (fp16 H=256
+    139,264 B; TF32 backward H=128 106,496 B at 3 stages)."""
+    block_k = block_k or block_h
+    stages = 3 if num_stages is None else num_stages
+    prefetched = 0 if forward else 2 * (stages - 1) * block_b * block_h * itemsize
+    return block_k * block_h * itemsize + block_b * block_k * itemsize + prefetched
+
+
+def streamed_shared_bytes(block_b: int, block_n: int, block_k: int, itemsize: int, stages: int = 3) -> int:
+    """Estimated shared memory of a streamed program: `stages` buffers of the W chunk and the state chunk."""
+    return stages * (block_k * block_n + block_b * block_k) * max(itemsize, 2)
+
+
+def programs_per_sm(limits: DeviceLimits, shared: int, num_warps: int) -> int:
+    """How many such programs one SM holds at once (shared memory, registers, 32 blocks)."""
+    by_shared = limits.shared_per_sm // max(shared + 1024, 1)  # 1 KiB reserved per block
+    by_regs = limits.registers_per_sm // (REGISTERS_PER_THREAD_EST * 32 * num_warps)
+    return max(0, min(by_shared, by_regs, 32))
+
+
+# ------------------------------------------------------------------------------------------ cost model
+def estimate_step_us(cfg: RecurrenceConfig, hidden_size: int, batch_size: int, dtype: torch.dtype,
+                     allow_tf32: bool, limits: DeviceLimits | None = None, directions: int = 2) -> dict:
+    """Estimated time of one forward step of a launch with `cfg` (an estimate from `COST`, not a
+    measurement), and its parts in microseconds:
+
+    * smem: bytes through one SM's shared memory per step (W slice re-read by the dot, the state operand
+      written and read by each warp, streamed chunks staged) / `smem_bytes_per_clk`, times the programs
+      sharing that SM;
+    * l2: bytes from L2 per step into one SM (streamed W, the exchanged state) / `l2_bytes_per_clk_sm`,
+      bounded below by the whole chip's L2 bandwidth for all programs' bytes;
+    * mma: the dependent MMA (or FMA) chain over K; streamed, at least one L2 round trip per K chunk (the
+      next chunk is prefetched by hand, one ahead);
+    * latency: fixed per-step work, one exchange round trip and the barrier (S > 1), a launch per step
+      in the launch-per-step mode.
+
+    Total = max(smem, l2, mma) + latency. Returns a dict with `us` and each part."""
+    limits = limits or DeviceLimits.for_arch(90)
+    c = COST
+    clk = c["clock_ghz"] * 1e3  # cycles per microsecond
+    H = hidden_size
+    itemsize = dtype.itemsize
+    S = cfg.programs_per_group(H)
+    bn, bk, bb = cfg.block_h, cfg.k_block(H), cfg.block_b
+    k_full = bk if cfg.w_on_chip else triton.cdiv(H, bk) * bk
+    warps = cfg.warps(forward=True)
+    progs = cfg.programs(H, batch_size, directions)
+    per_sm = max(1, triton.cdiv(progs, limits.sm_count))
+    w_bytes = k_full * bn * itemsize
+    a_bytes = bb * k_full * max(itemsize, 2)
+    smem = (w_bytes + a_bytes * (1 + min(warps, max(1, bn // 16)))) * per_sm / c["smem_bytes_per_clk"]
+    exch = 0 if (S == 1 and cfg.w_on_chip) else a_bytes
+    l2_bytes = exch + (0 if cfg.w_on_chip else w_bytes)
+    l2 = max(l2_bytes * per_sm / c["l2_bytes_per_clk_sm"], progs * l2_bytes / (c["l2_total_tb_s"] * 1e6) * clk)
+    fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
+    if fma:
+        mma = bb * bn * k_full / c["fma_per_clk_sm"] * per_sm
+    else:
+        k_per_mma = c["mma_clk"][0] if itemsize == 2 else 8
+        mma = k_full / k_per_mma * c["mma_clk"][1]
+    if not cfg.w_on_chip:  # chunk k + 1 is prefetched during chunk k (num_stages=1): a chunk costs at least
+        mma = max(mma, triton.cdiv(H, bk) * c["l2_latency_clk"])  # one L2 round trip
+    latency = c["step_fixed_clk"] + (c["l2_latency_clk"] if exch else 0)
+    if S > 1:
+        latency += c["barrier_clk"]
+    persistent = cfg.persistent if cfg.persistent is not None else True
+    us = (max(smem, l2, mma) + latency) / clk + (0 if persistent or S == 1 else c["launch_us"])
+    return dict(us=round(us, 3), smem_us=round(smem / clk, 3), l2_us=round(l2 / clk, 3),
+                mma_us=round(mma / clk, 3), latency_us=round(latency / clk, 3), programs=progs,
+                sms=limits.sm_count, persistent=persistent or S == 1, estimate=True)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+def _batch_tile(batch_size: int) -> int:
     block_b = MIN_DOT
     while block_b < 64 and triton.cdiv(batch_size, block_b) > MAX_PROGRAMS_PER_DIRECTION:
         block_b *= 2
-    # exact fp32 (and fp64) dots are FMA loops holding a whole K row in registers: beyond a 16 x 32
-    # tile they spill (fp32 H=50 and H=128 did on sm_80/sm_90), so they stream sooner
+    return block_b
+
+
+def _one_program(H: int, block_b: int, dtype: torch.dtype, fma: bool, limits: DeviceLimits) -> RecurrenceConfig | None:
+    """The one-program-per-group on-chip plan (S = 1), where it fits and does not spill."""
+    block_h = max(MIN_DOT, triton.next_power_of_2(H))
+    aligned = H % 16 == 0
+    if fma:
+        # exact fp32 (and fp64) dots are FMA loops holding a whole K row in registers: beyond a 16 x 32
+        # tile they spill (fp32 H=50 and H=128 did on sm_80/sm_90)
+        if block_b * block_h > FMA_ON_CHIP_MAX_TILE:
+            return None
+    else:
+        if block_h * block_h * dtype.itemsize > ON_CHIP_MAX_BYTES:
+            return None
+        # H not a multiple of 16: loads go scalar and masks per element: wide TF32 tiles spilled (H=100)
+        if dtype == torch.float32 and not aligned and block_h > 64:
+            return None
+    # (unaligned H >= 128: the masked backward spilled at 4 warps on sm_86/sm_89)
+    num_warps = 8 if (block_h >= 256 or block_b * block_h >= 32 * 128 or (fma and block_h >= 64)
+                      or (not aligned and block_h >= 128)) else 4
+    # H = 256 in 16-bit: Triton's default 3-stage pipelining of the per-step loads adds ~40 KiB, which
+    # pushed the backward past sm_80's 163 KiB
+    num_stages = 1 if block_h >= 256 else None
+    if onchip_shared_bytes(block_b, block_h, dtype.itemsize, num_stages, False) > limits.shared_per_block:
+        num_stages = 1  # the backward's prefetch is what does not fit (TF32 H=128 on sm_86: 106,496 B)
+    if onchip_shared_bytes(block_b, block_h, dtype.itemsize, num_stages, False) > limits.shared_per_block:
+        return None
+    return RecurrenceConfig(block_b, block_h, True, num_warps, num_stages)
+
+
+def _stream_block_k(dtype: torch.dtype, fma: bool, aligned: bool) -> int:
+    """The K chunk of a streamed slice: FMA dots 16 wide; tensor cores `STREAMED_BLOCK_H`, halved at H
+    not a multiple of 16 (the exchanged state's rows are unaligned there: wide chunks spilled)."""
+    if fma:
+        return MIN_DOT
+    return STREAMED_BLOCK_H[dtype] if aligned else max(MIN_DOT, STREAMED_BLOCK_H[dtype] // 2)
+
+
+def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLimits,
+                      splits: list[int] | None = None) -> list[RecurrenceConfig]:
+    """Split plans (S > 1; S from `SPLIT_BLOCK_N`, or `splits`) that fit one program's shared memory and
+    compile without spills, persistent where the grid is resident."""
+    out = []
+    itemsize = dtype.itemsize
+    block_k_full = max(MIN_DOT, triton.next_power_of_2(H))
+    aligned = H % 16 == 0
+    if splits is None:
+        splits = sorted({triton.cdiv(H, bn) for bn in SPLIT_BLOCK_N})
+    for block_b in sorted({16, 32, _batch_tile(B), min(64, max(MIN_DOT, triton.next_power_of_2(B)))}):
+        if block_b > max(MIN_DOT, triton.next_power_of_2(B)):
+            continue
+        tiles = triton.cdiv(B, block_b)
+        for S in splits:
+            if S < 2 or S > H:
+                continue
+            block_n = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(H, S)))
+            plans = []
+            # on chip: the group's state [block_b, next_pow2(H)] is the dot's A operand; 8 warps from 8K
+            # elements of it, at most 16K (32 x 1024 and 16 x 1024 at 4 warps spilled on sm_80/sm_86)
+            a_elems = block_b * block_k_full
+            # unaligned H: masked, scalar state loads; beyond K = 256 they spilled (fp16 H=300 on sm_86)
+            if (not fma and block_k_full <= MAX_SPLIT_K and a_elems <= 16384 and block_n <= 128
+                    and (aligned or block_k_full <= (64 if dtype == torch.float32 else 256))):
+                warps = 8 if a_elems >= 8192 or block_n * block_k_full >= 16384 else 4  # 16 x 128 x 256: spilled
+                shared = onchip_shared_bytes(block_b, block_n, itemsize, 1, False, block_k_full)
+                if shared <= limits.shared_per_block:
+                    plans.append((RecurrenceConfig(block_b, block_n, True, warps, 1, split=S), shared, warps))
+            # streamed: FMA dots hold a K row per thread (16 x 16 tiles; 32 x 16 spilled 8 B); tensor-core tiles
+            # up to 16 x 64 / 32 x 32 (32 x 64 and 16 x 128 spilled in the backward)
+            # the backward holds chunk k and k + 1 of W in registers: 64 x 64 chunks spilled, 64 x 32 did not;
+            # at unaligned H (masked scalar loads) 16 x 64 tiles spilled, 16 x 32 did not
+            block_k = _stream_block_k(dtype, fma, aligned)
+            tile_ok = ((block_n == MIN_DOT and block_b == MIN_DOT) if fma
+                       else block_b * block_n <= 1024 and block_k * block_n <= 2048 and (aligned or block_n <= 32))
+            if tile_ok:
+                shared = streamed_shared_bytes(block_b, block_n, block_k, itemsize)
+                if shared <= limits.shared_per_block:
+                    plans.append((RecurrenceConfig(block_b, block_n, False, 4, 1, split=S, block_k=block_k),
+                                  shared, 4))
+            for cfg, shared, warps in plans:
+                capacity = programs_per_sm(limits, shared, warps) * limits.sm_count
+                resident = S * tiles * 2 <= int(RESIDENT_FRACTION * capacity)
+                out.append(replace(cfg, persistent=resident))
+    return out
+
+
+def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype, allow_tf32: bool = False,
+                  limits: DeviceLimits | None = None, split: int | None = None) -> RecurrenceConfig:
+    """The plan the forward and the backward recurrence use for this (H, B, dtype), for fp32 whether
+    `tl.dot` may use TF32 tensor cores, on a device with `limits` (None: `DEFAULT_LIMITS`), with `split`
+    programs per group where given and possible (`FUSED_BIRNN_SPLIT`). Plans are sized for a
+    bidirectional launch (D = 2); a unidirectional one uses half the programs."""
+    limits = limits or DEFAULT_LIMITS
+    H, B = hidden_size, batch_size
+    block_b = _batch_tile(B)
     fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
-    # H not a multiple of 16: rows and the reverse half's columns are unaligned, loads go scalar and
-    # masks per element: wide tiles spilled (fp16 H=300 with 64-wide streamed tiles, TF32 H=100 on chip)
-    aligned = hidden_size % 16 == 0
-    if fma:
-        on_chip = block_b * block_h_full <= FMA_ON_CHIP_MAX_TILE
-    else:
-        on_chip = block_h_full * block_h_full * dtype.itemsize <= ON_CHIP_MAX_BYTES
-        if dtype == torch.float32 and not aligned:
-            on_chip = on_chip and block_h_full <= 64
-    if on_chip:
-        # the full-width hidden state and accumulator live in registers: more warps for wide tiles
-        num_warps = 8 if (block_h_full >= 256 or block_b * block_h_full >= 32 * 128
-                          or (fma and block_h_full >= 64)) else 4
-        # H = 256 in 16-bit: Triton's default 3-stage pipelining of the per-step loads adds ~40 KiB,
-        # which pushed the backward past sm_80's 163 KiB
-        num_stages = 1 if block_h_full >= 256 else None
-        itemsize = dtype.itemsize
-        if onchip_shared_bytes(block_b, block_h_full, itemsize, num_stages, False) > limits.shared_per_block:
-            num_stages = 1  # the backward's prefetch is what does not fit (TF32 H=128 on sm_86: 106,496 B)
-        if onchip_shared_bytes(block_b, block_h_full, itemsize, num_stages, False) <= limits.shared_per_block:
-            return RecurrenceConfig(block_b, block_h_full, True, num_warps, num_stages)
-    # streamed tiles: FMA dots 16 wide (32 spilled a few bytes at odd H with lengths on sm_80); tensor
-    # cores STREAMED_BLOCK_H, halved (at least 16) for unaligned H
-    if fma:
-        block_h = MIN_DOT
-    else:
-        block_h = STREAMED_BLOCK_H[dtype] if aligned else max(MIN_DOT, STREAMED_BLOCK_H[dtype] // 2)
-    # 16-bit and TF32 streamed forwards spill a few bytes at 4 warps with triton 3.6 (128-register cap);
-    # the backward spills at 8: each gets its own
-    return RecurrenceConfig(block_b, block_h, False, 4, num_warps_forward=4 if fma else 8)
+    if limits.unbounded:  # the interpreter: one program per group holds everything, unless told
+        S = max(1, min(split or 1, H))
+        block_h = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(H, S)))
+        return RecurrenceConfig(block_b, block_h, True, split=S if S > 1 else None)
+    one = _one_program(H, block_b, dtype, fma, limits)
+    candidates = ([one] if one else []) + _split_candidates(H, B, dtype, fma, limits)
+    if split is not None:  # FUSED_BIRNN_SPLIT: that S wherever a plan with it fits
+        forced = ([one] if one and split == 1 else []) + (
+            _split_candidates(H, B, dtype, fma, limits, [split]) if split > 1 else [])
+        candidates = forced or candidates
+    if not candidates:  # nothing fits one program (cannot happen with MIN_DOT tiles; keep a safe plan)
+        return RecurrenceConfig(MIN_DOT, MIN_DOT, False, 4, 1, block_k=MIN_DOT, persistent=False)
+    return min(candidates, key=lambda c: estimate_step_us(c, H, B, dtype, allow_tf32, limits)["us"])

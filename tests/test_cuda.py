@@ -1,5 +1,8 @@
 """On a GPU: the compiled kernels against cuDNN (nn.RNN on CUDA) at realistic sizes, fp32/fp16/bf16,
-forward and backward; T >= 65,536 (where cuDNN fails) with int64 offsets; determinism; eval backward.
+forward and backward; T >= 65,536 (where cuDNN fails) with int64 offsets; determinism; eval backward;
+the split recurrence (S cooperating programs per group: against cuDNN at H = 256, 512, 1760, 1,000
+back-to-back launches, beside a busy stream, a grid too large for one wave ending in the error, CUDA
+graphs) and the device guard.
 
 Run with `TRITON_INTERPRET=0 pytest -m cuda tests` (bench/gpu_run.sh does). Accuracy criterion: against
 cuDNN in float64, our error is no worse than cuDNN's own error in the same dtype (plus a small floor)."""
@@ -158,13 +161,22 @@ def test_packed_parity_against_cudnn(dtype, no_tf32):
         assert err_ours <= 2 * err_cudnn + FLOOR[dtype], f"ours {err_ours:.2e}, cuDNN {err_cudnn:.2e}"
 
 
+@pytest.mark.parametrize("split", [None, "2"], ids=["planned", "split2"])
 @pytest.mark.parametrize("with_lengths", [False, True], ids=["padded", "device-lengths"])
-def test_cuda_graph_captures_a_training_step(with_lengths, no_tf32):
+def test_cuda_graph_captures_a_training_step(with_lengths, split, no_tf32, monkeypatch):
     """Forward, backward and an SGD step of a 2-layer bidirectional RNN captured in one CUDA graph
     (capture fails on any host-device sync) and replayed on new data: the same losses and weights as
     the same steps run eagerly. Device lengths are a static input; their value check is skipped
-    while capturing (the warm-up, eager, checked them)."""
+    while capturing (the warm-up, eager, checked them). With S = 2 the barrier counters are zeroed on
+    the device inside the graph and the error flag's host copy is skipped while capturing."""
     import copy
+
+    from fused_birnn.kernels import launch
+
+    if split is None:
+        monkeypatch.delenv(launch.SPLIT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(launch.SPLIT_ENV, split)
 
     model = fused_birnn.RNN(16, 32, 2, bidirectional=True, device="cuda", backend="triton")
     twin = copy.deepcopy(model)
@@ -201,3 +213,147 @@ def test_cuda_graph_captures_a_training_step(with_lengths, no_tf32):
         torch.testing.assert_close(static_loss, twin_loss)
         for p, q in zip(model.parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(p, q)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the split recurrence (issue 8): S cooperating programs per group, in-kernel barrier
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("split", [None, 2, 3], ids=["planned", "S2", "S3"])
+@pytest.mark.parametrize("H,B,dtype", [(256, 32, torch.float32), (512, 8, torch.float16),
+                                       (1760, 32, torch.float16)], ids=["H256-fp32", "H512-fp16", "H1760-fp16"])
+def test_split_against_cudnn(H, B, dtype, split, no_tf32, monkeypatch):
+    """The split kernels (the plan's S, and S forced to 2 and 3) against cuDNN, forward and backward,
+    both judged against float64."""
+    from fused_birnn.kernels import launch
+
+    if split is None:
+        monkeypatch.delenv(launch.SPLIT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(launch.SPLIT_ENV, str(split))
+    I, L, T = 64, 1, 64
+    ref64 = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=torch.float64)
+    cudnn = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype)
+    ours = fused_birnn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype, backend="triton")
+    cudnn.load_state_dict(ref64.state_dict())
+    ours.load_state_dict(ref64.state_dict())
+    x = torch.randn(T, B, I, device="cuda", dtype=torch.float64)
+    h0 = torch.randn(2 * L, B, H, device="cuda", dtype=torch.float64)
+    g_out = torch.randn(T, B, 2 * H, device="cuda", dtype=torch.float64)
+    g_hn = torch.randn(2 * L, B, H, device="cuda", dtype=torch.float64)
+    expected = grads_of(ref64, x, h0, g_out, g_hn)
+    theirs = grads_of(cudnn, x.to(dtype), h0.to(dtype), g_out, g_hn)
+    mine = grads_of(ours, x.to(dtype), h0.to(dtype), g_out, g_hn)
+    launch.check_errors("cuda")
+    for e, t, m in zip(expected, theirs, mine, strict=True):
+        scale = e.abs().max().item() + 1e-30
+        err_ours = (m.double() - e).abs().max().item() / scale
+        err_cudnn = (t.double() - e).abs().max().item() / scale
+        assert err_ours <= 2 * err_cudnn + FLOOR[dtype], f"ours {err_ours:.2e}, cuDNN {err_cudnn:.2e}"
+
+
+@pytest.mark.parametrize("split", ["2", "4"])
+def test_split_back_to_back_launches_bitwise_equal(split, monkeypatch):
+    """1,000 back-to-back forward launches of the persistent split kernel (barrier counters reset on the
+    device each launch) give bitwise the same output; no error is flagged."""
+    from fused_birnn.kernels import launch
+    from fused_birnn.kernels.forward import birnn_forward
+
+    monkeypatch.setenv(launch.SPLIT_ENV, split)
+    T, B, H, D = 16, 8, 512, 2
+    x_proj = torch.randn(T, B, D * H, device="cuda", dtype=torch.float16)
+    w_hh = (torch.randn(D, H, H, device="cuda") / H ** 0.5).half()
+    h0 = torch.randn(D, B, H, device="cuda", dtype=torch.float16)
+    outs = [torch.empty_like(x_proj) for _ in range(2)]
+    h_n = torch.empty_like(h0)
+    birnn_forward(x_proj, w_hh, h0, outs[0], h_n, relu=False)
+    for _ in range(1000):
+        birnn_forward(x_proj, w_hh, h0, outs[1], h_n, relu=False)
+        assert torch.equal(outs[0], outs[1])  # syncs: each launch checked
+    launch.check_errors("cuda")
+
+
+def test_split_beside_a_busy_kernel_on_another_stream(monkeypatch):
+    """The persistent split kernel while a long GEMM loop runs on another stream (fewer free SMs): the
+    plan's margin keeps it resident, or it ends in the documented error; it never hangs or returns
+    silently wrong numbers."""
+    from fused_birnn.kernels import launch
+
+    monkeypatch.delenv(launch.SPLIT_ENV, raising=False)
+    m = fused_birnn.RNN(128, 1024, 1, bidirectional=True, device="cuda", dtype=torch.float16)
+    ref = fused_birnn.RNN(128, 1024, 1, bidirectional=True, device="cuda", backend="torch")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(64, 32, 128, device="cuda", dtype=torch.float16)
+    busy = torch.cuda.Stream()
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    with torch.cuda.stream(busy):
+        for _ in range(50):
+            a = (a @ a).clamp_(-1, 1)
+    out, _ = m(x)
+    try:
+        launch.check_errors("cuda")
+    except RuntimeError as e:
+        assert "never arrived" in str(e) and torch.isnan(out).any()
+        return
+    with torch.no_grad():
+        r_out, _ = ref(x.float())
+    torch.testing.assert_close(out.float(), r_out, atol=2e-2, rtol=2e-2)
+
+
+def test_split_plan_larger_than_the_device_ends_in_the_error():
+    """A persistent grid far larger than one wave (forced by an explicit config): the resident programs
+    give up after max_spins polls, the late ones see the abort; outputs NaN from the failed step on and
+    a RuntimeError naming the cause, not a hang."""
+    from fused_birnn.kernels import launch
+    from fused_birnn.kernels.config import RecurrenceConfig
+    from fused_birnn.kernels.forward import birnn_forward
+
+    T, B, H, D = 8, 256, 4096, 2
+    cfg = RecurrenceConfig(16, 16, False, split=256, block_k=64, persistent=True, max_spins=20_000)
+    x_proj = torch.randn(T, B, D * H, device="cuda", dtype=torch.float16)
+    w_hh = (torch.randn(D, H, H, device="cuda") / H ** 0.5).half()
+    h0 = torch.zeros(D, B, H, device="cuda", dtype=torch.float16)
+    out, h_n = torch.zeros_like(x_proj), torch.empty_like(h0)
+    birnn_forward(x_proj, w_hh, h0, out, h_n, relu=False, config=cfg)  # 8,192 programs
+    with pytest.raises(RuntimeError, match="never arrived"):
+        launch.check_errors("cuda")
+    assert torch.isnan(h_n).any()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_device_guard_model_on_a_non_current_device():
+    """The model on cuda:1 while cuda:0 is current: the launches run on cuda:1 (Triton launches on the
+    current device: the launchers switch to the tensors' device)."""
+    torch.cuda.set_device(0)
+    m = fused_birnn.RNN(16, 64, 2, bidirectional=True, device="cuda:1", backend="triton")
+    ref = fused_birnn.RNN(16, 64, 2, bidirectional=True, device="cuda:1", backend="torch")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(9, 4, 16, device="cuda:1", requires_grad=True)
+    out, hn = m(x)
+    out.sum().backward()
+    assert torch.cuda.current_device() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(x)[0], atol=1e-3, rtol=1e-3)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_device_guard_with_a_current_device_of_another_index():
+    """On one GPU the guard is the identity; the launch under `torch.cuda.device(x.device)` still works
+    when the model names the device by index."""
+    m = fused_birnn.RNN(16, 64, 1, bidirectional=True, device=torch.device("cuda", 0), backend="triton")
+    out, _ = m(torch.randn(5, 3, 16, device="cuda:0"))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("split", ["1", "3"])
+def test_sanitizer_small_split(split, monkeypatch):
+    """A small forward + backward through the split kernel: what bench/gpu_run.sh runs under
+    compute-sanitizer (racecheck, synccheck)."""
+    from fused_birnn.kernels import launch
+
+    monkeypatch.setenv(launch.SPLIT_ENV, split)
+    m = fused_birnn.RNN(8, 96, 1, bidirectional=True, device="cuda", dtype=torch.float16)
+    x = torch.randn(6, 5, 8, device="cuda", dtype=torch.float16, requires_grad=True)
+    out, hn = m(x)
+    (out.float().sum() + hn.float().sum()).backward()
+    launch.check_errors("cuda")
+    assert torch.isfinite(x.grad).all()

@@ -14,7 +14,9 @@ from fused_birnn.torch_backend import recurrence_backward, recurrence_forward
 pytestmark = pytest.mark.skipif(not INTERPRETER, reason="needs TRITON_INTERPRET=1")
 
 SHAPES = [(5, 3, 7, 2), (1, 5, 50, 2), (4, 17, 33, 1), (3, 1, 1, 2), (2, 33, 16, 2)]  # (T, B, H, D)
-CONFIGS = [None, RecurrenceConfig(16, 16, False), RecurrenceConfig(32, 32, False, num_warps=2)]
+# the plan (one program per group here), W_hh slices streamed in 16-wide chunks by cdiv(H, 16) programs,
+# and 2 programs per group with 32-row tiles and on-chip slices (more than one program: launch per step)
+CONFIGS = [None, RecurrenceConfig(16, 16, False), RecurrenceConfig(32, 32, True, num_warps=2, split=2)]
 
 
 def loop_reference(x_proj, w_hh, h0, relu):
@@ -49,7 +51,7 @@ def assert_guard_untouched(big, view):
     assert not torch.isnan(view).any(), "a kernel left part of its output unwritten"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["selected", "streamed16", "streamed32"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["selected", "streamed16", "split2-onchip32"])
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-H{}-D{}".format(*s))
 def test_forward_and_backward_kernels(shape, relu, config):
@@ -115,43 +117,58 @@ def test_strided_views_of_larger_buffers():
 
 
 def test_config_table():
-    """What select_config promises: legal dot shapes, on-chip up to the byte limit, streamed above."""
+    """What select_config promises on the default device (an A100): legal dot shapes, every unit owned
+    by one program, one program per group on chip up to the byte limit, S programs above it."""
+    from fused_birnn.kernels.config import DEFAULT_LIMITS, onchip_shared_bytes, streamed_shared_bytes
+
     for H in (1, 7, 50, 100, 128, 200, 256, 257, 300, 512, 1000, 1760, 2560):
         for B in (1, 5, 64, 1024, 5000):
             for dt in (torch.float16, torch.bfloat16, torch.float32):
                 for tf32 in (False, True):
                     c = select_config(H, B, dt, tf32)
-                    assert c.block_b >= 16 and c.block_h >= 16
-                    if dt != torch.float32:
-                        assert c.w_on_chip == (c.block_h >= H and c.block_h ** 2 * dt.itemsize <= 128 * 1024)
-                    elif tf32:  # TF32 tiles wider than 64 only for H a multiple of 16
-                        assert c.w_on_chip == (c.block_h >= H and c.block_h ** 2 * 4 <= 128 * 1024
-                                               and (H % 16 == 0 or c.block_h <= 64))
-                    else:  # exact fp32: FMA dots, on chip only for small tiles
-                        assert c.w_on_chip == (c.block_h >= H and c.block_b * c.block_h <= 16 * 32)
-                    if not c.w_on_chip and (dt != torch.float32 or tf32):
-                        assert c.block_h == (64 if dt.itemsize == 2 else 32) // (1 if H % 16 == 0 else 2)
-                    assert c.num_batch_tiles(B) <= 64 or c.block_b == 64
-    assert select_config(256, 64, torch.float16).w_on_chip and not select_config(256, 64, torch.float32, True).w_on_chip
-    assert select_config(128, 5, torch.float32, True).w_on_chip and not select_config(128, 5, torch.float32).w_on_chip
+                    c.check(H)
+                    S, U = c.programs_per_group(H), c.units_per_program(H)
+                    assert c.block_b >= 16 and c.block_h >= 16 and c.k_block(H) >= 16
+                    assert S * U >= H and U <= c.block_h
+                    if S == 1:  # one program per group: W_hh padded to block_h (on chip but for tiny
+                        assert c.block_h >= H  # exact-fp32 layers with 64-row tiles)
+                        assert c.w_on_chip or (dt == torch.float32 and not tf32 and H <= 16)
+                    if c.w_on_chip:
+                        assert onchip_shared_bytes(c.block_b, c.block_h, dt.itemsize, c.num_stages, False,
+                                                   c.k_block(H)) <= DEFAULT_LIMITS.shared_per_block
+                    else:
+                        assert streamed_shared_bytes(c.block_b, c.block_h, c.k_block(H), dt.itemsize) \
+                            <= DEFAULT_LIMITS.shared_per_block
+                    if dt == torch.float32 and not tf32 and S > 1:  # FMA dots: 16-wide tiles only
+                        assert c.block_h == 16 and c.k_block(H) == 16
+                    if dt != torch.float32 and H <= 256:  # 16-bit, <= 128 KiB of W_hh: one program
+                        assert S == 1
+                    assert c.block_b <= 64 and (S == 1 or c.runs_persistent(H, 100) == c.persistent)
+    assert select_config(256, 64, torch.float16).programs_per_group(256) == 1
+    assert select_config(256, 64, torch.float32, True).programs_per_group(256) > 1
+    assert select_config(128, 5, torch.float32, True).programs_per_group(128) == 1
+    assert select_config(128, 5, torch.float32).programs_per_group(128) > 1
 
 
 def test_plans_fit_the_device_shared_memory():
-    """sm_86/sm_89/sm_120 allow 101,376 B per block: fp16 H=256 on chip (139,264 B) and the 3-stage TF32
-    on-chip backward at H=128 (106,496 B) must not be planned there; sm_80/sm_90 keep them."""
-    from fused_birnn.kernels.config import DeviceLimits, onchip_shared_bytes
+    """sm_86/sm_89/sm_120 allow 101,376 B per block: fp16 H=256 in one program (139,264 B) and the 3-stage
+    TF32 on-chip backward at H=128 (106,496 B) must not be planned there; sm_80/sm_90 keep them."""
+    from fused_birnn.kernels.config import DeviceLimits, onchip_shared_bytes, streamed_shared_bytes
 
     sm86, sm80 = DeviceLimits.for_arch(86), DeviceLimits.for_arch(80)
-    assert not select_config(256, 32, torch.float16, False, sm86).w_on_chip
-    assert select_config(256, 32, torch.float16, False, sm80).w_on_chip
+    assert select_config(256, 32, torch.float16, False, sm86).programs_per_group(256) > 1
+    assert select_config(256, 32, torch.float16, False, sm80).programs_per_group(256) == 1
     c = select_config(128, 32, torch.float32, True, sm86)
-    assert c.w_on_chip and c.num_stages == 1
+    assert c.w_on_chip and c.programs_per_group(128) == 1 and c.num_stages == 1
     assert select_config(128, 32, torch.float32, True, sm80).num_stages is None
-    for limits in (sm86, sm80, DeviceLimits.for_arch(90)):
-        for H in (7, 50, 100, 128, 200, 256):
+    for limits in (sm86, sm80, DeviceLimits.for_arch(89), DeviceLimits.for_arch(90)):
+        for H in (7, 50, 100, 128, 200, 256, 512, 1760):
             for dt in (torch.float16, torch.float32):
                 c = select_config(H, 32, dt, True, limits)
+                k = c.k_block(H)
                 if c.w_on_chip:
                     for fwd in (True, False):
-                        assert onchip_shared_bytes(c.block_b, c.block_h, dt.itemsize, c.num_stages, fwd) \
+                        assert onchip_shared_bytes(c.block_b, c.block_h, dt.itemsize, c.num_stages, fwd, k) \
                             <= limits.shared_per_block
+                else:
+                    assert streamed_shared_bytes(c.block_b, c.block_h, k, dt.itemsize) <= limits.shared_per_block

@@ -264,6 +264,8 @@ def _recomputed_gradients(ctx, grad_out, grad_h_n, need_x: bool, need_h0: bool, 
     create_graph = torch.is_grad_enabled()
     inputs = [x, h0, *params]
     wanted = [need_x, need_h0] + [need_params] * len(params)
+    if create_graph:  # differentiated in place: only what requires grad (a frozen parameter gets None)
+        wanted = [w and t.requires_grad for w, t in zip(wanted, inputs)]
     with torch.enable_grad():
         if not create_graph:  # differentiate a fresh graph of its own
             inputs = [t.detach().requires_grad_(w) for t, w in zip(inputs, wanted)]

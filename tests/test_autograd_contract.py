@@ -190,3 +190,18 @@ def test_vmap_checks_every_samples_lengths():
     lengths = torch.tensor([[6, 2], [7, 6]])  # the second sample's 7 exceeds T = 6
     with pytest.raises(ValueError, match="lengths must lie in"):
         torch.func.vmap(lambda x, n: m(x, lengths=n))(torch.randn(2, 6, 2, 3), lengths)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gradient_penalty_with_a_frozen_parameter(backend):
+    """Only what requires grad is differentiated; the frozen weight gets no gradient, the rest nn.RNN's."""
+    ours, ref = pair(backend, 2, 3, 1, bidirectional=True)
+    for m in (ours, ref):
+        m.weight_hh_l0.requires_grad_(False)
+        x = torch.randn(4, 2, 2, dtype=F64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        g = torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)[0]
+        g.pow(2).sum().backward()
+    assert ours.weight_hh_l0.grad is None
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -439,10 +439,6 @@ def test_gradgrad(info, backend, dtype, training, inputs):
         _run_gradient_check(gradgradcheck, info, job)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "double backward with a parameter that does not require grad: functional._recomputed_gradients "
-    "asks autograd.grad for every parameter of the layer under create_graph=True ('One of the "
-    "differentiated Tensors does not require grad')"))
 @pytest.mark.parametrize(CASE_ARGS, GRADGRAD_CASES)
 def test_gradgrad_partial(info, backend, dtype, training, inputs):
     """gradgradcheck w.r.t. the inputs and one parameter, the others not requiring gradients (as with a

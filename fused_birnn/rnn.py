@@ -9,7 +9,8 @@ from torch import Tensor, _VF, nn
 from torch._C import _functorch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .functional import BACKENDS, INTERPRETER, autocast_dtype, birnn_layer
+from . import functional
+from .functional import BACKENDS, autocast_dtype, birnn_layer
 
 # backend='auto' on a CPU: training on sequences shorter than this runs ATen's own RNN (see
 # RNN._aten_serves); measured crossover of forward+backward against nn.RNN, 1 and 2 threads (bench/).
@@ -266,7 +267,8 @@ class RNN(nn.RNNBase):
         hand-written BPTT has too few steps to repay that cost). Everything else runs our path: training
         on longer sequences (1.2-3x nn.RNN, README), `lengths=`, and torch.func transforms. Same results
         either way: ATen's CPU RNN is deterministic, differentiable to any order and has no length limit."""
-        if (self.backend != "auto" or x.device.type != "cpu" or INTERPRETER or x.dtype not in (torch.float32, torch.float64)
+        if (self.backend != "auto" or x.device.type != "cpu" or functional.INTERPRETER
+                or x.dtype not in (torch.float32, torch.float64)
                 or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
                 or _functorch.maybe_current_level() is not None):  # torch.func: our layer's rules
             return False

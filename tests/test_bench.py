@@ -56,7 +56,7 @@ def test_command_writes_json_markdown_png(tmp_path):
     assert (tmp_path / "fused_birnn-results" / "tiny_quick.json").read_text() == "earlier"
     assert "CPU fwd ratio [95% CI]" in proc.stdout  # the final table
     assert "ratio = nn.RNN time / ours (> 1: ours faster" in proc.stdout  # which way it reads
-    assert "[tiny 1/3] L2 I3 H4 B2 T3 fp32: torch: ok" in proc.stderr  # one whole line per configuration
+    assert "[tiny 1/3] L2 I3 H4 B2 T3 fp32: auto: ok, torch: ok" in proc.stderr  # one whole line per configuration
     assert "[tiny 3/3]" in proc.stderr
     assert "allow_tf32" not in proc.stdout  # meaningless on a CPU run
     payload = _check_files(out, "tiny_quick")
@@ -78,8 +78,9 @@ def test_command_writes_json_markdown_png(tmp_path):
     assert [r["config"]["packed"] for r in payload["results"]] == [False, False, True]
     for r in payload["results"]:
         assert r["status"] == "ok", r["status_text"]
-        assert r["parity"]["ours"]["backend"] == "torch"
+        assert r["parity"]["ours"]["backend"] == "auto"  # timed: what users get
         assert r["parity"]["ours"]["fwd_ok"] and r["parity"]["ours"]["bwd_ok"]
+        assert r["parity"]["torch"]["fwd_ok"] and r["parity"]["torch"]["bwd_ok"]  # the PyTorch path, untimed
         if INTERPRETER:  # the kernels, interpreted, passed the same gate (untimed)
             assert r["parity"]["triton"]["fwd_ok"] and r["parity"]["triton"]["bwd_ok"]
         for mode in ("fwd", "fwd_bwd"):

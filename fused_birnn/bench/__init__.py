@@ -9,7 +9,8 @@ against nn.RNN; a candidate that fails is reported as a parity FAILURE and not t
 
 * CUDA: forward and forward+backward times (`triton.testing.do_bench`, median, CUDA events), ratio
   cuDNN / ours, peak memory, TFLOP/s, time per sequential step against an empty persistent loop's;
-* CPU: the pure-PyTorch path (`backend='torch'`) against nn.RNN on the same CPU, wall-clock medians,
+* CPU: `backend='auto'` as users get it (ATen's RNN for inference and short training sequences, the
+  pure-PyTorch path otherwise) against nn.RNN on the same CPU, wall-clock medians,
   ours and nn.RNN interleaved round by round; the Triton kernels through the interpreter for the parity
   gate only (the command re-executes itself with `TRITON_INTERPRET=1` so that they can run);
 

@@ -232,7 +232,7 @@ def result_line(r: dict) -> str:
 def result_columns(device: str) -> list[str]:
     label = "CPU " if device == "cpu" else ""
     ref = "nn.RNN" if device == "cpu" else "cuDNN"
-    ours = "ours (torch)" if device == "cpu" else "ours"
+    ours = "ours (auto)" if device == "cpu" else "ours"
     cols = ["config", "parity", f"{label}fwd {ours} ms", f"{label}fwd {ref} ms", f"{label}fwd ratio [95% CI]",
             f"{label}fwd+bwd {ours} ms", f"{label}fwd+bwd {ref} ms", f"{label}fwd+bwd ratio [95% CI]"]
     if device == "cuda":
@@ -354,9 +354,11 @@ def markdown_report(payload: dict) -> str:
         lines += [f"**Did not converge ({NOT_CONVERGED_MARK} in the table): " + "; ".join(payload["not_converged"])
                   + ".**", ""]
     if device == "cpu":
-        lines += ["CPU figures: `fused_birnn.RNN(backend='torch')` (the pure-PyTorch path) against `torch.nn.RNN` "
+        lines += ["CPU figures: `fused_birnn.RNN(backend='auto')` as without the interpreter (ATen's RNN for "
+                  "inference and training under 32 steps, the pure-PyTorch path otherwise) against `torch.nn.RNN` "
                   f"on the same CPU, {env['cpu_threads']} threads. The Triton kernels ran through the interpreter "
-                  "for the parity gate only (column `parity`, `triton:`); interpreter timings are never shown.", ""]
+                  "for the parity gate only (column `parity`, `triton:`), as did the PyTorch path (`torch:`); interpreter "
+                  "timings are never shown.", ""]
     else:
         lines += [f"CUDA figures: `fused_birnn.RNN` (Triton kernels) against `torch.nn.RNN` (cuDNN {env['cudnn']}); "
                   f"torch.backends.cudnn.allow_tf32 = {env.get('allow_tf32')} (our fp32 `tl.dot` follows it), "

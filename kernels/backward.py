@@ -160,10 +160,6 @@ def birnn_bwd_kernel(
 
 
 
-# The same kernel under the name of each W_hh path: the launcher launches through these names, so code
-# that wraps one path's kernel (tests/test_module.py counts launches) sees exactly that path's launches.
-birnn_bwd_onchip_kernel = birnn_bwd_kernel
-birnn_bwd_streamed_kernel = birnn_bwd_kernel
 
 def birnn_backward(
     out: torch.Tensor,
@@ -215,7 +211,7 @@ def birnn_backward(
         args = (out, grad_out, w, grad_pre, grad_h0, lengths, dh, xch, sync, err, T, B, H, U, w.stride(-2))
         after = (out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
                  grad_pre.stride(0), grad_pre.stride(1), grad_h0.stride(0), grad_h0.stride(1))
-        launch.run_steps(birnn_bwd_onchip_kernel if cfg.w_on_chip else birnn_bwd_streamed_kernel,
+        launch.run_steps(birnn_bwd_kernel,
                          (S, n_tiles, D), args, after, T + 1, persistent, cfg.spin_limit(), common)
         if persistent and S > 1:
             launch.after_launch(device)

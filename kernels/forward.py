@@ -173,10 +173,6 @@ def birnn_fwd_kernel(
 
 
 
-# The same kernel under the name of each W_hh path: the launcher launches through these names, so code
-# that wraps one path's kernel (tests/test_module.py counts launches) sees exactly that path's launches.
-birnn_fwd_onchip_kernel = birnn_fwd_kernel
-birnn_fwd_streamed_kernel = birnn_fwd_kernel
 
 def check_buffers(ok: bool, expected: str) -> None:
     """A launcher's precondition on the buffers it is handed (the layer op validates user input before
@@ -249,7 +245,7 @@ def birnn_forward(
         err = launch.error_flag(device)
         args = (x_proj, w, out, h_n, lengths, xch, sync, err, T, B, H, U, w.stride(-2))
         after = (x_proj.stride(0), x_proj.stride(1), out.stride(0), out.stride(1), h_n.stride(0), h_n.stride(1))
-        launch.run_steps(birnn_fwd_onchip_kernel if cfg.w_on_chip else birnn_fwd_streamed_kernel,
+        launch.run_steps(birnn_fwd_kernel,
                          (S, n_tiles, D), args, after, T, persistent, cfg.spin_limit(), common)
         if persistent and S > 1:
             launch.after_launch(device)

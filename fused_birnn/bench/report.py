@@ -467,7 +467,7 @@ def speedup_figure(payload: dict):
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.set_ylim(n - 0.5, -0.5)
     cpu = env["device"] == "cpu"
-    ax.set_xlabel(("CPU: nn.RNN time / fused_birnn (torch path) time" if cpu
+    ax.set_xlabel(("CPU: nn.RNN time / fused_birnn (auto) time" if cpu
                    else "cuDNN time / fused_birnn time") + "  (> 1: ours faster); bars: bootstrap 95% interval")
     ax.set_title(f"{'CPU ' if cpu else ''}speedup, suite '{payload['suite']}'", pad=8 + 11 * len(notes))
     _add_notes(fig, ax, notes)
@@ -544,7 +544,7 @@ def plot_sweep(payload: dict, var: str, path: Path) -> bool:
         if ax.get_legend_handles_labels()[0]:  # below the axes: never over the lines
             ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     notes = _plot_notes(payload)
-    fig.suptitle(f"suite '{payload['suite']}': solid = fused_birnn{' (torch path)' if cpu else ''}, "
+    fig.suptitle(f"suite '{payload['suite']}': solid = fused_birnn{' (auto)' if cpu else ''}, "
                  f"dashed = nn.RNN{'' if cpu else ' (cuDNN)'}", fontsize=9)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     if notes:  # above the title; savefig(bbox_inches="tight") keeps it in the image

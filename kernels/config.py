@@ -58,6 +58,19 @@ MAX_SPLIT_K = 1024  # on-chip split: the group's state [block_b, next_pow2(H)] i
 RESIDENT_FRACTION = 0.9  # of the SMs' program capacity a persistent split grid may take (margin)
 REGISTERS_PER_THREAD_EST = 168  # plan-time estimate (the compile checks measure 72-170)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# G, the gates per hidden unit, of each cell (nn.RNNBase's mode names; None: the Elman cell)
+GATES = {None: 1, "RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
+# gate accumulators (fp32) one thread may hold across the gate dots: G * block_b * block_n / (32 * warps);
+# the Elman plans reach 64 (16 x 256 at 4 warps, no spills measured); gated plans keep the same bound
+ACC_PER_THREAD_MAX = 64
+MAX_WARPS = 8
+
+
+def gate_count(cell: str | None) -> int:
+    """G of a cell (1 Elman, 4 LSTM, 3 GRU); ValueError naming the cells otherwise."""
+    if cell not in GATES:
+        raise ValueError(f"cell: expected one of {sorted(k for k in GATES if k)} or None, got {cell!r}")
+    return GATES[cell]
 
 # The cost model's machine: an H100 SXM unless the device says otherwise (estimates, see module doc).
 COST = dict(
@@ -67,6 +80,7 @@ COST = dict(
     l2_total_tb_s=5.5,       # L2 bandwidth of the whole chip
     l2_latency_clk=600,      # one dependent L2 round trip (exchange read, atomic)
     mma_clk=(16, 33),        # (K per mma.sync for 16-bit; 8 for TF32), latency of one dependent MMA
+    mma_fma_per_clk_sm=1024, # dense 16-bit tensor-core FMAs per clock and SM through mma.sync (TF32: half)
     fma_per_clk_sm=128,      # fp32 FMA lanes per SM (exact fp32: no tensor cores)
     step_fixed_clk=450,      # per step: activation, stores, layout conversions, loop overhead
     barrier_clk=1400,        # arrive (acq_rel atomic) + acquire poll round trips + 2 bar.sync
@@ -182,6 +196,18 @@ class RecurrenceConfig:
             return max(MIN_DOT, triton.next_power_of_2(hidden_size))
         return self.block_k or self.block_h
 
+    def proj_units_per_program(self, hidden_size: int, proj_size: int) -> int:
+        """UP = cdiv(P, S): with a projection (LSTM `proj_size` P) program p also owns the units
+        [p*UP, p*UP + UP) of the projected state h (it owns the gates and c of its H units)."""
+        return triton.cdiv(proj_size, self.programs_per_group(hidden_size))
+
+    def block_p(self, hidden_size: int, proj_size: int) -> int:
+        """The padded width of a program's slice of the projected state: the whole state for one program
+        on chip (it is then the next step's dot operand, `k_block(P)` wide), else UP padded."""
+        if self.programs_per_group(hidden_size) == 1 and self.w_on_chip:
+            return self.k_block(proj_size)
+        return max(MIN_DOT, triton.next_power_of_2(self.proj_units_per_program(hidden_size, proj_size)))
+
     def programs(self, hidden_size: int, batch_size: int, directions: int = 2) -> int:
         """Programs of one launch."""
         return self.programs_per_group(hidden_size) * self.num_batch_tiles(batch_size) * directions
@@ -191,7 +217,7 @@ class RecurrenceConfig:
         S = self.programs_per_group(hidden_size)
         if S == 1:
             return True  # nobody waits
-        if S * (seq_len + 2) >= ABORT_COUNT:  # the group's counter must stay below ABORT_COUNT
+        if S * (2 * seq_len + 2) >= ABORT_COUNT:  # the counter (<= 2 barriers a step) stays below it
             return False
         return self.persistent if self.persistent is not None else not INTERPRETER
 
@@ -226,21 +252,34 @@ class RecurrenceConfig:
 
 # ------------------------------------------------------------------------------------------ resources
 def onchip_shared_bytes(block_b: int, block_h: int, itemsize: int, num_stages: int | None,
-                        forward: bool, block_k: int | None = None) -> int:
+                        forward: bool, block_k: int | None = None, gates: int = 1, proj_elems: int = 0) -> int:
     """Estimated shared memory of an on-chip program: its W_hh slice (block_k x block_h), the group's
     state as the dot's A operand (block_b x block_k) and, for the backward, the per-step loads (out,
     grad_out, block_b x block_h) the pipeliner prefetches num_stages - 1 steps ahead. For S = 1
     (block_k = block_h) it matches Triton 3.6/3.9 on the sizes the compile checks cover (fp16 H=256
-    139,264 B; TF32 backward H=128 106,496 B at 3 stages)."""
+    139,264 B; TF32 backward H=128 106,496 B at 3 stages). Gated cells keep G such slices (one per gate)
+    and, with a projection, the W_hr slice (`proj_elems` elements) and the A operand of its dot."""
     block_k = block_k or block_h
     stages = 3 if num_stages is None else num_stages
-    prefetched = 0 if forward else 2 * (stages - 1) * block_b * block_h * itemsize
-    return block_k * block_h * itemsize + block_b * block_k * itemsize + prefetched
+    prefetched = 0 if forward else 2 * (stages - 1) * block_b * block_h * gates * itemsize
+    proj = (proj_elems + (block_b * block_h if proj_elems else 0)) * itemsize
+    return gates * block_k * block_h * itemsize + block_b * block_k * itemsize + prefetched + proj
 
 
-def streamed_shared_bytes(block_b: int, block_n: int, block_k: int, itemsize: int, stages: int = 3) -> int:
-    """Estimated shared memory of a streamed program: `stages` buffers of the W chunk and the state chunk."""
-    return stages * (block_k * block_n + block_b * block_k) * max(itemsize, 2)
+def streamed_shared_bytes(block_b: int, block_n: int, block_k: int, itemsize: int, stages: int = 3,
+                          gates: int = 1) -> int:
+    """Estimated shared memory of a streamed program: `stages` buffers of the W chunks (one per gate) and
+    the state chunk."""
+    return stages * (gates * block_k * block_n + block_b * block_k) * max(itemsize, 2)
+
+
+def gate_warps(block_b: int, block_n: int, gates: int, least: int = 4) -> int | None:
+    """Warps that keep the G gate accumulators within `ACC_PER_THREAD_MAX` per thread (at least `least`),
+    or None when even `MAX_WARPS` do not."""
+    warps = least
+    while gates * block_b * block_n > ACC_PER_THREAD_MAX * 32 * warps:
+        warps *= 2
+    return warps if warps <= MAX_WARPS else None
 
 
 def programs_per_sm(limits: DeviceLimits, shared: int, num_warps: int) -> int:
@@ -252,7 +291,8 @@ def programs_per_sm(limits: DeviceLimits, shared: int, num_warps: int) -> int:
 
 # ------------------------------------------------------------------------------------------ cost model
 def estimate_step_us(cfg: RecurrenceConfig, hidden_size: int, batch_size: int, dtype: torch.dtype,
-                     allow_tf32: bool, limits: DeviceLimits | None = None, directions: int = 2) -> dict:
+                     allow_tf32: bool, limits: DeviceLimits | None = None, directions: int = 2,
+                     gates: int = 1, proj_size: int = 0) -> dict:
     """Estimated time of one forward step of a launch with `cfg` (an estimate from `COST`, not a
     measurement), and its parts in microseconds:
 
@@ -266,37 +306,53 @@ def estimate_step_us(cfg: RecurrenceConfig, hidden_size: int, batch_size: int, d
     * latency: fixed per-step work, one exchange round trip and the barrier (S > 1), a launch per step
       in the launch-per-step mode.
 
+    Gated cells (`gates` G: 4 LSTM, 3 GRU) multiply the W bytes and the MMAs by G: the G dots are
+    independent chains, so the chain latency stays one gate's while the tensor cores' throughput
+    (`mma_fma_per_clk_sm`) bounds G chains together. A projection (`proj_size` P > 0) adds, after the
+    cell, a second dependent dot over H (its chain and W_hr bytes), and for S > 1 a second exchange round
+    trip and barrier; the gate dot's K is P there.
+
     Total = max(smem, l2, mma) + latency. Returns a dict with `us` and each part."""
     limits = limits or DeviceLimits.for_arch(90)
     c = COST
     clk = c["clock_ghz"] * 1e3  # cycles per microsecond
     H = hidden_size
+    P = proj_size or H  # the state's width: the gate dot's K
     itemsize = dtype.itemsize
     S = cfg.programs_per_group(H)
-    bn, bk, bb = cfg.block_h, cfg.k_block(H), cfg.block_b
-    k_full = bk if cfg.w_on_chip else triton.cdiv(H, bk) * bk
+    bn, bk, bb = cfg.block_h, cfg.k_block(P), cfg.block_b
+    k_full = bk if cfg.w_on_chip else triton.cdiv(P, bk) * bk
+    k_proj = 0  # the projection dot's K (over H), 0 without one
+    bp = 0
+    if proj_size:
+        k_proj = cfg.k_block(H) if cfg.w_on_chip else triton.cdiv(H, cfg.k_block(H)) * cfg.k_block(H)
+        bp = cfg.block_p(H, proj_size)
     warps = cfg.warps(forward=True)
     progs = cfg.programs(H, batch_size, directions)
     per_sm = max(1, triton.cdiv(progs, limits.sm_count))
-    w_bytes = k_full * bn * itemsize
-    a_bytes = bb * k_full * max(itemsize, 2)
-    smem = (w_bytes + a_bytes * (1 + min(warps, max(1, bn // 16)))) * per_sm / c["smem_bytes_per_clk"]
+    w_bytes = (gates * k_full * bn + k_proj * bp) * itemsize
+    a_bytes = bb * (k_full + k_proj) * max(itemsize, 2)
+    smem = (w_bytes + a_bytes * (1 + min(warps, max(1, gates * bn // 16)))) * per_sm / c["smem_bytes_per_clk"]
     exch = 0 if (S == 1 and cfg.w_on_chip) else a_bytes
     l2_bytes = exch + (0 if cfg.w_on_chip else w_bytes)
     l2 = max(l2_bytes * per_sm / c["l2_bytes_per_clk_sm"], progs * l2_bytes / (c["l2_total_tb_s"] * 1e6) * clk)
     fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
     if fma:
-        mma = bb * bn * k_full / c["fma_per_clk_sm"] * per_sm
+        mma = bb * (gates * bn * k_full + bp * k_proj) / c["fma_per_clk_sm"] * per_sm
     else:
         k_per_mma = c["mma_clk"][0] if itemsize == 2 else 8
-        mma = k_full / k_per_mma * c["mma_clk"][1]
+        chain = (k_full + k_proj) / k_per_mma * c["mma_clk"][1]
+        rate = c["mma_fma_per_clk_sm"] / (1 if itemsize == 2 else 2)
+        mma = max(chain, bb * (gates * bn * k_full + bp * k_proj) / rate * per_sm)
     if not cfg.w_on_chip:  # chunk k + 1 is prefetched during chunk k (num_stages=1): a chunk costs at least
-        mma = max(mma, triton.cdiv(H, bk) * c["l2_latency_clk"])  # one L2 round trip
-    latency = c["step_fixed_clk"] + (c["l2_latency_clk"] if exch else 0)
+        chunks = triton.cdiv(P, bk) + (triton.cdiv(H, cfg.k_block(H)) if proj_size else 0)
+        mma = max(mma, chunks * c["l2_latency_clk"])  # one L2 round trip
+    exchanges = 2 if proj_size and exch else 1
+    latency = c["step_fixed_clk"] + (exchanges * c["l2_latency_clk"] if exch else 0)
     if S > 1:
-        latency += c["barrier_clk"]
+        latency += exchanges * c["barrier_clk"]
     persistent = cfg.persistent if cfg.persistent is not None else True
-    us = (max(smem, l2, mma) + latency) / clk + (0 if persistent or S == 1 else c["launch_us"])
+    us = (max(smem, l2, mma) + latency) / clk + (0 if persistent or S == 1 else exchanges * c["launch_us"])
     return dict(us=round(us, 3), smem_us=round(smem / clk, 3), l2_us=round(l2 / clk, 3),
                 mma_us=round(mma / clk, 3), latency_us=round(latency / clk, 3), programs=progs,
                 sms=limits.sm_count, persistent=persistent or S == 1, estimate=True)
@@ -310,30 +366,41 @@ def _batch_tile(batch_size: int) -> int:
     return block_b
 
 
-def _one_program(H: int, block_b: int, dtype: torch.dtype, fma: bool, limits: DeviceLimits) -> RecurrenceConfig | None:
-    """The one-program-per-group on-chip plan (S = 1), where it fits and does not spill."""
+def _one_program(H: int, block_b: int, dtype: torch.dtype, fma: bool, limits: DeviceLimits, gates: int = 1,
+                 proj_size: int = 0) -> RecurrenceConfig | None:
+    """The one-program-per-group on-chip plan (S = 1), where it fits and does not spill. Gated cells hold
+    G slices of W_hh ([next_pow2(P), next_pow2(H)] each) and, with a projection, W_hr."""
+    P = proj_size or H
     block_h = max(MIN_DOT, triton.next_power_of_2(H))
-    aligned = H % 16 == 0
+    block_k = max(MIN_DOT, triton.next_power_of_2(P))
+    proj_elems = block_k * block_h if proj_size else 0  # W_hr [P, H] padded
+    aligned = H % 16 == 0 and P % 16 == 0
     if fma:
         # exact fp32 (and fp64) dots are FMA loops holding a whole K row in registers: beyond a 16 x 32
-        # tile they spill (fp32 H=50 and H=128 did on sm_80/sm_90)
-        if block_b * block_h > FMA_ON_CHIP_MAX_TILE:
+        # tile they spill (fp32 H=50 and H=128 did on sm_80/sm_90); G gates hold G such tiles
+        if gates * block_b * max(block_h, block_k) > FMA_ON_CHIP_MAX_TILE:
             return None
     else:
-        if block_h * block_h * dtype.itemsize > ON_CHIP_MAX_BYTES:
+        if (gates * block_h * block_k + proj_elems) * dtype.itemsize > ON_CHIP_MAX_BYTES:
             return None
         # H not a multiple of 16: loads go scalar and masks per element: wide TF32 tiles spilled (H=100)
-        if dtype == torch.float32 and not aligned and block_h > 64:
+        if dtype == torch.float32 and not aligned and max(block_h, block_k) > 64:
             return None
     # (unaligned H >= 128: the masked backward spilled at 4 warps on sm_86/sm_89)
     num_warps = 8 if (block_h >= 256 or block_b * block_h >= 32 * 128 or (fma and block_h >= 64)
                       or (not aligned and block_h >= 128)) else 4
+    num_warps = gate_warps(block_b, block_h, gates, num_warps) if gates > 1 else num_warps
+    if num_warps is None:
+        return None
     # H = 256 in 16-bit: Triton's default 3-stage pipelining of the per-step loads adds ~40 KiB, which
     # pushed the backward past sm_80's 163 KiB
-    num_stages = 1 if block_h >= 256 else None
-    if onchip_shared_bytes(block_b, block_h, dtype.itemsize, num_stages, False) > limits.shared_per_block:
+    num_stages = 1 if block_h >= 256 or gates > 1 else None
+
+    def shared(stages):
+        return onchip_shared_bytes(block_b, block_h, dtype.itemsize, stages, False, block_k, gates, proj_elems)
+    if shared(num_stages) > limits.shared_per_block:
         num_stages = 1  # the backward's prefetch is what does not fit (TF32 H=128 on sm_86: 106,496 B)
-    if onchip_shared_bytes(block_b, block_h, dtype.itemsize, num_stages, False) > limits.shared_per_block:
+    if shared(num_stages) > limits.shared_per_block:
         return None
     return RecurrenceConfig(block_b, block_h, True, num_warps, num_stages)
 
@@ -347,13 +414,18 @@ def _stream_block_k(dtype: torch.dtype, fma: bool, aligned: bool) -> int:
 
 
 def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLimits,
-                      splits: list[int] | None = None) -> list[RecurrenceConfig]:
+                      splits: list[int] | None = None, gates: int = 1,
+                      proj_size: int = 0) -> list[RecurrenceConfig]:
     """Split plans (S > 1; S from `SPLIT_BLOCK_N`, or `splits`) that fit one program's shared memory and
-    compile without spills, persistent where the grid is resident."""
+    compile without spills, persistent where the grid is resident. Gated cells: G slices per program and
+    G accumulators (`gate_warps`); streamed K chunks shrink so the G chunks (and their prefetch) stay the
+    size of the Elman's. A projection adds each program's W_hr rows ([UP, H]) and the dot over H."""
     out = []
     itemsize = dtype.itemsize
-    block_k_full = max(MIN_DOT, triton.next_power_of_2(H))
-    aligned = H % 16 == 0
+    P = proj_size or H
+    block_k_full = max(MIN_DOT, triton.next_power_of_2(P))
+    block_kh = max(MIN_DOT, triton.next_power_of_2(H))  # the projection's K on chip
+    aligned = H % 16 == 0 and P % 16 == 0
     if splits is None:
         splits = sorted({triton.cdiv(H, bn) for bn in SPLIT_BLOCK_N})
     for block_b in sorted({16, 32, _batch_tile(B), min(64, max(MIN_DOT, triton.next_power_of_2(B)))}):
@@ -364,26 +436,32 @@ def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: Dev
             if S < 2 or S > H:
                 continue
             block_n = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(H, S)))
+            block_p = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(P, S))) if proj_size else 0
             plans = []
-            # on chip: the group's state [block_b, next_pow2(H)] is the dot's A operand; 8 warps from 8K
+            # on chip: the group's state [block_b, next_pow2(P)] is the dot's A operand; 8 warps from 8K
             # elements of it, at most 16K (32 x 1024 and 16 x 1024 at 4 warps spilled on sm_80/sm_86)
-            a_elems = block_b * block_k_full
+            a_elems = block_b * max(block_k_full, block_kh if proj_size else 0)
             # unaligned H: masked, scalar state loads; beyond K = 256 they spilled (fp16 H=300 on sm_86)
-            if (not fma and block_k_full <= MAX_SPLIT_K and a_elems <= 16384 and block_n <= 128
-                    and (aligned or block_k_full <= (64 if dtype == torch.float32 else 256))):
-                warps = 8 if a_elems >= 8192 or block_n * block_k_full >= 16384 else 4  # 16 x 128 x 256: spilled
-                shared = onchip_shared_bytes(block_b, block_n, itemsize, 1, False, block_k_full)
-                if shared <= limits.shared_per_block:
+            if (not fma and max(block_k_full, block_kh if proj_size else 0) <= MAX_SPLIT_K and a_elems <= 16384
+                    and block_n <= 128 and (aligned or block_k_full <= (64 if dtype == torch.float32 else 256))):
+                warps = 8 if a_elems >= 8192 or gates * block_n * block_k_full >= 16384 else 4  # 16 x 128 x 256: spilled
+                warps = gate_warps(block_b, block_n, gates, warps)
+                proj_elems = block_p * block_kh if proj_size else 0
+                shared = onchip_shared_bytes(block_b, block_n, itemsize, 1, False, block_k_full, gates, proj_elems)
+                if warps is not None and shared <= limits.shared_per_block:
                     plans.append((RecurrenceConfig(block_b, block_n, True, warps, 1, split=S), shared, warps))
             # streamed: FMA dots hold a K row per thread (16 x 16 tiles; 32 x 16 spilled 8 B); tensor-core tiles
             # up to 16 x 64 / 32 x 32 (32 x 64 and 16 x 128 spilled in the backward)
             # the backward holds chunk k and k + 1 of W in registers: 64 x 64 chunks spilled, 64 x 32 did not;
             # at unaligned H (masked scalar loads) 16 x 64 tiles spilled, 16 x 32 did not
             block_k = _stream_block_k(dtype, fma, aligned)
+            while gates > 1 and block_k > MIN_DOT and gates * block_k * block_n > 2048:
+                block_k //= 2
             tile_ok = ((block_n == MIN_DOT and block_b == MIN_DOT) if fma
-                       else block_b * block_n <= 1024 and block_k * block_n <= 2048 and (aligned or block_n <= 32))
+                       else gates * block_b * block_n <= 1024 * max(1, gates // 2)
+                       and gates * block_k * block_n <= 2048 and (aligned or block_n <= 32))
             if tile_ok:
-                shared = streamed_shared_bytes(block_b, block_n, block_k, itemsize)
+                shared = streamed_shared_bytes(block_b, block_n, block_k, itemsize, gates=gates)
                 if shared <= limits.shared_per_block:
                     plans.append((RecurrenceConfig(block_b, block_n, False, 4, 1, split=S, block_k=block_k),
                                   shared, 4))
@@ -395,25 +473,34 @@ def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: Dev
 
 
 def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype, allow_tf32: bool = False,
-                  limits: DeviceLimits | None = None, split: int | None = None) -> RecurrenceConfig:
+                  limits: DeviceLimits | None = None, split: int | None = None, cell: str | None = None,
+                  proj_size: int | None = None) -> RecurrenceConfig:
     """The plan the forward and the backward recurrence use for this (H, B, dtype), for fp32 whether
     `tl.dot` may use TF32 tensor cores, on a device with `limits` (None: `DEFAULT_LIMITS`), with `split`
-    programs per group where given and possible (`FUSED_BIRNN_SPLIT`). Plans are sized for a
-    bidirectional launch (D = 2); a unidirectional one uses half the programs."""
+    programs per group where given and possible (`FUSED_BIRNN_SPLIT`), for the `cell` (nn.RNNBase's
+    mode names, None: Elman; G = `gate_count(cell)` gate slices per program) and an LSTM's `proj_size`
+    (None or 0: no projection; then the state h is P = proj_size wide and each program also owns UP =
+    cdiv(P, S) of its units, `RecurrenceConfig.block_p`). The forward and the backward of one layer must
+    be planned with the same arguments. Plans are sized for a bidirectional launch (D = 2); a
+    unidirectional one uses half the programs."""
     limits = limits or DEFAULT_LIMITS
     H, B = hidden_size, batch_size
+    gates = gate_count(cell)
+    P = proj_size or 0
+    if P and cell != "LSTM":
+        raise ValueError(f"proj_size: only the LSTM cell has a projection, got cell={cell!r}")
     block_b = _batch_tile(B)
     fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
     if limits.unbounded:  # the interpreter: one program per group holds everything, unless told
         S = max(1, min(split or 1, H))
         block_h = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(H, S)))
         return RecurrenceConfig(block_b, block_h, True, split=S if S > 1 else None)
-    one = _one_program(H, block_b, dtype, fma, limits)
-    candidates = ([one] if one else []) + _split_candidates(H, B, dtype, fma, limits)
+    one = _one_program(H, block_b, dtype, fma, limits, gates, P)
+    candidates = ([one] if one else []) + _split_candidates(H, B, dtype, fma, limits, None, gates, P)
     if split is not None:  # FUSED_BIRNN_SPLIT: that S wherever a plan with it fits
         forced = ([one] if one and split == 1 else []) + (
-            _split_candidates(H, B, dtype, fma, limits, [split]) if split > 1 else [])
+            _split_candidates(H, B, dtype, fma, limits, [split], gates, P) if split > 1 else [])
         candidates = forced or candidates
     if not candidates:  # nothing fits one program (cannot happen with MIN_DOT tiles; keep a safe plan)
         return RecurrenceConfig(MIN_DOT, MIN_DOT, False, 4, 1, block_k=MIN_DOT, persistent=False)
-    return min(candidates, key=lambda c: estimate_step_us(c, H, B, dtype, allow_tf32, limits)["us"])
+    return min(candidates, key=lambda c: estimate_step_us(c, H, B, dtype, allow_tf32, limits, 2, gates, P)["us"])

@@ -4,7 +4,16 @@ An Elman cell is `h = act(z)` with `z = x_proj + h_prev @ W_hh^T`, `act` in {tan
 needs `act'(z)`, which for both activations is a function of the output `h` alone, so the backward
 recurrence reads the stored outputs instead of keeping the pre-activations.
 
-GRU/LSTM cells will add their gate math here and reuse the recurrence skeletons.
+Gated cells (one recurrence skeleton for all, kernels/forward.py; G dots per step, one per gate):
+
+* LSTM (`lstm_cell_forward`): gates i, f, g, o (sigmoid, sigmoid, tanh, sigmoid), `c' = f*c + i*g`,
+  `h' = o * tanh(c')` (then `@ W_hr^T` with a projection, done by the skeleton: it mixes all units).
+  A program owns all four gates and c of its hidden units, so c never leaves its registers.
+* GRU (`gru_cell_forward`): r, z = sigmoid, `n = tanh(x_n + r * (W_hn h + b_hn))`, `h' = n + z*(h - n)`.
+  The program needs h_prev of its own units only (it owns them).
+
+Every helper works elementwise on [BLOCK_B, BLOCK_N] tiles in the accumulation dtype (fp32, fp64 for
+fp64). Sigmoid and tanh are exp-based (the interpreter has no libdevice mapping) and never overflow.
 """
 
 import triton
@@ -44,6 +53,40 @@ def activation_grad_from_output(h, RELU: tl.constexpr):
 def cell_forward(z, RELU: tl.constexpr):
     """The new state of the program's units from their pre-activation z = x_proj + h_prev @ W_hh^T."""
     return activation(z, RELU)
+
+
+@triton.jit
+def sigmoid(z):
+    # exp of a non-positive number only: no overflow for any z (as `tanh` above)
+    e = tl.exp(-tl.abs(z))
+    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def lstm_cell_forward(z_i, z_f, z_g, z_o, c):
+    """One LSTM step of the program's units from the gates' pre-activations (x_proj + h_prev @ W_hh^T,
+    gate order i, f, g, o as nn.LSTM's rows) and the previous cell state c:
+    `c' = f*c + i*g`, `m = o * tanh(c')` (h itself, or what the projection multiplies by W_hr^T).
+    Returns the activated gates (what the backward reads), c' and m."""
+    i = sigmoid(z_i)
+    f = sigmoid(z_f)
+    g = tanh(z_g)
+    o = sigmoid(z_o)
+    c_new = f * c + i * g
+    return i, f, g, o, c_new, o * tanh(c_new)
+
+
+@triton.jit
+def gru_cell_forward(z_r, z_z, hn, x_n, h):
+    """One GRU step of the program's units: z_r, z_z the pre-activations of the reset and update gates
+    (x_proj + h_prev @ W_h{r,z}^T, b_hr/b_hz folded into x_proj), hn = h_prev @ W_hn^T + b_hn (b_hn stays
+    inside r * (...): nn.GRU's formula), x_n the input side of n, h the previous state of these units:
+    `n = tanh(x_n + r * hn)`, `h' = (1 - z) * n + z * h` written as `n + z * (h - n)`.
+    Returns r, z, n (what the backward reads, with hn) and h'."""
+    r = sigmoid(z_r)
+    z = sigmoid(z_z)
+    n = tanh(x_n + r * hn)
+    return r, z, n, n + z * (h - n)
 
 
 @triton.jit

@@ -49,116 +49,367 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .cell import cell_backward
+from .cell import cell_backward, gru_cell_backward, lstm_cell_backward
 from .config import RecurrenceConfig, device_limits, select_config
-from .forward import check_buffers, common_kwargs, device_guard
+from .forward import acc_dtype, check_buffers, device_guard, input_precision
 from .indexing import sequence_lengths, step_time
 from .exchange import load_exchanged
 from .sync import group_barrier
 
 
+@triton.jit
+def _gate_dot(dz_rows, w0, w1, w2, w3, offs_k, mask_b, H, G: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """On chip: sum over the G gates of dz_k [BLOCK_B, H] (read from the exchange row `dz_rows`, gate k at
+    columns k*H) times the gate's slice w_k [BLOCK_K, BLOCK_P], gates in order 0..G-1."""
+    mask = mask_b[:, None] & (offs_k < H)[None, :]
+    acc = tl.dot(load_exchanged(dz_rows + offs_k[None, :], mask).to(w0.dtype), w0,
+                 input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    if G > 1:
+        acc = tl.dot(load_exchanged(dz_rows + H + offs_k[None, :], mask).to(w1.dtype), w1, acc=acc,
+                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(load_exchanged(dz_rows + 2 * H + offs_k[None, :], mask).to(w2.dtype), w2, acc=acc,
+                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    if G > 3:
+        acc = tl.dot(load_exchanged(dz_rows + 3 * H + offs_k[None, :], mask).to(w3.dtype), w3, acc=acc,
+                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _streamed_dot(a_rows, w_cols, stride_w, K, mask_b, mask_n, offs_k, BLOCK_B: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """Streamed: a [BLOCK_B, K] (the exchange row `a_rows`) times W[:K, cols] (`w_cols`: the program's
+    columns, rows `stride_w` apart) in BLOCK_K chunks from L2, chunk k + 1 prefetched by hand
+    (num_stages=1: kernels/forward.py)."""
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
+    a_next = load_exchanged(a_rows + offs_k[None, :], mask_b[:, None] & (offs_k < K)[None, :])
+    w_next = tl.load(w_cols + offs_k[:, None] * stride_w, mask=(offs_k < K)[:, None] & mask_n[None, :], other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        a_j, w_j = a_next, w_next
+        js = k0 + BLOCK_K + offs_k
+        mask_j = js < K
+        a_next = load_exchanged(a_rows + js[None, :], mask_b[:, None] & mask_j[None, :])
+        w_next = tl.load(w_cols + js[:, None] * stride_w, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a_j.to(w_j.dtype), w_j, acc=acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
 @triton.jit(do_not_specialize=["T", "r_begin", "r_end", "max_spins"])
 def birnn_bwd_kernel(
     out_ptr, grad_out_ptr, w_ptr, grad_pre_ptr, grad_h0_ptr, lengths_ptr, dh_ptr, xch_ptr, sync_ptr, err_ptr,
+    saved_ptr, h0_ptr, c0_ptr, w_hr_ptr, aux_ptr, grad_c0_ptr, grad_hn_ptr, g_ptr, xg_ptr,
     T, B, H, U, stride_w, r_begin, r_end, max_spins,
     stride_ot, stride_ob,
     stride_got, stride_gob,
     stride_gpt, stride_gpb,
     stride_gh0d, stride_gh0b,
+    P, UP, stride_wr, stride_st,
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     W_ON_CHIP: tl.constexpr, BARRIER: tl.constexpr,
+    CELL: tl.constexpr = 0, G: tl.constexpr = 1, PROJ: tl.constexpr = False, BLOCK_P: tl.constexpr = 16,
+    BLOCK_KP: tl.constexpr = 16,
 ):
-    """One program: the units [p*U, p*U + U) of `dh` for BLOCK_B rows of one direction, processing
-    steps walked backwards from the group's longest row's last; iterations [r_begin, min(r_end,
-    n_steps + 1)) (iteration r finishes step r - 1 and starts step r). A row
-    keeps `dh = grad_h_n` until the walk reaches its last step."""
+    """One program: hidden units [p*U, p*U + U) (their G gates and, LSTM, c) and state units
+    [p*UP, p*UP + UP) (h, P wide; the same units without a projection) of BLOCK_B rows of one direction,
+    processing steps walked backwards from the group's longest row's last; iterations [r_begin,
+    min(r_end, PHASES * n_steps + 1)) (iteration r finishes step r - 1 and starts step r; with a split
+    projection each is two phases). A row keeps `dh = grad_h_n` (and dc = grad_c_n) until the walk
+    reaches its last step. CELL: 0 Elman, 1 LSTM, 2 GRU."""
     p = tl.program_id(0)
     pid_b = tl.program_id(1)
     direction = tl.program_id(2)
     D = tl.num_programs(2)
     offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
     offs_k = tl.arange(0, BLOCK_K)
-    units = p * U + offs_n
+    units = p * U + offs_n  # hidden units (gates, c)
     mask_n = (offs_n < U) & (units < H)
+    punits = p * UP + offs_p  # state units (h, dh); == units without a projection
+    mask_p = (offs_p < UP) & (punits < P)
     mask_b = offs_b < B
     mask_bn = mask_b[:, None] & mask_n[None, :]
+    mask_bp = mask_b[:, None] & mask_p[None, :]
     seq_len = sequence_lengths(lengths_ptr, offs_b, B, T, HAS_LENGTHS)
     n_steps = tl.max(seq_len, axis=0)
-    KEEP: tl.constexpr = SPLIT == 1 and BARRIER and W_ON_CHIP  # dz of the whole group in registers
+    # dz of the whole group in registers: one program, W on chip, dz's width is the dot's K
+    KEEP: tl.constexpr = SPLIT == 1 and BARRIER and W_ON_CHIP and BLOCK_N == BLOCK_K and BLOCK_P == BLOCK_KP
+    PHASES: tl.constexpr = 2 if PROJ and not KEEP else 1  # a split projection: exchange g, then dz
+    GH = G * H
 
-    if W_ON_CHIP:  # W_hh[d][j, p*U + n] as w[j, n], the dot's right operand, for every step
-        w_base = w_ptr + ((direction * SPLIT + p) * BLOCK_N).to(tl.int64) * BLOCK_K
-        w = tl.load(w_base + offs_n[None, :] * BLOCK_K + offs_k[:, None])
-    w_cols = w_ptr + direction.to(tl.int64) * H * stride_w + units[None, :]  # streamed: W_hh[d] columns
+    if W_ON_CHIP:  # gate k: W_hh[d][k*H + j, p*UP + n] as w_k[j, n], the dots' right operands, every step
+        w_base = w_ptr + ((direction * SPLIT + p) * G).to(tl.int64) * BLOCK_P * BLOCK_K
+        w_tile = offs_p[None, :] * BLOCK_K + offs_k[:, None]
+        w0 = tl.load(w_base + w_tile)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if G > 1:
+            w1 = tl.load(w_base + BLOCK_P * BLOCK_K + w_tile)
+            w2 = tl.load(w_base + 2 * BLOCK_P * BLOCK_K + w_tile)
+        if G > 3:
+            w3 = tl.load(w_base + 3 * BLOCK_P * BLOCK_K + w_tile)
+    w_cols = w_ptr + direction.to(tl.int64) * GH * stride_w + punits[None, :]  # streamed: W_hh[d] columns
+    if PROJ:
+        offs_kp = tl.arange(0, BLOCK_KP)
+        if W_ON_CHIP:  # W_hr[d][k, p*U + n] as wr[k, n]
+            wr_base = w_hr_ptr + ((direction * SPLIT + p) * BLOCK_N).to(tl.int64) * BLOCK_KP
+            wr = tl.load(wr_base + offs_n[None, :] * BLOCK_KP + offs_kp[:, None])
+        wr_cols = w_hr_ptr + direction.to(tl.int64) * P * stride_wr + units[None, :]  # streamed
+        xg_rows = xg_ptr + direction.to(tl.int64) * B * P + offs_b[:, None] * P
+        g_rows = g_ptr + direction.to(tl.int64) * B * P + offs_b[:, None] * P + punits[None, :]
 
-    half = D.to(tl.int64) * B * H
-    state = direction.to(tl.int64) * B * H + offs_b[:, None] * H
-    xch_rows = xch_ptr + state
-    dh_ptrs = dh_ptr + state + units[None, :]
+    half = D.to(tl.int64) * B * GH
+    xch_rows = xch_ptr + direction.to(tl.int64) * B * GH + offs_b[:, None] * GH
+    p_state = direction.to(tl.int64) * B * P + offs_b[:, None] * P + punits[None, :]  # [D, B, P] buffers
+    h_state = direction.to(tl.int64) * B * H + offs_b[:, None] * H + units[None, :]  # [D, B, H] buffers
     bar = sync_ptr + direction * tl.num_programs(1) + pid_b
-    col = direction * H + units
-    o_ptrs = out_ptr + offs_b[:, None] * stride_ob + col[None, :]
-    go_ptrs = grad_out_ptr + offs_b[:, None] * stride_gob + col[None, :]
-    gp_ptrs = grad_pre_ptr + offs_b[:, None] * stride_gpb + col[None, :]
+    pcol = direction * P + punits
+    o_ptrs = out_ptr + offs_b[:, None] * stride_ob + pcol[None, :]
+    go_ptrs = grad_out_ptr + offs_b[:, None] * stride_gob + pcol[None, :]
+    gp_ptrs = grad_pre_ptr + offs_b[:, None] * stride_gpb + (direction * GH + units)[None, :]
+    if CELL != 0:  # saved, processing order row s: [D, B, G, H] activations, then [D, B, H] (c or n)
+        sv_ptrs = saved_ptr + (direction * B + offs_b[:, None]) * GH + units[None, :]
+        sc_ptrs = saved_ptr + D.to(tl.int64) * B * GH + (direction * B + offs_b[:, None]) * H + units[None, :]
+    if CELL == 1:
+        c0_own = tl.load(c0_ptr + h_state, mask=mask_bn, other=0.0).to(ACC_DTYPE)
+    if CELL == 2:  # P == H
+        h0_own = tl.load(h0_ptr + h_state, mask=mask_bn, other=0.0).to(ACC_DTYPE)
+        hn_ptrs = grad_hn_ptr + offs_b[:, None] * D * H + (direction * H + units)[None, :]  # [T, B, D*H]
 
-    dh_own = tl.load(dh_ptrs, mask=mask_bn, other=0.0)  # written by this program only: no exchange
+    dh_own = tl.load(dh_ptr + p_state, mask=mask_bp, other=0.0)  # written by this program only
+    aux = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
+    if CELL != 0:  # LSTM: dc (grad_c_n at first); GRU: the direct carry g*z of the last step started
+        aux = tl.load(aux_ptr + h_state, mask=mask_bn, other=0.0)
     aborted = (r_begin < 0).to(tl.int32)
-    # Iteration r finishes step r - 1 (dh from its dz: the exchange of the whole group's dz sits between
-    # the two halves, so the launch boundary of the launch-per-step mode can be that barrier) and starts
-    # step r (dz, published); n_steps + 1 iterations, the last one only finishing. KEEP (one program,
-    # dz in registers) finishes each step in the same iteration: n_steps iterations.
+    # Iteration r finishes step r - 1 (dh from the group's dz: the exchange sits between the two halves,
+    # so the launch boundary of the launch-per-step mode can be that barrier) and starts step r (dz,
+    # published); n_steps + 1 iterations, the last one only finishing. With a split projection an
+    # iteration is two phases, each ending at a barrier: [finish r - 1, g_r published] and [dm_r = g_r @
+    # W_hr, dz_r published]. KEEP (one program, dz in registers) finishes each step in its own iteration.
     LAST: tl.constexpr = 0 if KEEP else 1
-    for r in range(r_begin, tl.minimum(r_end, n_steps + LAST)):
+    for q in range(r_begin, tl.minimum(r_end, PHASES * n_steps + LAST)):
+        r = q // PHASES
         r_rows = tl.zeros_like(seq_len) + r  # per row: the interpreter mis-broadcasts 0-d & 1-d masks
-        if not KEEP:
-            _, active_prev = step_time(n_steps - r, direction, n_steps, seq_len)
-            active_prev = active_prev & (r_rows > 0)
-            prev = xch_rows + ((r + 1) % 2) * half  # dz of step r - 1
-            if W_ON_CHIP:
-                dz_all = load_exchanged(prev + offs_k[None, :], mask_b[:, None] & (offs_k < H)[None, :])
-                dh_new = tl.dot(dz_all.to(w.dtype), w, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            else:  # chunks of dz and of W's columns, chunk k + 1 prefetched by hand (num_stages=1: forward.py)
-                dh_new = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
-                dz_next = load_exchanged(prev + offs_k[None, :], mask_b[:, None] & (offs_k < H)[None, :])
-                w_next = tl.load(w_cols + offs_k[:, None] * stride_w, mask=(offs_k < H)[:, None] & mask_n[None, :],
-                                 other=0.0)
-                for k0 in range(0, H, BLOCK_K):
-                    dz_j, w_j = dz_next, w_next
-                    js = k0 + BLOCK_K + offs_k
-                    mask_j = js < H
-                    dz_next = load_exchanged(prev + js[None, :], mask_b[:, None] & mask_j[None, :])
-                    w_next = tl.load(w_cols + js[:, None] * stride_w, mask=mask_j[:, None] & mask_n[None, :],
-                                     other=0.0)
-                    dh_new = tl.dot(dz_j.to(w_j.dtype), w_j, acc=dh_new, input_precision=INPUT_PRECISION,
-                                    out_dtype=ACC_DTYPE)
-            dh_own = tl.where(active_prev[:, None], dh_new, dh_own)
-            if SPLIT > 1 and BARRIER:
-                dh_own = tl.where(aborted != 0, float("nan"), dh_own)
-
         t, active = step_time(n_steps - 1 - r, direction, n_steps, seq_len)
         active = active & (r_rows < n_steps)
-        m = active[:, None] & mask_n[None, :]
-        h = tl.load(o_ptrs + t * stride_ot, mask=m, other=0.0).to(ACC_DTYPE)
-        g = dh_own + tl.load(go_ptrs + t * stride_got, mask=m, other=0.0).to(ACC_DTYPE)
-        dz = cell_backward(g, h, RELU)
-        tl.store(gp_ptrs + t * stride_gpt, dz.to(grad_pre_ptr.dtype.element_ty), mask=m)
-        if KEEP:  # the one-program kernel: dh of the whole group right away
-            dh_new = tl.dot(dz.to(w.dtype), w, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            dh_own = tl.where(active[:, None], dh_new, dh_own)
-        else:  # publish dz of step r; the whole group's comes back after the barrier
-            tl.store(xch_rows + (r % 2) * half + units[None, :], dz.to(xch_ptr.dtype.element_ty),
-                     mask=mask_bn & (r_rows < n_steps)[:, None])
+        m_p = active[:, None] & mask_p[None, :]
+        m_n = active[:, None] & mask_n[None, :]
+        if not KEEP:
+            if q % PHASES == 0:  # finish step r - 1: dh of the program's state units from the group's dz
+                _, active_prev = step_time(n_steps - r, direction, n_steps, seq_len)
+                active_prev = active_prev & (r_rows > 0)
+                prev = xch_rows + ((r + 1) % 2) * half  # dz of step r - 1
+                if W_ON_CHIP:
+                    dh_new = _gate_dot(prev, w0, w1, w2, w3, offs_k, mask_b, H, G, ACC_DTYPE, INPUT_PRECISION)
+                else:
+                    dh_new = _streamed_dot(prev, w_cols, stride_w, GH, mask_b, mask_p, offs_k, BLOCK_B, BLOCK_P,
+                                           BLOCK_K, ACC_DTYPE, INPUT_PRECISION)
+                if CELL == 2:
+                    dh_new += aux  # GRU: the direct path through h_s = n + z * (h_{s-1} - n)
+                dh_own = tl.where(active_prev[:, None], dh_new, dh_own)
+                if SPLIT > 1 and BARRIER:
+                    dh_own = tl.where(aborted != 0, float("nan"), dh_own)
+                    aux = tl.where(aborted != 0, float("nan"), aux)
+                if PHASES == 2:  # g_r for the projection's exchange
+                    g = dh_own + tl.load(go_ptrs + t * stride_got, mask=m_p, other=0.0).to(ACC_DTYPE)
+                    row = t + direction * (T - 1 - 2 * t)  # processing-order row of time t
+                    tl.store(g_rows + row * D * B * P, g.to(g_ptr.dtype.element_ty), mask=m_p)
+                    tl.store(xg_rows + punits[None, :], g.to(xg_ptr.dtype.element_ty),
+                             mask=mask_bp & (r_rows < n_steps)[:, None])
+        if q % PHASES == PHASES - 1:  # start step r: dz of the program's units, published
+            row = t + direction * (T - 1 - 2 * t)  # processing-order row of time t (saved, g)
+            if PROJ:  # dm = g_all @ W_hr[:, units]: g of the whole group
+                if PHASES == 1:  # one program: g in registers
+                    g = dh_own + tl.load(go_ptrs + t * stride_got, mask=m_p, other=0.0).to(ACC_DTYPE)
+                    tl.store(g_rows + row * D * B * P, g.to(g_ptr.dtype.element_ty), mask=m_p)
+                    dm = tl.dot(g.to(wr.dtype), wr, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                elif W_ON_CHIP:
+                    g_all = load_exchanged(xg_rows + offs_kp[None, :], mask_b[:, None] & (offs_kp < P)[None, :])
+                    dm = tl.dot(g_all.to(wr.dtype), wr, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                else:
+                    dm = _streamed_dot(xg_rows, wr_cols, stride_wr, P, mask_b, mask_n, offs_k, BLOCK_B, BLOCK_N,
+                                       BLOCK_K, ACC_DTYPE, INPUT_PRECISION)
+            else:
+                g = dh_own + tl.load(go_ptrs + t * stride_got, mask=m_p, other=0.0).to(ACC_DTYPE)
+                dm = g
+            gp_t = gp_ptrs + t * stride_gpt
+            if CELL == 0:
+                h = tl.load(o_ptrs + t * stride_ot, mask=m_p, other=0.0).to(ACC_DTYPE)
+                dz0 = cell_backward(g, h, RELU)
+                dz1 = dz0
+                dz2 = dz0
+                dz3 = dz0
+                tl.store(gp_t, dz0.to(grad_pre_ptr.dtype.element_ty), mask=m_n)
+            else:
+                # the row's first forward step reads the initial state (a reverse row starts at its own
+                # last valid step), every other step the saved state of the previous row
+                t_prev = t - 1 + 2 * direction
+                t_prev_rows = tl.zeros_like(seq_len) + t_prev  # per row, as r_rows
+                has_prev = ((t_prev_rows >= 0) & (t_prev_rows < seq_len))[:, None]
+                sv = sv_ptrs + row * stride_st
+                sc = sc_ptrs + row * stride_st
+                a0 = tl.load(sv, mask=m_n, other=0.0).to(ACC_DTYPE)
+                a1 = tl.load(sv + H, mask=m_n, other=0.0).to(ACC_DTYPE)
+                a2 = tl.load(sv + 2 * H, mask=m_n, other=0.0).to(ACC_DTYPE)
+                s_last = tl.load(sc, mask=m_n, other=0.0).to(ACC_DTYPE)  # c (LSTM) or n (GRU)
+                if CELL == 1:
+                    a3 = tl.load(sv + 3 * H, mask=m_n, other=0.0).to(ACC_DTYPE)
+                    c_prev = tl.load(sc - stride_st, mask=m_n & has_prev, other=0.0).to(ACC_DTYPE)
+                    c_prev = tl.where(has_prev, c_prev, c0_own)
+                    dz0, dz1, dz2, dz3, aux = lstm_cell_backward(dm, aux, a0, a1, a2, a3, s_last, c_prev,
+                                                                 active[:, None])
+                    tl.store(gp_t + 3 * H, dz3.to(grad_pre_ptr.dtype.element_ty), mask=m_n)
+                    tl.store(gp_t + 2 * H, dz2.to(grad_pre_ptr.dtype.element_ty), mask=m_n)
+                else:
+                    h_prev = tl.load(o_ptrs + t_prev * stride_ot, mask=m_n & has_prev, other=0.0).to(ACC_DTYPE)
+                    h_prev = tl.where(has_prev, h_prev, h0_own)
+                    dz0, dz1, dn, dz2, aux = gru_cell_backward(g, a0, a1, a2, s_last, h_prev, active[:, None])
+                    dz3 = dz2
+                    tl.store(gp_t + 2 * H, dn.to(grad_pre_ptr.dtype.element_ty), mask=m_n)  # input side
+                    tl.store(hn_ptrs + t * B * D * H, dz2.to(grad_hn_ptr.dtype.element_ty), mask=m_n)
+                tl.store(gp_t, dz0.to(grad_pre_ptr.dtype.element_ty), mask=m_n)
+                tl.store(gp_t + H, dz1.to(grad_pre_ptr.dtype.element_ty), mask=m_n)
+            if KEEP:  # the one-program kernel: dh of the whole group right away
+                dh_new = tl.dot(dz0.to(w0.dtype), w0, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if G > 1:
+                    dh_new = tl.dot(dz1.to(w1.dtype), w1, acc=dh_new, input_precision=INPUT_PRECISION,
+                                    out_dtype=ACC_DTYPE)
+                    dh_new = tl.dot(dz2.to(w2.dtype), w2, acc=dh_new, input_precision=INPUT_PRECISION,
+                                    out_dtype=ACC_DTYPE)
+                if G > 3:
+                    dh_new = tl.dot(dz3.to(w3.dtype), w3, acc=dh_new, input_precision=INPUT_PRECISION,
+                                    out_dtype=ACC_DTYPE)
+                if CELL == 2:
+                    dh_new += aux
+                dh_own = tl.where(active[:, None], dh_new, dh_own)
+            else:  # publish dz of step r (hidden side: GRU's n block is dn * r); the group's comes back next
+                dst = xch_rows + (r % 2) * half + units[None, :]
+                m_pub = mask_bn & (r_rows < n_steps)[:, None]
+                tl.store(dst, dz0.to(xch_ptr.dtype.element_ty), mask=m_pub)
+                if G > 1:
+                    tl.store(dst + H, dz1.to(xch_ptr.dtype.element_ty), mask=m_pub)
+                    tl.store(dst + 2 * H, dz2.to(xch_ptr.dtype.element_ty), mask=m_pub)
+                if G > 3:
+                    tl.store(dst + 3 * H, dz3.to(xch_ptr.dtype.element_ty), mask=m_pub)
+        if not KEEP:
             if SPLIT > 1 and BARRIER:
-                aborted = group_barrier(bar, (r - r_begin + 1) * SPLIT, max_spins, err_ptr, aborted)
+                aborted = group_barrier(bar, (q - r_begin + 1) * SPLIT, max_spins, err_ptr, aborted)
+            elif BARRIER:  # one program reading back through memory: its threads' stores first
+                tl.debug_barrier()
 
-    tl.store(dh_ptrs, dh_own, mask=mask_bn)  # for the next launch (one launch per step)
-    if (r_begin <= n_steps) & (r_end >= n_steps + LAST):  # this launch finished the group's last step
-        tl.store(grad_h0_ptr + direction * stride_gh0d + offs_b[:, None] * stride_gh0b + units[None, :],
-                 dh_own.to(grad_h0_ptr.dtype.element_ty), mask=mask_bn)
+    tl.store(dh_ptr + p_state, dh_own, mask=mask_bp)  # for the next launch (one launch per step)
+    if CELL != 0:
+        tl.store(aux_ptr + h_state, aux, mask=mask_bn)
+    if (r_begin <= PHASES * n_steps) & (r_end >= PHASES * n_steps + LAST):  # this launch finished the last step
+        tl.store(grad_h0_ptr + direction * stride_gh0d + offs_b[:, None] * stride_gh0b + punits[None, :],
+                 dh_own.to(grad_h0_ptr.dtype.element_ty), mask=mask_bp)
+        if CELL == 1:
+            tl.store(grad_c0_ptr + h_state, aux.to(grad_c0_ptr.dtype.element_ty), mask=mask_bn)
 
 
+# ----------------------------------------------------------------------------------------------- launchers
+_CELL_IDS = {"RNN_TANH": (0, 1), "RNN_RELU": (0, 1), "LSTM": (1, 4), "GRU": (2, 3)}  # mode -> (CELL, G)
+
+
+def _cell_mode(cell: str | None, relu: bool) -> str:
+    """nn.RNNBase's mode name of the cell (as `torch_backend.cell_mode`)."""
+    if cell is None:
+        return "RNN_RELU" if relu else "RNN_TANH"
+    if cell not in _CELL_IDS:
+        raise ValueError(f"cell: expected one of {tuple(_CELL_IDS)}, got {cell!r}")
+    if relu and cell != "RNN_RELU":
+        raise ValueError(f"relu=True goes only with cell=None or 'RNN_RELU', got cell={cell!r}")
+    return cell
+
+
+def _check_cell_arguments(mode: str, **arguments: torch.Tensor | None) -> None:
+    """Which optional tensors a cell takes and needs (as `torch_backend.recurrence_backward`)."""
+    gated = mode in ("LSTM", "GRU")
+    takes = {"c0": mode == "LSTM", "w_hr": mode == "LSTM", "grad_c_n": mode == "LSTM", "saved": gated, "h0": True}
+    needs = {"c0": mode == "LSTM", "saved": gated, "h0": mode == "GRU"}
+    for name, value in arguments.items():
+        if value is not None and not takes[name]:
+            raise ValueError(f"{name}: the {mode} cell takes no {name}")
+        if value is None and needs.get(name, False):
+            raise ValueError(f"{name}: the {mode} cell needs {name}")
+
+
+def _gate_slices(w_hh: torch.Tensor, G: int, S: int, UP: int, block_p: int, block_k: int) -> torch.Tensor:
+    """`[D, G*H, P]` -> `[D, S, G, block_p, block_k]`: [d, p, k, n, j] = W_hh[d][k*H + j, p*UP + n], zero
+    padded: program p's on-chip operand of gate k (columns of W_hh, the transposed rows of each gate)."""
+    D, GH, P = w_hh.shape
+    per_gate = w_hh.view(D, G, GH // G, P).transpose(2, 3)  # [D, G, P, H]
+    if G == 1:
+        return launch.slices(per_gate[:, 0], S, UP, block_p, block_k).unsqueeze(2)
+    return torch.stack([launch.slices(per_gate[:, k], S, UP, block_p, block_k) for k in range(G)], 2)
+
+
+def _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, *, mode, lengths, allow_tf32, config,
+                  saved=None, h0=None, c0=None, grad_c_n=None, w_hr=None, grad_c0=None, grad_hn=None,
+                  g_buf=None) -> None:
+    """Plan and launch the backward recurrence of any cell into the given outputs (shapes checked by the
+    callers; T, B > 0)."""
+    T, B, _ = out.shape
+    D, GH, P = w_hh.shape
+    cell_id, G = _CELL_IDS[mode]
+    H = GH // G
+    proj = w_hr is not None
+    device = out.device
+    if config is not None:
+        cfg = config
+    elif cell_id == 0:  # the Elman plan, called as before (tests replace select_config with `lambda *a`)
+        cfg = select_config(H, B, out.dtype, allow_tf32, device_limits(device), launch.split_override())
+    else:  # the forward's plan: same arguments (kernels/config.py)
+        cfg = select_config(H, B, out.dtype, allow_tf32, device_limits(device), launch.split_override(), mode,
+                            P if proj else None)
+    cfg.check(H)
+    S, U, n_tiles = cfg.programs_per_group(H), cfg.units_per_program(H), cfg.num_batch_tiles(B)
+    UP = cfg.proj_units_per_program(H, P) if proj else U
+    block_p = cfg.block_p(H, P) if proj else cfg.block_h
+    block_k = cfg.k_block(H)  # on chip: one gate's K (H padded); streamed: the chunk
+    block_kp = max(16, triton.next_power_of_2(P)) if proj else 16
+    persistent = cfg.runs_persistent(H, T)
+    keep = S == 1 and persistent and cfg.w_on_chip and cfg.block_h == block_k and block_p == block_kp
+    phases = 2 if proj and not keep else 1
+    kw = dict(HAS_LENGTHS=lengths is not None, RELU=mode == "RNN_RELU", ACC_DTYPE=acc_dtype(out.dtype),
+              INPUT_PRECISION=input_precision(out.dtype, allow_tf32), BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h,
+              BLOCK_K=block_k, SPLIT=S, W_ON_CHIP=cfg.w_on_chip, num_warps=cfg.warps(forward=False),
+              CELL=cell_id, G=G, PROJ=proj, BLOCK_P=block_p, BLOCK_KP=block_kp)
+    if cfg.stages(H) is not None:
+        kw["num_stages"] = cfg.stages(H)
+    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    with device_guard(out):  # Triton launches on the current device: make it the tensors' device
+        launch.raise_pending(device)
+        if cfg.w_on_chip:
+            w = _gate_slices(w_hh, G, S, UP, block_p, block_k)
+            wr = launch.slices(w_hr.transpose(1, 2), S, U, cfg.block_h, block_kp) if proj else None
+        else:
+            w = launch.row_padded(w_hh)
+            wr = launch.row_padded(w_hr) if proj else None
+        dh = torch.empty((D, B, P), device=device, dtype=acc)
+        dh.copy_(grad_h_n)
+        aux = None
+        if cell_id != 0:  # LSTM: dc, from grad_c_n; GRU: the direct carry
+            aux = torch.zeros((D, B, H), device=device, dtype=acc)
+            if grad_c_n is not None:
+                aux.copy_(grad_c_n)
+        xch = out.new_zeros((2, D, B, GH))  # zeros: iteration 0 multiplies a (masked-out) dz
+        xg = out.new_zeros((D, B, P)) if proj else None
+        sync = torch.zeros(D * n_tiles, dtype=torch.int32, device=device)
+        err = launch.error_flag(device)
+        args = (out, grad_out, w, grad_pre, grad_h0, lengths, dh, xch, sync, err,
+                saved, h0, c0, wr, aux, grad_c0, grad_hn, g_buf, xg, T, B, H, U, w.stride(-2))
+        after = (out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+                 grad_pre.stride(0), grad_pre.stride(1), grad_h0.stride(0), grad_h0.stride(1),
+                 P, UP, wr.stride(-2) if proj else 0, saved.stride(0) if saved is not None else 0)
+        launch.run_steps(birnn_bwd_kernel, (S, n_tiles, D), args, after, phases * T + 1, persistent,
+                         cfg.spin_limit(), kw)
+        if persistent and S > 1:
+            launch.after_launch(device)
 
 
 def birnn_backward(
@@ -174,7 +425,7 @@ def birnn_backward(
     allow_tf32: bool = False,
     config: RecurrenceConfig | None = None,
 ) -> None:
-    """Launch the backward recurrence (all directions, SPLIT programs per group); `grad_pre` and
+    """Launch the Elman backward recurrence (all directions, SPLIT programs per group); `grad_pre` and
     `grad_h0` are written in place. Shapes as in the module docstring; last dimensions contiguous,
     `w_hh` contiguous. With `lengths` (as in `birnn_forward`) only valid steps of `grad_pre` are
     written: pass it zero-filled. Raises RuntimeError if an earlier persistent split launch on this
@@ -192,26 +443,89 @@ def birnn_backward(
     check_buffers(w_hh.is_contiguous() and all(
         t.stride(-1) == 1 for t in (out, grad_out, grad_h_n, grad_pre, grad_h0)),
         "birnn_backward: w_hh contiguous and every buffer's last dimension contiguous")
-    device = out.device
-    cfg = config or select_config(H, B, out.dtype, allow_tf32, device_limits(device), launch.split_override())
-    cfg.check(H)
-    S, U, n_tiles = cfg.programs_per_group(H), cfg.units_per_program(H), cfg.num_batch_tiles(B)
-    persistent = cfg.runs_persistent(H, T)
-    common = common_kwargs(cfg, H, out.dtype, allow_tf32, relu, lengths is not None, forward=False)
-    with device_guard(out):  # Triton launches on the current device: make it the tensors' device
-        launch.raise_pending(device)
-        w = (launch.slices(w_hh.transpose(1, 2), S, U, cfg.block_h, cfg.k_block(H)) if cfg.w_on_chip
-             else launch.row_padded(w_hh))
-        dh = torch.empty((D, B, H), device=device,
-                         dtype=torch.float64 if out.dtype == torch.float64 else torch.float32)
-        dh.copy_(grad_h_n)
-        xch = out.new_zeros((2, D, B, H))  # zeros: iteration 0 multiplies a (masked-out) dz
-        sync = torch.zeros(D * n_tiles, dtype=torch.int32, device=device)
-        err = launch.error_flag(device)
-        args = (out, grad_out, w, grad_pre, grad_h0, lengths, dh, xch, sync, err, T, B, H, U, w.stride(-2))
-        after = (out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-                 grad_pre.stride(0), grad_pre.stride(1), grad_h0.stride(0), grad_h0.stride(1))
-        launch.run_steps(birnn_bwd_kernel,
-                         (S, n_tiles, D), args, after, T + 1, persistent, cfg.spin_limit(), common)
-        if persistent and S > 1:
-            launch.after_launch(device)
+    _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, mode="RNN_RELU" if relu else "RNN_TANH",
+                  lengths=lengths, allow_tf32=allow_tf32, config=config)
+
+
+def recurrence_backward(
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_h_n: torch.Tensor,
+    w_hh: torch.Tensor,
+    *,
+    relu: bool = False,
+    cell: str | None = None,
+    lengths: torch.Tensor | None = None,
+    saved: torch.Tensor | None = None,
+    h0: torch.Tensor | None = None,
+    c0: torch.Tensor | None = None,
+    grad_c_n: torch.Tensor | None = None,
+    w_hr: torch.Tensor | None = None,
+    allow_tf32: bool = False,
+    config: RecurrenceConfig | None = None,
+) -> tuple[torch.Tensor | None, ...]:
+    """BPTT of one layer, all directions, any cell, in one launch: the contract (arguments, `saved`
+    layout, returns) of `fused_birnn.torch_backend.recurrence_backward`.
+
+    Args:
+        out: `[T, B, D*P]` the forward's output (0 at padded steps).
+        grad_out: `[T, B, D*P]`, grad_h_n: `[D, B, P]`, grad_c_n: `[D, B, H]` or None (LSTM).
+        w_hh: `[D, G*H, P]`.
+        relu, cell, lengths: as for the forward (`lengths [B]` on out's device, values in [1, T]).
+        saved: the forward's `saved` (LSTM, GRU), `[T, D*B*S*H]`.
+        h0: `[D, B, P]`: GRU (its update gate's gradient reads h_{s-1}); ignored otherwise.
+        c0: `[D, B, H]` (LSTM). w_hr: `[D, P, H]` (LSTM with a projection).
+        allow_tf32: fp32 dots on TF32 tensor cores (GPU). config: a plan instead of `select_config`'s.
+
+    Returns:
+        `grad_pre [T, B, D*G*H]` (input side, 0 at padded steps), then Elman `grad_h0`; LSTM `grad_h0`,
+        `grad_c0 [D, B, H]`, `grad_w_hr [D, P, H]` or None; GRU `grad_h0`, `grad_hn [T, B, D*H]` (the
+        hidden side's n block).
+    """
+    mode = _cell_mode(cell, relu)
+    _check_cell_arguments(mode, c0=c0, w_hr=w_hr, saved=saved, h0=h0 if mode == "GRU" else None,
+                          grad_c_n=grad_c_n)
+    cell_id, G = _CELL_IDS[mode]
+    T, B, DP = out.shape
+    D, GH, P = w_hh.shape
+    H = GH // G
+    proj = w_hr is not None
+    check_buffers(GH == G * H and DP == D * P and grad_out.shape == out.shape and grad_h_n.shape == (D, B, P)
+                  and (lengths is None or (lengths.shape == (B,) and lengths.device == out.device))
+                  and (saved is None or (saved.shape[0] == T and saved.numel() == T * D * B * (G + 1) * H))
+                  and (c0 is None or c0.shape == (D, B, H)) and (grad_c_n is None or grad_c_n.shape == (D, B, H))
+                  and (h0 is None or h0.shape == (D, B, P)) and (not proj or w_hr.shape == (D, P, H))
+                  and (proj or cell_id != 0 or P == H),
+                  "recurrence_backward: shapes of out/grad_out [T, B, D*P], grad_h_n/h0 [D, B, P], w_hh "
+                  "[D, G*H, P], c0/grad_c_n [D, B, H], w_hr [D, P, H], saved [T, D*B*(G+1)*H], lengths [B]")
+    zeros_or_empty = out.new_zeros if lengths is not None else out.new_empty  # padded steps stay 0
+    grad_pre = zeros_or_empty((T, B, D * GH))
+    grad_h0 = out.new_empty((D, B, P))
+    grad_c0 = out.new_empty((D, B, H)) if cell_id == 1 else None
+    grad_hn = zeros_or_empty((T, B, D * H)) if cell_id == 2 else None
+    g_buf = out.new_zeros((T, D, B, P)) if proj else None  # gradient reaching h_s, processing order
+    if T == 0 or B == 0:  # nothing to launch
+        grad_h0.copy_(grad_h_n)
+        if grad_c0 is not None:
+            grad_c0.copy_(grad_c_n) if grad_c_n is not None else grad_c0.zero_()
+    else:
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        last = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+        _run_backward(last(out), last(grad_out), grad_h_n, w_hh.contiguous(), grad_pre, grad_h0, mode=mode,
+                      lengths=lengths, allow_tf32=allow_tf32, config=config, saved=c(saved),
+                      h0=c(h0) if cell_id == 2 else None, c0=c(c0), grad_c_n=grad_c_n, w_hr=c(w_hr),
+                      grad_c0=grad_c0, grad_hn=grad_hn, g_buf=g_buf)
+    if cell_id == 0:
+        return grad_pre, grad_h0
+    if cell_id == 2:
+        return grad_pre, grad_h0, grad_hn
+    grad_w_hr = None
+    if proj:  # sum_s g_s^T m_s, m = o * tanh(c) recomputed off the loop, 0 where h did not come from it
+        sv = saved.reshape(T, -1)
+        m = sv[:, :D * B * 4 * H].view(T, D, B, 4, H)[:, :, :, 3] * torch.tanh(sv[:, D * B * 4 * H:].view(T, D, B, H))
+        if lengths is not None:  # where, not a product: gates of padded steps may be inf or nan
+            steps = torch.arange(T, device=out.device)
+            times = torch.stack([steps, T - 1 - steps], 1)[:, :D]  # [T, D]
+            m = torch.where((times[:, :, None] < lengths[None, None, :]).unsqueeze(-1), m, 0)
+        grad_w_hr = torch.einsum("sdbp,sdbh->dph", g_buf, m)
+    return grad_pre, grad_h0, grad_c0, grad_w_hr

@@ -93,3 +93,38 @@ def gru_cell_forward(z_r, z_z, hn, x_n, h):
 def cell_backward(g, h, RELU: tl.constexpr):
     """dz of the program's units from the gradient g reaching their output h."""
     return g * activation_grad_from_output(h, RELU)
+
+
+# Backward of the gated cells (kernels/backward.py). Inputs are the saved activations (torch_backend's
+# `saved` layout), the gradient reaching the state and what the program carries; `active` [BLOCK_B, 1]
+# selects the rows that ran this step: an inactive row's saved gates are garbage (never multiplied into
+# a result, `where`) and its carried state passes through unchanged. 1 - x is written as -x + 1.
+@triton.jit
+def lstm_cell_backward(dm, dc, i, f, g, o, c, c_prev, active):
+    """One LSTM step backwards for the program's units. dm: gradient reaching m = o * tanh(c) (h itself,
+    or g @ W_hr with a projection); dc: gradient reaching c from the later steps (dL/dc_s through
+    c_{s+1} = f_{s+1} c_s + ..., or grad_c_n). Returns the pre-activation gradients of i, f, g, o and the
+    carry to c_{s-1}: `dc_s = dc + dm * o * (1 - tanh(c)^2)`, `dz = [dc_s * g*i(1-i), dc_s * c_prev*f(1-f),
+    dc_s * i*(1-g^2), dm * tanh(c)*o(1-o)]`, `dc_{s-1} = dc_s * f`."""
+    tc = tanh(c)
+    dc_s = dc + dm * (o * (1.0 - tc * tc))
+    d_i = dc_s * (g * (i * (1.0 - i)))
+    d_f = dc_s * (c_prev * (f * (1.0 - f)))
+    d_g = dc_s * (i * (1.0 - g * g))
+    d_o = dm * (tc * (o * (1.0 - o)))
+    return (tl.where(active, d_i, 0.0), tl.where(active, d_f, 0.0), tl.where(active, d_g, 0.0),
+            tl.where(active, d_o, 0.0), tl.where(active, dc_s * f, dc))
+
+
+@triton.jit
+def gru_cell_backward(g, r, z, hn, n, h_prev, active):
+    """One GRU step backwards for the program's units; g: gradient reaching h_s = n + z * (h_{s-1} - n),
+    hn = W_hn h_{s-1} + b_hn, h_prev = h_{s-1}. Returns the pre-activation gradients of r and z, of n's
+    pre-activation on the input side `dn = g * (1-z)(1-n^2)`, of hn (the hidden side's n block,
+    `dn * r`), and the direct carry to h_{s-1}, `g * z` (0 for inactive rows: the skeleton keeps their
+    gradient as it is)."""
+    dn = g * ((1.0 - z) * (1.0 - n * n))
+    d_r = dn * (hn * (r * (1.0 - r)))
+    d_z = g * ((h_prev - n) * (z * (1.0 - z)))
+    return (tl.where(active, d_r, 0.0), tl.where(active, d_z, 0.0), tl.where(active, dn, 0.0),
+            tl.where(active, dn * r, 0.0), tl.where(active, g * z, 0.0))

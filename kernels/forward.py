@@ -71,28 +71,83 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .cell import cell_forward
-from .config import RecurrenceConfig, device_limits, select_config
+from .cell import cell_forward, gru_cell_forward, lstm_cell_forward
+from .config import MIN_DOT, RecurrenceConfig, device_limits, gate_count, select_config
 from .indexing import sequence_lengths, step_time
 from .launch import device_guard  # noqa: F401  (re-exported: the launchers' device guard)
 from .exchange import load_exchanged
 from .sync import group_barrier
+from ..torch_backend import _check_cell_arguments as check_cell_arguments, cell_mode, saved_shape
+
+
+@triton.jit
+def _gate_dots_streamed(src, w_row0, gate_rows, P, mask_b, mask_n, offs_k,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GATES: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """`h_all @ W_k^T` for each gate k of the program's units, W streamed from L2 in BLOCK_K chunks of
+    the state (K = P): `src` the group's exchanged state rows, `w_row0` the pointer of the program's first
+    gate rows `[1, BLOCK_N]` (row j of gate k at `w_row0 + k * gate_rows`). Chunk k + 1 is prefetched by
+    hand during chunk k (the kernel compiles with num_stages=1, module docstring). Unused gates: zeros."""
+    acc0 = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
+    acc1 = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
+    acc2 = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
+    acc3 = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
+    mask_k = offs_k < P
+    h_next = load_exchanged(src + offs_k[None, :], mask_b[:, None] & mask_k[None, :])
+    wm = mask_k[:, None] & mask_n[None, :]
+    w_next0 = tl.load(w_row0 + offs_k[:, None], mask=wm, other=0.0)
+    if GATES > 1:
+        w_next1 = tl.load(w_row0 + gate_rows + offs_k[:, None], mask=wm, other=0.0)
+        w_next2 = tl.load(w_row0 + 2 * gate_rows + offs_k[:, None], mask=wm, other=0.0)
+    if GATES > 3:
+        w_next3 = tl.load(w_row0 + 3 * gate_rows + offs_k[:, None], mask=wm, other=0.0)
+    for k0 in range(0, P, BLOCK_K):
+        a = h_next.to(w_next0.dtype)
+        w0 = w_next0
+        if GATES > 1:
+            w1 = w_next1
+            w2 = w_next2
+        if GATES > 3:
+            w3 = w_next3
+        ks = k0 + BLOCK_K + offs_k
+        mask_k = ks < P
+        wm = mask_k[:, None] & mask_n[None, :]
+        h_next = load_exchanged(src + ks[None, :], mask_b[:, None] & mask_k[None, :])
+        w_next0 = tl.load(w_row0 + ks[:, None], mask=wm, other=0.0)
+        if GATES > 1:
+            w_next1 = tl.load(w_row0 + gate_rows + ks[:, None], mask=wm, other=0.0)
+            w_next2 = tl.load(w_row0 + 2 * gate_rows + ks[:, None], mask=wm, other=0.0)
+        if GATES > 3:
+            w_next3 = tl.load(w_row0 + 3 * gate_rows + ks[:, None], mask=wm, other=0.0)
+        acc0 = tl.dot(a, w0, acc=acc0, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if GATES > 1:
+            acc1 = tl.dot(a, w1, acc=acc1, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc2 = tl.dot(a, w2, acc=acc2, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if GATES > 3:
+            acc3 = tl.dot(a, w3, acc=acc3, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc0, acc1, acc2, acc3
 
 
 @triton.jit(do_not_specialize=["T", "s_begin", "s_end", "max_spins"])
 def birnn_fwd_kernel(
     x_proj_ptr, w_ptr, out_ptr, h_n_ptr, lengths_ptr, xch_ptr, sync_ptr, err_ptr,
+    w_hr_ptr, b_hn_ptr, c0_ptr, c_n_ptr, saved_ptr, mxch_ptr,
     T, B, H, U, stride_w, s_begin, s_end, max_spins,
     stride_xt, stride_xb,
     stride_ot, stride_ob,
     stride_hnd, stride_hnb,
+    P, UP, stride_wr, stride_st,
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     W_ON_CHIP: tl.constexpr, BARRIER: tl.constexpr,
+    CELL: tl.constexpr = 0, GATES: tl.constexpr = 1, PROJ: tl.constexpr = False, BLOCK_P: tl.constexpr = 16,
+    BLOCK_KH: tl.constexpr = 16, PHASE: tl.constexpr = 0,
 ):
-    """One program: units [p*U, p*U + U) of BLOCK_B rows of one direction, for steps
-    [s_begin, min(s_end, n_steps)). A row outside its valid steps keeps its state (that is its h_n) and
-    stores nothing; padded units and rows are never stored."""
+    """One program: hidden units [p*U, p*U + U) (all G gates, and c for an LSTM) and state units
+    [p*UP, p*UP + UP) (= the hidden units unless PROJ) of BLOCK_B rows of one direction, for steps
+    [s_begin, min(s_end, n_steps)). A row outside its valid steps keeps its state (that is its h_n / c_n)
+    and stores no output; padded units and rows are never stored. PHASE (launch per step with PROJ and
+    SPLIT > 1 only): 1 runs a step up to publishing m, 2 the projection after it; 0 the whole step."""
     p = tl.program_id(0)
     pid_b = tl.program_id(1)
     direction = tl.program_id(2)
@@ -100,78 +155,170 @@ def birnn_fwd_kernel(
     offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    units = p * U + offs_n
+    offs_q = tl.arange(0, BLOCK_P)
+    units = p * U + offs_n  # hidden units: gates, c, m
     mask_n = (offs_n < U) & (units < H)
+    sunits = p * UP + offs_q  # state units: h (P of them; the hidden units without a projection)
+    mask_s = (offs_q < UP) & (sunits < P)
     mask_b = offs_b < B
     mask_bn = mask_b[:, None] & mask_n[None, :]
+    mask_bs = mask_b[:, None] & mask_s[None, :]
     seq_len = sequence_lengths(lengths_ptr, offs_b, B, T, HAS_LENGTHS)
     n_steps = tl.max(seq_len, axis=0)
     KEEP: tl.constexpr = SPLIT == 1 and BARRIER and W_ON_CHIP  # whole state in this program's registers
+    NB: tl.constexpr = 2 if PROJ else 1  # barriers per step (SPLIT > 1, persistent): m, then h
 
-    if W_ON_CHIP:  # W_hh[d][p*U + n, k] as w[k, n], the dot's right operand, for every step
-        w_base = w_ptr + ((direction * SPLIT + p) * BLOCK_N).to(tl.int64) * BLOCK_K
-        w = tl.load(w_base + offs_n[None, :] * BLOCK_K + offs_k[:, None])
-    w_rows = w_ptr + (direction.to(tl.int64) * H + units[None, :]) * stride_w  # streamed: W_hh[d] rows
+    if W_ON_CHIP:  # gate k of W_hh[d][k*H + p*U + n, :] as w_k[:, n], the dots' right operands, every step
+        w_base = w_ptr + ((direction * SPLIT + p) * GATES * BLOCK_N).to(tl.int64) * BLOCK_K
+        w_tile = offs_n[None, :] * BLOCK_K + offs_k[:, None]
+        w0 = tl.load(w_base + w_tile)
+        if GATES > 1:
+            w1 = tl.load(w_base + BLOCK_N * BLOCK_K + w_tile)
+            w2 = tl.load(w_base + 2 * BLOCK_N * BLOCK_K + w_tile)
+        if GATES > 3:
+            w3 = tl.load(w_base + 3 * BLOCK_N * BLOCK_K + w_tile)
+        if PROJ:  # W_hr[d][p*UP + q, :] as wr[:, q]: the projection's right operand
+            offs_kh = tl.arange(0, BLOCK_KH)
+            wr = tl.load(w_hr_ptr + ((direction * SPLIT + p) * BLOCK_P).to(tl.int64) * BLOCK_KH
+                         + offs_q[None, :] * BLOCK_KH + offs_kh[:, None])
+    w_row0 = w_ptr + (direction.to(tl.int64) * GATES * H + units[None, :]) * stride_w  # streamed: gate 0 rows
 
-    half = D.to(tl.int64) * B * H  # one ping-pong half of xch
-    xch_rows = xch_ptr + direction.to(tl.int64) * B * H + offs_b[:, None] * H
+    half = D.to(tl.int64) * B * P  # one ping-pong half of xch
+    xch_rows = xch_ptr + direction.to(tl.int64) * B * P + offs_b[:, None] * P
     bar = sync_ptr + direction * tl.num_programs(1) + pid_b
-    col = direction * H + units  # this program's columns of the [.., D*H] buffers
+    col = direction * GATES * H + units  # this program's gate-0 columns of x_proj; gate k at + k*H
     x_ptrs = x_proj_ptr + offs_b[:, None] * stride_xb + col[None, :]
-    o_ptrs = out_ptr + offs_b[:, None] * stride_ob + col[None, :]
+    o_ptrs = out_ptr + offs_b[:, None] * stride_ob + (direction * P + sunits)[None, :]
+    state_rows = direction.to(tl.int64) * B * H + offs_b[:, None] * H + units[None, :]  # [D, B, H] buffers
+    row_shift = direction * (T - n_steps)  # saved row of step s: s + row_shift (torch_backend's order)
+    if CELL != 0:  # saved [T, D, B, G, H] gates, then [T, D, B, H] c (LSTM) / n (GRU); row stride stride_st
+        sv_gates = saved_ptr + (direction * B + offs_b[:, None]) * GATES * H + units[None, :]
+        sv_state = saved_ptr + D.to(tl.int64) * B * GATES * H + state_rows
 
-    # the state of the program's own units: the group's state before step s_begin (h0 at 0)
+    # the group's state before step s_begin (h0, c0 at 0): h of the state units from the exchange buffer,
+    # c (LSTM) from c0 or the saved c of the step before (a launch per step)
     s_stop = tl.minimum(s_end, n_steps)
     first = tl.minimum(s_begin, n_steps)
-    h_own = load_exchanged(xch_rows + (first % 2) * half + units[None, :], mask_bn).to(ACC_DTYPE)
+    h_own = load_exchanged(xch_rows + (first % 2) * half + sunits[None, :], mask_bs).to(ACC_DTYPE)
+    if CELL == 1:
+        c_init = tl.load(c0_ptr + state_rows, mask=mask_bn, other=0.0).to(ACC_DTYPE)
+        prev_row = tl.maximum(first - 1 + row_shift, 0)
+        c_prev = tl.load(sv_state + prev_row * stride_st, mask=mask_bn, other=0.0).to(ACC_DTYPE)  # unused at 0
+        c_own = tl.where(first > 0, c_prev, c_init)
+    if CELL == 2:
+        b_hn = tl.load(b_hn_ptr + direction * H + units, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     aborted = (s_begin < 0).to(tl.int32)  # 0: a runtime int32 the barrier updates
     for s in range(s_begin, s_stop):
         t, active = step_time(s, direction, n_steps, seq_len)
         m = active[:, None] & mask_n[None, :]
         src = xch_rows + (s % 2) * half
-        # x_proj is added after the dot, so its load is not the dot's accumulator and can be prefetched
-        x = tl.load(x_ptrs + t * stride_xt, mask=m, other=0.0).to(ACC_DTYPE)
-        if W_ON_CHIP:
-            if KEEP:
-                h_all = h_own
+        row = s + row_shift
+        if PHASE != 2:
+            # x_proj is added after the dots, so its loads are not the dots' accumulators and can be prefetched
+            x0 = tl.load(x_ptrs + t * stride_xt, mask=m, other=0.0).to(ACC_DTYPE)
+            if GATES > 1:
+                x1 = tl.load(x_ptrs + t * stride_xt + H, mask=m, other=0.0).to(ACC_DTYPE)
+                x2 = tl.load(x_ptrs + t * stride_xt + 2 * H, mask=m, other=0.0).to(ACC_DTYPE)
+            if GATES > 3:
+                x3 = tl.load(x_ptrs + t * stride_xt + 3 * H, mask=m, other=0.0).to(ACC_DTYPE)
+            if W_ON_CHIP:
+                if KEEP:
+                    h_all = h_own
+                else:
+                    h_all = load_exchanged(src + offs_k[None, :], mask_b[:, None] & (offs_k < P)[None, :])
+                a = h_all.to(w0.dtype)
+                acc0 = tl.dot(a, w0, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if GATES > 1:
+                    acc1 = tl.dot(a, w1, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    acc2 = tl.dot(a, w2, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if GATES > 3:
+                    acc3 = tl.dot(a, w3, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             else:
-                h_all = load_exchanged(src + offs_k[None, :], mask_b[:, None] & (offs_k < H)[None, :])
-            acc = tl.dot(h_all.to(w.dtype), w, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            # Triton's pipeliner would turn even volatile loads into L1-allocating cp.async.ca (seen in the
-            # PTX), so split kernels compile with num_stages=1 and prefetch chunk k + 1 by hand
-            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
-            h_next = load_exchanged(src + offs_k[None, :], mask_b[:, None] & (offs_k < H)[None, :])
-            w_next = tl.load(w_rows + offs_k[:, None], mask=(offs_k < H)[:, None] & mask_n[None, :], other=0.0)
-            for k0 in range(0, H, BLOCK_K):
-                h_k, w_k = h_next, w_next
-                ks = k0 + BLOCK_K + offs_k
-                mask_k = ks < H
-                h_next = load_exchanged(src + ks[None, :], mask_b[:, None] & mask_k[None, :])
-                w_next = tl.load(w_rows + ks[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(h_k.to(w_k.dtype), w_k, acc=acc, input_precision=INPUT_PRECISION,
-                             out_dtype=ACC_DTYPE)
-        h_new = cell_forward(acc + x, RELU)
-        if HAS_LENGTHS:  # a row outside its valid steps keeps its state
-            h_own = tl.where(active[:, None], h_new, h_own)
-        else:
-            h_own = h_new
-        if SPLIT > 1 and BARRIER:
-            h_own = tl.where(aborted != 0, float("nan"), h_own)
-        tl.store(o_ptrs + t * stride_ot, h_own.to(out_ptr.dtype.element_ty), mask=m)
-        if not KEEP:  # publish the slice for step s + 1 (or for the next launch)
-            tl.store(xch_rows + ((s + 1) % 2) * half + units[None, :], h_own.to(xch_ptr.dtype.element_ty),
-                     mask=mask_bn)
-        if SPLIT > 1 and BARRIER:
-            aborted = group_barrier(bar, (s - s_begin + 1) * SPLIT, max_spins, err_ptr, aborted)
+                # Triton's pipeliner would turn even volatile loads into L1-allocating cp.async.ca (seen in
+                # the PTX), so split kernels compile with num_stages=1 and prefetch chunk k + 1 by hand
+                acc0, acc1, acc2, acc3 = _gate_dots_streamed(
+                    src, w_row0, H * stride_w, P, mask_b, mask_n, offs_k, BLOCK_B, BLOCK_N,
+                    BLOCK_K, GATES, ACC_DTYPE, INPUT_PRECISION)
+            if CELL == 0:
+                h_new = cell_forward(acc0 + x0, RELU)
+            elif CELL == 1:
+                g_i, g_f, g_g, g_o, c_new, h_new = lstm_cell_forward(acc0 + x0, acc1 + x1, acc2 + x2, acc3 + x3,
+                                                                     c_own)
+                if HAS_LENGTHS:  # a row outside its valid steps keeps its cell state
+                    c_own = tl.where(active[:, None], c_new, c_own)
+                else:
+                    c_own = c_new
+                if SPLIT > 1 and BARRIER:
+                    c_own = tl.where(aborted != 0, float("nan"), c_own)
+                sv = sv_gates + row * stride_st
+                dt = saved_ptr.dtype.element_ty
+                tl.store(sv, g_i.to(dt), mask=mask_bn)
+                tl.store(sv + H, g_f.to(dt), mask=mask_bn)
+                tl.store(sv + 2 * H, g_g.to(dt), mask=mask_bn)
+                tl.store(sv + 3 * H, g_o.to(dt), mask=mask_bn)
+                tl.store(sv_state + row * stride_st, c_own.to(dt), mask=mask_bn)  # kept c where inactive
+            else:
+                hn = acc2 + b_hn
+                g_r, g_z, g_n, h_new = gru_cell_forward(acc0 + x0, acc1 + x1, hn, x2, h_own)
+                sv = sv_gates + row * stride_st
+                dt = saved_ptr.dtype.element_ty
+                tl.store(sv, g_r.to(dt), mask=mask_bn)
+                tl.store(sv + H, g_z.to(dt), mask=mask_bn)
+                tl.store(sv + 2 * H, hn.to(dt), mask=mask_bn)
+                tl.store(sv_state + row * stride_st, g_n.to(dt), mask=mask_bn)
+        if PROJ:  # h = m @ W_hr^T mixes all hidden units: this program computes its state units of h
+            if KEEP:  # one program: m of every hidden unit is in its registers
+                h_new = tl.dot(h_new.to(wr.dtype), wr, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                m_rows = mxch_ptr + direction.to(tl.int64) * B * H + offs_b[:, None] * H
+                if PHASE != 2:  # publish m; the group meets (or the launch ends) before anyone reads it
+                    tl.store(m_rows + units[None, :], h_new.to(mxch_ptr.dtype.element_ty), mask=mask_bn)
+                    if SPLIT > 1 and BARRIER:
+                        aborted = group_barrier(bar, ((s - s_begin) * NB + 1) * SPLIT, max_spins, err_ptr, aborted)
+                    elif SPLIT == 1:
+                        tl.debug_barrier()  # other threads of this program read what this one wrote
+                if PHASE != 1:
+                    if W_ON_CHIP:
+                        m_all = load_exchanged(m_rows + offs_kh[None, :], mask_b[:, None] & (offs_kh < H)[None, :])
+                        h_new = tl.dot(m_all.to(wr.dtype), wr, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    else:
+                        wr_row0 = w_hr_ptr + (direction.to(tl.int64) * P + sunits[None, :]) * stride_wr
+                        offs_c = tl.arange(0, BLOCK_KH)
+                        h_new, _a, _b, _c = _gate_dots_streamed(
+                            m_rows, wr_row0, 0, H, mask_b, mask_s, offs_c, BLOCK_B, BLOCK_P,
+                            BLOCK_KH, 1, ACC_DTYPE, INPUT_PRECISION)
+        if PHASE != 1:
+            if HAS_LENGTHS:  # a row outside its valid steps keeps its state
+                h_own = tl.where(active[:, None], h_new, h_own)
+            else:
+                h_own = h_new
+            if SPLIT > 1 and BARRIER:
+                h_own = tl.where(aborted != 0, float("nan"), h_own)
+            tl.store(o_ptrs + t * stride_ot, h_own.to(out_ptr.dtype.element_ty),
+                     mask=active[:, None] & mask_s[None, :])
+            if not KEEP:  # publish the slice for step s + 1 (or for the next launch)
+                tl.store(xch_rows + ((s + 1) % 2) * half + sunits[None, :], h_own.to(xch_ptr.dtype.element_ty),
+                         mask=mask_bs)
+                if SPLIT > 1 and BARRIER:
+                    aborted = group_barrier(bar, ((s - s_begin) * NB + NB) * SPLIT, max_spins, err_ptr, aborted)
+                elif SPLIT == 1:
+                    tl.debug_barrier()  # other threads of this program read it at the next step
 
     if (s_begin <= n_steps) & (s_end >= n_steps):  # this launch ran the group's last step
-        if SPLIT > 1 and BARRIER:
-            h_own = tl.where(aborted != 0, float("nan"), h_own)
-        tl.store(h_n_ptr + direction * stride_hnd + offs_b[:, None] * stride_hnb + units[None, :],
-                 h_own.to(h_n_ptr.dtype.element_ty), mask=mask_bn)
-
-
+        if PHASE != 1:
+            if SPLIT > 1 and BARRIER:
+                h_own = tl.where(aborted != 0, float("nan"), h_own)
+            tl.store(h_n_ptr + direction * stride_hnd + offs_b[:, None] * stride_hnb + sunits[None, :],
+                     h_own.to(h_n_ptr.dtype.element_ty), mask=mask_bs)
+        if CELL == 1 and PHASE != 2:
+            if SPLIT > 1 and BARRIER:
+                c_own = tl.where(aborted != 0, float("nan"), c_own)
+            tl.store(c_n_ptr + state_rows, c_own.to(c_n_ptr.dtype.element_ty), mask=mask_bn)
+            # saved c of the steps where the whole tile is inactive, as torch_backend keeps it: after the
+            # longest row (direction 0: the final c) or before it (direction 1: c0)
+            c_fill = tl.where(direction == 0, c_own, c_init).to(saved_ptr.dtype.element_ty)
+            for r in range(0, T - n_steps):
+                tl.store(sv_state + (r + (1 - direction) * n_steps) * stride_st, c_fill, mask=mask_bn)
 
 
 def check_buffers(ok: bool, expected: str) -> None:
@@ -190,15 +337,26 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 def common_kwargs(cfg: RecurrenceConfig, H: int, dtype: torch.dtype, allow_tf32: bool, relu: bool,
-                  has_lengths: bool, forward: bool) -> dict:
-    """The constexprs and launch options both kernels take."""
+                  has_lengths: bool, forward: bool, cell: str | None = None, proj_size: int = 0) -> dict:
+    """The constexprs and launch options both kernels take. With `cell` (a gated cell's mode name, or
+    'RNN_TANH' / 'RNN_RELU'): also the cell's constexprs CELL (0 Elman, 1 LSTM, 2 GRU), GATES, PROJ,
+    BLOCK_P (a program's slice of the projected state) and BLOCK_KH (the projection dot's K block); the
+    state width is then P = proj_size or H (the gate dots' K, `cfg.k_block(P)`)."""
+    P = proj_size or H
     kw = dict(HAS_LENGTHS=has_lengths, RELU=relu, ACC_DTYPE=acc_dtype(dtype),
               INPUT_PRECISION=input_precision(dtype, allow_tf32), BLOCK_B=cfg.block_b,
-              BLOCK_N=cfg.block_h, BLOCK_K=cfg.k_block(H), SPLIT=cfg.programs_per_group(H),
+              BLOCK_N=cfg.block_h, BLOCK_K=cfg.k_block(P), SPLIT=cfg.programs_per_group(H),
               W_ON_CHIP=cfg.w_on_chip, num_warps=cfg.warps(forward=forward))
+    if cell is not None:
+        kw.update(CELL=CELL_CODES[cell], GATES=gate_count(cell), PROJ=bool(proj_size),
+                  BLOCK_P=cfg.block_p(H, proj_size) if proj_size else cfg.block_h,
+                  BLOCK_KH=cfg.k_block(H) if proj_size else MIN_DOT)
     if cfg.stages(H) is not None:
         kw["num_stages"] = cfg.stages(H)
     return kw
+
+
+CELL_CODES = {"RNN_TANH": 0, "RNN_RELU": 0, "LSTM": 1, "GRU": 2}  # the kernels' CELL constexpr
 
 
 def birnn_forward(
@@ -213,10 +371,10 @@ def birnn_forward(
     allow_tf32: bool = False,
     config: RecurrenceConfig | None = None,
 ) -> None:
-    """Launch the forward recurrence (all directions, SPLIT programs per group). Shapes as in the module
-    docstring; `out` and `h_n` are written in place. Every tensor's last dimension must be contiguous
-    and `w_hh` fully contiguous. With `lengths` (`[B]` integers in [0, T] on the same device), row b
-    runs its first lengths[b] steps, the reverse direction starting at lengths[b] - 1; only those
+    """Launch the Elman forward recurrence (all directions, SPLIT programs per group). Shapes as in the
+    module docstring; `out` and `h_n` are written in place. Every tensor's last dimension must be
+    contiguous and `w_hh` fully contiguous. With `lengths` (`[B]` integers in [0, T] on the same device),
+    row b runs its first lengths[b] steps, the reverse direction starting at lengths[b] - 1; only those
     steps of `out` are written (pass `out` zero-filled to get nn.RNN's zeros at padded steps).
     Raises RuntimeError if an earlier persistent split launch on this device failed (kernels/launch.py)."""
     T, B, DH = x_proj.shape
@@ -224,28 +382,128 @@ def birnn_forward(
     check_buffers(DH == D * H and out.shape == x_proj.shape and h0.shape == h_n.shape == (D, B, H)
                   and (lengths is None or (lengths.shape == (B,) and lengths.device == x_proj.device)),
                   "birnn_forward: shapes of x_proj/out [T, B, D*H], h0/h_n [D, B, H], lengths [B]")
+    _forward(x_proj, w_hh, h0, out, h_n, "RNN_RELU" if relu else "RNN_TANH", lengths=lengths,
+             allow_tf32=allow_tf32, config=config)
+
+
+def _forward(x_proj, w_hh, h0, out, h_n, mode, *, c0=None, c_n=None, w_hr=None, b_hn=None, saved=None,
+             lengths=None, allow_tf32=False, config=None) -> None:
+    """Launch the forward recurrence of any cell into the given buffers (shapes checked by the callers)."""
+    T, B, _ = x_proj.shape
+    G = gate_count(mode)
+    D, GH, P = w_hh.shape
+    H = GH // G
+    proj = 0 if w_hr is None else P
     if T == 0 or B == 0:  # nothing to launch; an empty tensor's strides mean nothing (may be 0)
         h_n.copy_(h0)
+        if c_n is not None:
+            c_n.copy_(c0)
         return
-    check_buffers(w_hh.is_contiguous() and all(t.stride(-1) == 1 for t in (x_proj, out, h0, h_n)),
+    check_buffers(w_hh.is_contiguous() and all(t.stride(-1) == 1 for t in (x_proj, out, h0, h_n))
+                  and (saved is None or saved.is_contiguous()),
                   "birnn_forward: w_hh contiguous and every buffer's last dimension contiguous")
     device = x_proj.device
-    # the plan for the device, honouring FUSED_BIRNN_SPLIT (read now) where it can
-    cfg = config or select_config(H, B, x_proj.dtype, allow_tf32, device_limits(device), launch.split_override())
+    # the plan for the device, honouring FUSED_BIRNN_SPLIT (read now) where it can; positional arguments
+    # (tests replace select_config by a lambda taking *args)
+    plan = (H, B, x_proj.dtype, allow_tf32, device_limits(device), launch.split_override())
+    cfg = config or (select_config(*plan) if G == 1 else select_config(*plan, mode, proj or None))
     cfg.check(H)
     S, U, n_tiles = cfg.programs_per_group(H), cfg.units_per_program(H), cfg.num_batch_tiles(B)
+    UP = cfg.proj_units_per_program(H, proj) if proj else U
     persistent = cfg.runs_persistent(H, T)
-    common = common_kwargs(cfg, H, x_proj.dtype, allow_tf32, relu, lengths is not None, forward=True)
+    common = common_kwargs(cfg, H, x_proj.dtype, allow_tf32, mode == "RNN_RELU", lengths is not None,
+                           forward=True, cell=mode, proj_size=proj)
     with device_guard(x_proj):  # Triton launches on the current device: make it the tensors' device
         launch.raise_pending(device)
-        w = launch.slices(w_hh, S, U, cfg.block_h, cfg.k_block(H)) if cfg.w_on_chip else launch.row_padded(w_hh)
-        xch = x_proj.new_empty((2, D, B, H))
+        if cfg.w_on_chip:
+            w = launch.gate_slices(w_hh, G, S, U, cfg.block_h, cfg.k_block(P))
+            wr = None if w_hr is None else launch.slices(w_hr, S, UP, common["BLOCK_P"], common["BLOCK_KH"])
+        else:
+            w = launch.row_padded(w_hh)
+            wr = None if w_hr is None else launch.row_padded(w_hr)
+        xch = x_proj.new_empty((2, D, B, P))
         xch[0].copy_(h0)
+        mxch = x_proj.new_empty((D, B, H)) if proj and not (S == 1 and cfg.w_on_chip) else None
+        if c0 is not None:
+            c0 = c0.contiguous()
         sync = torch.zeros(D * n_tiles, dtype=torch.int32, device=device)
         err = launch.error_flag(device)
-        args = (x_proj, w, out, h_n, lengths, xch, sync, err, T, B, H, U, w.stride(-2))
-        after = (x_proj.stride(0), x_proj.stride(1), out.stride(0), out.stride(1), h_n.stride(0), h_n.stride(1))
-        launch.run_steps(birnn_fwd_kernel,
-                         (S, n_tiles, D), args, after, T, persistent, cfg.spin_limit(), common)
+        args = (x_proj, w, out, h_n, lengths, xch, sync, err, wr, b_hn, c0, c_n, saved, mxch,
+                T, B, H, U, w.stride(-2))
+        after = (x_proj.stride(0), x_proj.stride(1), out.stride(0), out.stride(1), h_n.stride(0), h_n.stride(1),
+                 P, UP, 0 if wr is None else wr.stride(-2), 0 if saved is None else saved.stride(0))
+        phases = (1, 2) if proj and S > 1 else ()  # launch per step: m, then h, each ends at a launch boundary
+        launch.run_steps(birnn_fwd_kernel, (S, n_tiles, D), args, after, T, persistent, cfg.spin_limit(),
+                         common, phases)
         if persistent and S > 1:
             launch.after_launch(device)
+
+
+def recurrence_forward(
+    x_proj: torch.Tensor,
+    w_hh: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor | None = None,
+    w_hr: torch.Tensor | None = None,
+    b_hn: torch.Tensor | None = None,
+    *,
+    relu: bool = False,
+    cell: str | None = None,
+    lengths: torch.Tensor | None = None,
+    allow_tf32: bool = False,
+    config: RecurrenceConfig | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The recurrence of one layer, all directions, for any cell, on the kernels: the contract of
+    `fused_birnn.torch_backend.recurrence_forward` (same arguments, buffers, `saved` layout and return
+    tuple), so a caller picks either per call.
+
+    Args:
+        x_proj: `[T, B, D*G*H]` input projection, foldable biases included (GRU: b_hn apart).
+        w_hh: `[D, G*H, P]`.
+        h0: `[D, B, P]`.
+        c0: `[D, B, H]`, LSTM only (required there).
+        w_hr: `[D, P, H]`, LSTM with a projection only.
+        b_hn: `[D, H]`, GRU with biases only.
+        relu, cell: the cell (as torch_backend: None is the Elman cell `relu` names).
+        lengths: optional `[B]` valid lengths (on x_proj's device, values in [1, T]).
+        allow_tf32: fp32 dots on TF32 tensor cores (cuDNN's switch).
+        config: a plan to use instead of `select_config`'s.
+
+    Returns:
+        Elman `(out, h_n)`; LSTM `(out, h_n, c_n, saved)`; GRU `(out, h_n, saved)`: `out [T, B, D*P]`
+        (0 at padded steps), `h_n [D, B, P]`, `c_n [D, B, H]`, `saved [T, D*B*S*H]` (S = 5 LSTM, 4 GRU).
+    """
+    mode = cell_mode(cell, relu)
+    check_cell_arguments(mode, c0=c0, w_hr=w_hr, b_hn=b_hn)
+    T, B, _ = x_proj.shape
+    D, GH, P = w_hh.shape
+    G = gate_count(mode)
+    H = GH // G
+    check_buffers(x_proj.shape[2] == D * GH and GH == G * H and h0.shape == (D, B, P)
+                  and (c0 is None or c0.shape == (D, B, H)) and (b_hn is None or b_hn.shape == (D, H))
+                  and (w_hr is None or w_hr.shape == (D, P, H)) and (w_hr is not None or P == H)
+                  and (lengths is None or (lengths.shape == (B,) and lengths.device == x_proj.device)),
+                  "recurrence_forward: x_proj [T, B, D*G*H], w_hh [D, G*H, P], h0 [D, B, P], c0 [D, B, H], "
+                  "w_hr [D, P, H] (P = H without it), b_hn [D, H], lengths [B]")
+    x_proj = x_proj if x_proj.stride(-1) == 1 else x_proj.contiguous()
+    h0 = h0 if h0.stride(-1) == 1 else h0.contiguous()
+    w_hh = w_hh.contiguous()
+    out = x_proj.new_empty((T, B, D * P)) if lengths is None else x_proj.new_zeros((T, B, D * P))
+    h_n = x_proj.new_empty((D, B, P))
+    c_n = saved = None
+    if mode == "LSTM":
+        c_n = x_proj.new_empty((D, B, H))
+    shape = saved_shape(mode, T, B, D, H)
+    if shape is not None:
+        saved = x_proj.new_empty(shape)
+    if mode == "GRU" and b_hn is None:
+        b_hn = x_proj.new_zeros((D, H))
+    _forward(x_proj, w_hh, h0, out, h_n, mode, c0=c0, c_n=c_n,
+             w_hr=None if w_hr is None else w_hr.contiguous(),
+             b_hn=None if b_hn is None else b_hn.contiguous(), saved=saved, lengths=lengths,
+             allow_tf32=allow_tf32, config=config)
+    if mode == "LSTM":
+        return out, h_n, c_n, saved
+    if mode == "GRU":
+        return out, h_n, saved
+    return out, h_n

@@ -69,6 +69,18 @@ def slices(w: torch.Tensor, split: int, units: int, block_n: int, block_k: int) 
     return padded
 
 
+def gate_slices(w: torch.Tensor, gates: int, split: int, units: int, block_n: int, block_k: int) -> torch.Tensor:
+    """`W_hh [D, G*H, K]` (gate k's rows at `k*H ..`, nn's layout) -> `[D, split, G, block_n, block_k]`:
+    program p's slice of every gate, rows `[p*units, (p+1)*units)` of each gate, zero-padded (`slices`
+    per gate). G = 1 gives `slices`' layout with a unit gate dimension."""
+    D, GH, K = w.shape
+    H = GH // gates
+    if gates == 1:
+        return slices(w, split, units, block_n, block_k).unsqueeze(2)
+    per_gate = slices(w.reshape(D * gates, H, K), split, units, block_n, block_k)  # [D*G, split, bn, bk]
+    return per_gate.view(D, gates, split, block_n, block_k).transpose(1, 2).contiguous()
+
+
 def row_padded(w: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     """`[D, H, H]` with each row padded to a multiple of `multiple` elements (the tensor itself when H is
     one): the streamed kernels' chunk loads then start at aligned addresses (vectorised, and eligible for
@@ -87,14 +99,19 @@ def _launch(kernel, grid, *args, **kwargs):
 
 
 def run_steps(kernel, grid, args: tuple, ints_after: tuple, n_steps: int, persistent: bool,
-              max_spins: int, common: dict) -> None:
+              max_spins: int, common: dict, phases: tuple[int, ...] = ()) -> None:
     """Launch `kernel` over `n_steps` processing steps: once (persistent) or once per step. `args` are
-    the arguments before (begin, end, max_spins); `ints_after` the ones after them."""
+    the arguments before (begin, end, max_spins); `ints_after` the ones after them. `phases`: a step that
+    needs more than one exchange (a projected LSTM split across programs: m, then h) runs, in the
+    launch-per-step mode, as one launch per phase (`PHASE=` each of them: the launch boundary is then
+    every barrier); empty: one launch per step, no PHASE argument."""
     if persistent:
         _launch(kernel, grid, *args, 0, n_steps, max_spins, *ints_after, BARRIER=True, **common)
     else:
         for s in range(n_steps):
-            _launch(kernel, grid, *args, s, s + 1, max_spins, *ints_after, BARRIER=False, **common)
+            for ph in phases or (None,):
+                extra = {} if ph is None else {"PHASE": ph}
+                _launch(kernel, grid, *args, s, s + 1, max_spins, *ints_after, BARRIER=False, **extra, **common)
 
 
 class _ErrorFlag:

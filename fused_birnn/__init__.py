@@ -5,9 +5,9 @@
 """
 
 from .convert import convert, to_torch
-from .rnn import RNN
+from .rnn import GRU, LSTM, RNN
 
-__all__ = ["RNN", "convert", "to_torch"]
+__all__ = ["GRU", "LSTM", "RNN", "convert", "to_torch"]
 __version__ = "0.1.0"
 
 

@@ -54,9 +54,13 @@ TRITON_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_INTERPRETER_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+# Cells the Triton kernels run (the others take the PyTorch path under backend='auto').
+KERNEL_CELLS = ("RNN_TANH", "RNN_RELU")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, cell: str = "RNN_TANH") -> str:
     """Which recurrence runs: 'triton' (the kernels; compiled on CUDA, interpreted on CPU under
-    TRITON_INTERPRET=1) or 'torch'. 'auto' takes the kernels wherever they can run this dtype."""
+    TRITON_INTERPRET=1) or 'torch'. 'auto' takes the kernels wherever they can run this dtype and cell."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if device.type == "cuda" and not INTERPRETER:
@@ -65,6 +69,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         kernel_dtypes = TRITON_INTERPRETER_DTYPES
     else:
         kernel_dtypes = ()
+    if cell not in KERNEL_CELLS:
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton': the Triton kernels do not run the {cell} cell yet; "
+                               "use backend='torch' or 'auto'")
+        return "torch"
     if backend == "auto":
         return "triton" if dtype in kernel_dtypes else "torch"
     if backend == "triton" and dtype not in kernel_dtypes:
@@ -116,77 +125,108 @@ def _joined(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     return joined.to(dtype)
 
 
-def _weights(params: list[Tensor], num_directions: int, dtype: torch.dtype, kind: int) -> Tensor:
-    """One kind (0 w_ih, 1 w_hh, 2 b_ih, 3 b_hh) of every direction, joined along dim 0."""
-    return _joined(params[kind::len(params) // num_directions], dtype)
+def _parameters(cell: str, params: list[Tensor], num_directions: int, dtype: torch.dtype,
+                *wanted: str) -> list[Tensor | None]:
+    """The `wanted` kinds of a layer's parameters, every direction joined (`_joined`) in `dtype`:
+    "w_ih" `[D*G*H, I]`, "w_hh" `[D, G*H, P]`, "w_hr" `[D, P, H]` (None without a projection), "bias" the
+    biases folded into the input projection `[D*G*H]` (b_ih + b_hh; for GRU b_ih + [b_hr, b_hz, 0]; None
+    without biases), "b_hn" GRU's `[D, H]` (None otherwise)."""
+    per_direction = len(params) // num_directions
+    kinds = torch_backend.parameter_kinds(cell, per_direction)
+
+    def joined(kind: str) -> Tensor | None:
+        return _joined(params[kinds.index(kind)::per_direction], dtype) if kind in kinds else None
+
+    found = []
+    for kind in wanted:
+        if kind == "w_hh":
+            w_hh = joined("w_hh")
+            found.append(w_hh.view(num_directions, -1, w_hh.shape[-1]))
+        elif kind == "w_hr":
+            w_hr = joined("w_hr")
+            found.append(None if w_hr is None else w_hr.view(num_directions, -1, w_hr.shape[-1]))
+        elif kind == "bias" and cell == "GRU" and "b_ih" in kinds:
+            bias = joined("b_ih").clone().view(num_directions, 3, -1)
+            bias[:, :2] += joined("b_hh").view(num_directions, 3, -1)[:, :2]  # b_hn stays inside r * (...)
+            found.append(bias.view(-1))
+        elif kind == "bias":
+            found.append(joined("b_ih") + joined("b_hh") if "b_ih" in kinds else None)
+        elif kind == "b_hn":
+            found.append(joined("b_hh").view(num_directions, 3, -1)[:, 2].contiguous()
+                         if cell == "GRU" and "b_ih" in kinds else None)
+        else:
+            found.append(joined(kind))
+    return found
 
 
-def layer_forward(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[Tensor], relu: bool,
-                  backend: str) -> tuple[Tensor, Tensor]:
-    """One layer, all directions: `x [T, B, I]`, `h0 [D, B, H]`, `params` `(w_ih, w_hh[, b_ih, b_hh]) * D`,
-    optional per-row `lengths [B]` (int64 on x's device, values in [1, T]), tanh or ReLU, a backend
-    of `BACKENDS`. Returns `(out [T, B, D*H], h_n [D, B, H])`; with lengths, `out` is 0 at padded steps."""
-    T, B, I = x.shape
-    D, _, H = h0.shape
-    backend = resolve_backend(backend, x.device, x.dtype)
-    w_ih, w_hh = _weights(params, D, x.dtype, 0), _weights(params, D, x.dtype, 1).view(D, H, H)
-    x2 = x.reshape(T * B, I)
-    if len(params) == 4 * D:
-        x_proj = torch.addmm(_weights(params, D, x.dtype, 2) + _weights(params, D, x.dtype, 3), x2, w_ih.t())
-    else:
-        x_proj = x2 @ w_ih.t()
-    x_proj = x_proj.view(T, B, D * H)
-    h0 = h0.contiguous()
-    if backend == "triton":
-        out = torch.empty_like(x_proj) if lengths is None else torch.zeros_like(x_proj)
-        h_n = x.new_empty((D, B, H))
-        birnn_forward(x_proj, w_hh, h0, out, h_n, relu=relu, lengths=lengths,
-                      allow_tf32=torch.backends.cudnn.allow_tf32)
-    else:
-        out, h_n = torch_backend.recurrence_forward(x_proj, w_hh, h0, relu=relu, lengths=lengths)
+def _kernel_forward(x_proj, w_hh, h0, c0, w_hr, b_hn, *, cell, lengths):
+    """The Triton recurrence with `torch_backend.recurrence_forward`'s contract."""
+    T, B, DH = x_proj.shape
+    D = h0.shape[0]
+    out = torch.empty_like(x_proj) if lengths is None else torch.zeros_like(x_proj)
+    h_n = x_proj.new_empty((D, B, DH // D))
+    birnn_forward(x_proj, w_hh, h0, out, h_n, relu=cell == "RNN_RELU", lengths=lengths,
+                  allow_tf32=torch.backends.cudnn.allow_tf32)
     return out, h_n
 
 
-rnn_layer = torch.library.custom_op("fused_birnn::rnn_layer", mutates_args=())(layer_forward)
+def _kernel_backward(out, grad_out, grad_h_n, w_hh, *, cell, lengths, saved, h0, c0, grad_c_n, w_hr):
+    """The Triton BPTT with `torch_backend.recurrence_backward`'s contract."""
+    grad_pre = torch.empty_like(out) if lengths is None else torch.zeros_like(out)
+    grad_h0 = torch.empty_like(grad_h_n)
+    birnn_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, relu=cell == "RNN_RELU", lengths=lengths,
+                   allow_tf32=torch.backends.cudnn.allow_tf32)
+    return grad_pre, grad_h0
 
 
-@rnn_layer.register_fake
-def _(x, h0, params, lengths, relu, backend):
-    T, B, _ = x.shape
-    D, _, H = h0.shape
-    return x.new_empty((T, B, D * H)), x.new_empty((D, B, H))
-
-
-def layer_backward(grad_out: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor, out: Tensor,
-                   params: list[Tensor], lengths: Optional[Tensor], relu: bool, backend: str,
-                   input_grad: bool, weight_grads: bool) -> list[Tensor]:
-    """Gradients of `rnn_layer` (arguments as there, plus its `out` and the gradients of its outputs):
-    `[grad_h0]`, then `grad_x` if `input_grad`, then if `weight_grads` `grad_w_ih [D*H, I]`,
-    `grad_w_hh [D, H, H]` and, with biases, `grad_b [D*H]` (of b_ih and b_hh alike), all in x's dtype."""
+def _layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], params: list[Tensor],
+                   lengths: Optional[Tensor], backend: str) -> tuple[Tensor, ...]:
+    """One layer of `cell`, all directions (the module docstring): `x [T, B, I]`, `h0 [D, B, P]`, `c0 [D, B, H]`
+    (LSTM), `params` per direction in nn's order, optional `lengths [B]` (int64 on x's device, values in
+    [1, T]). Returns `torch_backend.recurrence_forward`'s tuple: Elman `(out, h_n)`, LSTM
+    `(out, h_n, c_n, saved)`, GRU `(out, h_n, saved)`; `out [T, B, D*P]` is 0 at padded steps."""
     T, B, I = x.shape
-    D, _, H = h0.shape
-    backend = resolve_backend(backend, x.device, x.dtype)
-    w_hh = _weights(params, D, x.dtype, 1).view(D, H, H)
-    h0 = h0.contiguous()
-    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    grad_h_n = grad_h_n if grad_h_n.stride(-1) == 1 else grad_h_n.contiguous()
-    if backend == "triton":
-        grad_pre = torch.empty_like(out) if lengths is None else torch.zeros_like(out)
-        grad_h0 = x.new_empty((D, B, H))
-        birnn_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, relu=relu, lengths=lengths,
-                       allow_tf32=torch.backends.cudnn.allow_tf32)
-    else:
-        grad_pre, grad_h0 = torch_backend.recurrence_backward(out, grad_out, grad_h_n, w_hh, relu=relu,
-                                                              lengths=lengths)
-    grads = [grad_h0]
-    gp2 = grad_pre.view(T * B, D * H)
+    D = h0.shape[0]
+    backend = resolve_backend(backend, x.device, x.dtype, cell)
+    w_ih, w_hh, bias, b_hn, w_hr = _parameters(cell, params, D, x.dtype, "w_ih", "w_hh", "bias", "b_hn", "w_hr")
+    x2 = x.reshape(T * B, I)
+    x_proj = (x2 @ w_ih.t() if bias is None else torch.addmm(bias, x2, w_ih.t())).view(T, B, w_ih.shape[0])
+    recurrence = _kernel_forward if backend == "triton" else torch_backend.recurrence_forward
+    return recurrence(x_proj, w_hh, h0.contiguous(), None if c0 is None else c0.contiguous(), w_hr, b_hn,
+                      cell=cell, lengths=lengths)
+
+
+def _layer_backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], x: Tensor,
+                    h0: Tensor, c0: Optional[Tensor], out: Tensor, saved: Optional[Tensor], params: list[Tensor],
+                    lengths: Optional[Tensor], backend: str, input_grad: bool, weight_grads: bool) -> list[Tensor]:
+    """Gradients of `_layer_forward` (its arguments, its `out` and `saved`, and the gradients of its
+    outputs): `[grad_h0]`, `grad_c0` (LSTM), `grad_x` if `input_grad`, then if `weight_grads`
+    `grad_w_ih [D*G*H, I]`, `grad_w_hh [D, G*H, P]`, with biases `grad_b_ih`, `grad_b_hh [D*G*H]`, with a
+    projection `grad_w_hr [D, P, H]`; all in x's dtype. The weight gradients are GEMMs over all steps
+    after the recurrence's backward."""
+    T, B, I = x.shape
+    D, _, P = h0.shape
+    backend = resolve_backend(backend, x.device, x.dtype, cell)
+    w_ih, w_hh, w_hr = _parameters(cell, params, D, x.dtype, "w_ih" if input_grad else "none", "w_hh", "w_hr")
+    GH = w_hh.shape[1]
+    recurrence = _kernel_backward if backend == "triton" else torch_backend.recurrence_backward
+    result = recurrence(_last_contiguous(out), _last_contiguous(grad_out), _last_contiguous(grad_h_n), w_hh,
+                        cell=cell, lengths=lengths, saved=saved, h0=h0.contiguous(),
+                        c0=None if c0 is None else c0.contiguous(),
+                        grad_c_n=None if grad_c_n is None else grad_c_n.contiguous(), w_hr=w_hr)
+    grad_pre, grad_h0 = result[:2]
+    grads = [grad_h0] + ([result[2]] if cell == "LSTM" else [])
+    gp2 = grad_pre.view(T * B, D * GH)
     if input_grad:
-        grads.append((gp2 @ _weights(params, D, x.dtype, 0)).view(T, B, I))
+        grads.append((gp2 @ w_ih).view(T, B, I))
     if weight_grads:
+        hidden = grad_pre  # the gradient of the hidden side's pre-activations, h @ W_hh^T (+ b_hh)
+        if cell == "GRU":  # its n block is the gradient of W_hn h + b_hn
+            hidden = grad_pre.clone()
+            hidden.view(T, B, D, 3, GH // 3)[:, :, :, 2] = result[2].view(T, B, D, GH // 3)
         grad_w_hh = torch.empty_like(w_hh)
         for d in range(D):
-            cols = slice(d * H, (d + 1) * H)
-            gp_d, out_d = grad_pre[..., cols], out[..., cols]
+            gp_d, out_d = hidden[..., d * GH:(d + 1) * GH], out[..., d * P:(d + 1) * P]
             if d == 0:  # h_{t-1} of step t is out[t-1], h0 at t = 0
                 later, earlier, first = gp_d[1:], out_d[:-1], gp_d[0]
             else:  # the reverse direction's previous state is out[t+1] (0 past a row's end),
@@ -195,31 +235,140 @@ def layer_backward(grad_out: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor, ou
                 first = gp_d[T - 1] if lengths is None else gp_d[lengths - 1, torch.arange(B, device=x.device)]
             torch.mm(first.t(), h0[d], out=grad_w_hh[d])
             if T > 1:
-                grad_w_hh[d].addmm_(later.reshape(-1, H).t(), earlier.reshape(-1, H))
+                grad_w_hh[d].addmm_(later.reshape(-1, GH).t(), earlier.reshape(-1, P))
         grads += [gp2.t() @ x.reshape(T * B, I), grad_w_hh]
-        if len(params) == 4 * D:
-            grads.append(grad_pre.sum((0, 1)))
+        if len(params) // D in (4, 5):  # biases (a projected LSTM has 3 or 5 per direction)
+            grads += [grad_pre.sum((0, 1)), hidden.sum((0, 1))]
+        if w_hr is not None:
+            grads.append(result[3])
     return grads
 
 
+def _last_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _elman(relu: bool) -> str:
+    return "RNN_RELU" if relu else "RNN_TANH"
+
+
+# ------------------------------------------------------------------------- the custom operators, per cell
+
+def layer_forward(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[Tensor], relu: bool,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    """An Elman layer (tanh, or ReLU): `(out [T, B, D*H], h_n [D, B, H])`; see `_layer_forward`."""
+    return _layer_forward(_elman(relu), x, h0, None, params, lengths, backend)
+
+
+def lstm_layer_forward(x: Tensor, h0: Tensor, c0: Tensor, params: list[Tensor], lengths: Optional[Tensor],
+                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """An LSTM layer: `(out [T, B, D*P], h_n [D, B, P], c_n [D, B, H], saved)`; see `_layer_forward`."""
+    return _layer_forward("LSTM", x, h0, c0, params, lengths, backend)
+
+
+def gru_layer_forward(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[Tensor],
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """A GRU layer: `(out [T, B, D*H], h_n [D, B, H], saved)`; see `_layer_forward`."""
+    return _layer_forward("GRU", x, h0, None, params, lengths, backend)
+
+
+def layer_backward(grad_out: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor, out: Tensor, params: list[Tensor],
+                   lengths: Optional[Tensor], relu: bool, backend: str, input_grad: bool,
+                   weight_grads: bool) -> list[Tensor]:
+    """Gradients of `rnn_layer`; see `_layer_backward`."""
+    return _layer_backward(_elman(relu), grad_out, grad_h_n, None, x, h0, None, out, None, params, lengths,
+                           backend, input_grad, weight_grads)
+
+
+def lstm_layer_backward(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+                        out: Tensor, saved: Tensor, params: list[Tensor], lengths: Optional[Tensor], backend: str,
+                        input_grad: bool, weight_grads: bool) -> list[Tensor]:
+    """Gradients of `lstm_layer`; see `_layer_backward`."""
+    return _layer_backward("LSTM", grad_out, grad_h_n, grad_c_n, x, h0, c0, out, saved, params, lengths,
+                           backend, input_grad, weight_grads)
+
+
+def gru_layer_backward(grad_out: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor, out: Tensor, saved: Tensor,
+                       params: list[Tensor], lengths: Optional[Tensor], backend: str, input_grad: bool,
+                       weight_grads: bool) -> list[Tensor]:
+    """Gradients of `gru_layer`; see `_layer_backward`."""
+    return _layer_backward("GRU", grad_out, grad_h_n, None, x, h0, None, out, saved, params, lengths, backend,
+                           input_grad, weight_grads)
+
+
+rnn_layer = torch.library.custom_op("fused_birnn::rnn_layer", mutates_args=())(layer_forward)
+lstm_layer = torch.library.custom_op("fused_birnn::lstm_layer", mutates_args=())(lstm_layer_forward)
+gru_layer = torch.library.custom_op("fused_birnn::gru_layer", mutates_args=())(gru_layer_forward)
 rnn_layer_backward = torch.library.custom_op("fused_birnn::rnn_layer_backward", mutates_args=())(layer_backward)
+lstm_layer_backward_op = torch.library.custom_op("fused_birnn::lstm_layer_backward",
+                                                 mutates_args=())(lstm_layer_backward)
+gru_layer_backward_op = torch.library.custom_op("fused_birnn::gru_layer_backward",
+                                                mutates_args=())(gru_layer_backward)
 
 
-@rnn_layer_backward.register_fake
-def _(grad_out, grad_h_n, x, h0, out, params, lengths, relu, backend, input_grad, weight_grads):
+def _fake_forward(cell: str, x: Tensor, h0: Tensor, params: list[Tensor]) -> tuple[Tensor, ...]:
+    T, B, _ = x.shape
+    D, _, P = h0.shape
+    GH = params[0].shape[0]
+    H = GH // torch_backend.gate_count(cell)
+    state = [x.new_empty((D, B, P))] + ([x.new_empty((D, B, H))] if cell == "LSTM" else [])
+    saved = torch_backend.saved_shape(cell, T, B, D, H)
+    return (x.new_empty((T, B, D * P)), *state) + (() if saved is None else (x.new_empty(saved),))
+
+
+def _fake_backward(cell: str, x: Tensor, h0: Tensor, params: list[Tensor], input_grad: bool,
+                   weight_grads: bool) -> list[Tensor]:
     T, B, I = x.shape
-    D, _, H = h0.shape
-    grads = [x.new_empty((D, B, H))] + ([x.new_empty((T, B, I))] if input_grad else [])
+    D, _, P = h0.shape
+    GH = params[0].shape[0]
+    H = GH // torch_backend.gate_count(cell)
+    kinds = torch_backend.parameter_kinds(cell, len(params) // D)
+    grads = [x.new_empty((D, B, P))] + ([x.new_empty((D, B, H))] if cell == "LSTM" else [])
+    grads += [x.new_empty((T, B, I))] if input_grad else []
     if weight_grads:
-        grads += [x.new_empty((D * H, I)), x.new_empty((D, H, H))] + (
-            [x.new_empty((D * H,))] if len(params) == 4 * D else [])
+        grads += [x.new_empty((D * GH, I)), x.new_empty((D, GH, P))]
+        grads += [x.new_empty((D * GH,)), x.new_empty((D * GH,))] if "b_ih" in kinds else []
+        grads += [x.new_empty((D, P, H))] if "w_hr" in kinds else []
     return grads
 
 
-def _setup_context(ctx, inputs, output):
-    x, h0, params, lengths, relu, backend = inputs
-    ctx.save_for_backward(x, h0, output[0], lengths, *params)
-    ctx.relu, ctx.backend = relu, backend
+rnn_layer.register_fake(lambda x, h0, params, lengths, relu, backend: _fake_forward(_elman(relu), x, h0, params))
+lstm_layer.register_fake(lambda x, h0, c0, params, lengths, backend: _fake_forward("LSTM", x, h0, params))
+gru_layer.register_fake(lambda x, h0, params, lengths, backend: _fake_forward("GRU", x, h0, params))
+rnn_layer_backward.register_fake(
+    lambda grad_out, grad_h_n, x, h0, out, params, lengths, relu, backend, input_grad, weight_grads:
+    _fake_backward(_elman(relu), x, h0, params, input_grad, weight_grads))
+lstm_layer_backward_op.register_fake(
+    lambda grad_out, grad_h_n, grad_c_n, x, h0, c0, out, saved, params, lengths, backend, input_grad, weight_grads:
+    _fake_backward("LSTM", x, h0, params, input_grad, weight_grads))
+gru_layer_backward_op.register_fake(
+    lambda grad_out, grad_h_n, x, h0, out, saved, params, lengths, backend, input_grad, weight_grads:
+    _fake_backward("GRU", x, h0, params, input_grad, weight_grads))
+
+
+def _backward_ops(cell, grad_out, grad_h_n, grad_c_n, x, h0, c0, out, saved, params, lengths, backend,
+                  input_grad, weight_grads):
+    """`_layer_backward` through the cell's backward op (what torch.compile's backward graph records)."""
+    if cell == "LSTM":
+        return lstm_layer_backward_op(grad_out, grad_h_n, grad_c_n, x, h0, c0, out, saved, params, lengths,
+                                      backend, input_grad, weight_grads)
+    if cell == "GRU":
+        return gru_layer_backward_op(grad_out, grad_h_n, x, h0, out, saved, params, lengths, backend, input_grad,
+                                     weight_grads)
+    return rnn_layer_backward(grad_out, grad_h_n, x, h0, out, params, lengths, cell == "RNN_RELU", backend,
+                              input_grad, weight_grads)
+
+
+# ------------------------------------------------------------------------------------------------ autograd
+
+def _save(ctx, cell: str, x, h0, c0, params, lengths, backend, output) -> None:
+    """What every layer's backward needs: the inputs, `out`, and a gated cell's `saved` (an output that is
+    not differentiable)."""
+    saved = output[-1] if cell in ("LSTM", "GRU") else None
+    if saved is not None:
+        ctx.mark_non_differentiable(saved)
+    ctx.save_for_backward(x, h0, c0, output[0], saved, lengths, *params)
+    ctx.cell, ctx.backend = cell, backend
 
 
 def _transformed(*tensors: Tensor | None) -> bool:
@@ -229,62 +378,102 @@ def _transformed(*tensors: Tensor | None) -> bool:
                for t in tensors)
 
 
-def _gradients(ctx, grad_out, grad_h_n, need_x: bool, need_h0: bool, need_params: bool, backward_fn):
-    """`(grad_x, grad_h0, grad_params)` of a layer saved by `_setup_context`: through `backward_fn` (the
-    backward op, or its implementation called directly in eager mode), or, where that cannot serve, by
+def _gradients(ctx, grad_out, grad_h_n, grad_c_n, need_x: bool, need_h0: bool, need_c0: bool, need_params: bool,
+               backward_fn):
+    """`(grad_x, grad_h0, grad_c0, grad_params)` of a layer saved by `_save`: through `backward_fn` (the
+    backward ops, or `_layer_backward` called directly in eager mode), or, where that cannot serve, by
     differentiating a recomputation (`_recomputed_gradients`)."""
-    if torch.is_grad_enabled() or _transformed(grad_out, grad_h_n, *ctx.saved_tensors):
-        return _recomputed_gradients(ctx, grad_out, grad_h_n, need_x, need_h0, need_params)
-    x, h0, out, lengths, *params = ctx.saved_tensors
-    grad_h0, *grads = backward_fn(grad_out, grad_h_n, x, h0, out, params, lengths, ctx.relu, ctx.backend,
-                                  need_x, need_params)
+    x, h0, c0, out, saved, lengths, *params = ctx.saved_tensors
+    if c0 is not None and grad_c_n is None:
+        grad_c_n = torch.zeros_like(c0)
+    if torch.is_grad_enabled() or _transformed(grad_out, grad_h_n, grad_c_n, *ctx.saved_tensors):
+        return _recomputed_gradients(ctx, grad_out, grad_h_n, grad_c_n, need_x, need_h0, need_c0, need_params)
+    grads = list(backward_fn(ctx.cell, grad_out, grad_h_n, grad_c_n, x, h0, c0, out, saved, params, lengths,
+                             ctx.backend, need_x, need_params))
+    grad_h0 = grads.pop(0)
+    grad_c0 = grads.pop(0) if c0 is not None else None
     grad_x = grads.pop(0) if need_x else None
     grad_params = [None] * len(params)
     if need_params:  # per-parameter views of the joined gradients, in each parameter's dtype (autocast)
-        D, H = h0.shape[0], h0.shape[2]
-        grad_w_ih, grad_w_hh, *grad_b = grads
+        D = h0.shape[0]
+        kinds = torch_backend.parameter_kinds(ctx.cell, len(params) // D)
+        joined = dict(zip(["w_ih", "w_hh", "b_ih", "b_hh", "w_hr"] if "b_ih" in kinds else ["w_ih", "w_hh", "w_hr"],
+                          grads))
+        rows = joined["w_ih"].shape[0] // D
         grad_params = []
         for d in range(D):
-            rows = slice(d * H, (d + 1) * H)
-            # b_ih and b_hh get the same gradient, in two tensors (in-place accumulation stays separate)
-            biases = [grad_b[0][rows], grad_b[0][rows].clone()] if grad_b else []
-            grad_params += [grad_w_ih[rows], grad_w_hh[d], *biases]
+            for kind in kinds:
+                g = joined[kind]
+                grad_params.append(g[d] if kind in ("w_hh", "w_hr") else g[d * rows:(d + 1) * rows])
         grad_params = [g.to(p.dtype) for g, p in zip(grad_params, params, strict=True)]
-    return grad_x, grad_h0 if need_h0 else None, grad_params
+    return grad_x, grad_h0 if need_h0 else None, grad_c0 if need_c0 else None, grad_params
 
 
-def _recomputed_gradients(ctx, grad_out, grad_h_n, need_x: bool, need_h0: bool, need_params: bool):
+def _recomputed_gradients(ctx, grad_out, grad_h_n, grad_c_n, need_x: bool, need_h0: bool, need_c0: bool,
+                          need_params: bool):
     """The layer's gradients as autograd's gradients of `torch_backend.differentiable_layer` recomputed
     from the saved inputs: for a gradient that is itself differentiated (`create_graph=True`: grad mode is
     on in backward; the result stays connected to the saved inputs, so double backward, gradient
     penalties and `gradgradcheck` are exact), batched (`is_grads_batched=True`) or transformed
     (`torch.func`). Costs one more forward and the composite's backward; ordinary backward never comes
     here."""
-    x, h0, _, lengths, *params = ctx.saved_tensors
+    x, h0, c0, _, _, lengths, *params = ctx.saved_tensors
     create_graph = torch.is_grad_enabled()
-    inputs = [x, h0, *params]
-    wanted = [need_x, need_h0] + [need_params] * len(params)
+    inputs = [x, h0, c0, *params]
+    wanted = [need_x, need_h0, need_c0 and c0 is not None] + [need_params] * len(params)
     if create_graph:  # differentiated in place: only what requires grad (a frozen parameter gets None)
         wanted = [w and t.requires_grad for w, t in zip(wanted, inputs)]
     with torch.enable_grad():
         if not create_graph:  # differentiate a fresh graph of its own
-            inputs = [t.detach().requires_grad_(w) for t, w in zip(inputs, wanted)]
-        out, h_n = torch_backend.differentiable_layer(inputs[0], inputs[1], inputs[2:], lengths, relu=ctx.relu)
+            inputs = [t if t is None else t.detach().requires_grad_(w) for t, w in zip(inputs, wanted)]
+        outputs = torch_backend.differentiable_layer(inputs[0], inputs[1], inputs[3:], lengths, cell=ctx.cell,
+                                                     c0=inputs[2])
         chosen = [t for t, w in zip(inputs, wanted) if w]
-        found = iter(torch.autograd.grad((out, h_n), chosen, (grad_out, grad_h_n), create_graph=create_graph,
-                                         allow_unused=True))
+        upstream = (grad_out, grad_h_n, grad_c_n)[:len(outputs)]
+        found = iter(torch.autograd.grad(outputs, chosen, upstream, create_graph=create_graph, allow_unused=True))
     grads = [next(found) if w else None for w in wanted]
-    return grads[0], grads[1], grads[2:]
+    return grads[0], grads[1], grads[2], grads[3:]
 
 
-def _backward(ctx, grad_out, grad_h_n):
-    need_x, need_h0, need_params = ctx.needs_input_grad[:3]
-    grad_x, grad_h0, grad_params = _gradients(ctx, grad_out, grad_h_n, need_x, need_h0, any(need_params),
-                                              rnn_layer_backward)
+def _rnn_setup_context(ctx, inputs, output):
+    x, h0, params, lengths, relu, backend = inputs
+    _save(ctx, _elman(relu), x, h0, None, params, lengths, backend, output)
+
+
+def _rnn_backward(ctx, grad_out, grad_h_n):
+    need = ctx.needs_input_grad
+    grad_x, grad_h0, _, grad_params = _gradients(ctx, grad_out, grad_h_n, None, need[0], need[1], False,
+                                                 any(need[2]), _backward_ops)
     return grad_x, grad_h0, grad_params, None, None, None
 
 
-rnn_layer.register_autograd(_backward, setup_context=_setup_context)
+def _lstm_setup_context(ctx, inputs, output):
+    x, h0, c0, params, lengths, backend = inputs
+    _save(ctx, "LSTM", x, h0, c0, params, lengths, backend, output)
+
+
+def _lstm_backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_saved):
+    need = ctx.needs_input_grad
+    grad_x, grad_h0, grad_c0, grad_params = _gradients(ctx, grad_out, grad_h_n, grad_c_n, need[0], need[1], need[2],
+                                                       any(need[3]), _backward_ops)
+    return grad_x, grad_h0, grad_c0, grad_params, None, None
+
+
+def _gru_setup_context(ctx, inputs, output):
+    x, h0, params, lengths, backend = inputs
+    _save(ctx, "GRU", x, h0, None, params, lengths, backend, output)
+
+
+def _gru_backward(ctx, grad_out, grad_h_n, _grad_saved):
+    need = ctx.needs_input_grad
+    grad_x, grad_h0, _, grad_params = _gradients(ctx, grad_out, grad_h_n, None, need[0], need[1], False,
+                                                 any(need[2]), _backward_ops)
+    return grad_x, grad_h0, grad_params, None, None
+
+
+rnn_layer.register_autograd(_rnn_backward, setup_context=_rnn_setup_context)
+lstm_layer.register_autograd(_lstm_backward, setup_context=_lstm_setup_context)
+gru_layer.register_autograd(_gru_backward, setup_context=_gru_setup_context)
 
 
 class _EagerLayer(torch.autograd.Function):
@@ -293,55 +482,71 @@ class _EagerLayer(torch.autograd.Function):
     `setup_context` and `vmap` make it usable under `torch.func` transforms."""
 
     @staticmethod
-    def forward(x, h0, lengths, relu, backend, *params):
-        return layer_forward(x, h0, list(params), lengths, relu, backend)
+    def forward(x, h0, c0, lengths, cell, backend, *params):
+        return _layer_forward(cell, x, h0, c0, list(params), lengths, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, h0, lengths, relu, backend, *params = inputs
-        _setup_context(ctx, (x, h0, params, lengths, relu, backend), output)
+        x, h0, c0, lengths, cell, backend, *params = inputs
+        _save(ctx, cell, x, h0, c0, params, lengths, backend, output)
 
     @staticmethod
-    def backward(ctx, grad_out, grad_h_n):
+    def backward(ctx, grad_out, grad_h_n, *rest):
         need = ctx.needs_input_grad
-        grad_x, grad_h0, grad_params = _gradients(ctx, grad_out, grad_h_n, need[0], need[1], any(need[5:]),
-                                                  layer_backward)
-        return grad_x, grad_h0, None, None, None, *grad_params
+        grad_c_n = rest[0] if ctx.cell == "LSTM" else None
+        grad_x, grad_h0, grad_c0, grad_params = _gradients(ctx, grad_out, grad_h_n, grad_c_n, need[0], need[1],
+                                                           need[2], any(need[6:]), _layer_backward)
+        return grad_x, grad_h0, grad_c0, None, None, None, *grad_params
 
     @staticmethod
-    def vmap(info, in_dims, x, h0, lengths, relu, backend, *params):
-        """`torch.func.vmap` over inputs, states or lengths: the V samples become V*B rows of one batch,
-        one launch as before. Over parameters (per-sample weights), or under another transform (a
-        `torch.func.grad` outside this vmap): the composite layer, batched by vmap itself."""
-        x_dim, h0_dim, len_dim, _, _, *param_dims = in_dims
+    def vmap(info, in_dims, x, h0, c0, lengths, cell, backend, *params):
+        """`torch.func.vmap` over an Elman layer's inputs, states or lengths: the V samples become V*B rows
+        of one batch, one launch as before. Over parameters (per-sample weights), under another transform
+        (a `torch.func.grad` outside this vmap), or for a gated cell (whose `saved` output has no batch
+        dimension to name): the composite layer, batched by vmap itself."""
+        x_dim, h0_dim, c0_dim, len_dim, _, _, *param_dims = in_dims
         V = info.batch_size
-        if any(d is not None for d in param_dims) or _transformed(x, h0, lengths, *params):
-            def one(x, h0, lengths, *params):
-                return torch_backend.differentiable_layer(x, h0, list(params), lengths, relu=relu)
-            return torch.vmap(one, in_dims=(x_dim, h0_dim, len_dim, *param_dims))(x, h0, lengths, *params), (0, 0)
+        if cell in ("LSTM", "GRU") or any(d is not None for d in param_dims) or _transformed(x, h0, lengths, *params):
+            def one(x, h0, c0, lengths, *params):
+                return torch_backend.differentiable_layer(x, h0, list(params), lengths, cell=cell, c0=c0)
+            outputs = torch.vmap(one, in_dims=(x_dim, h0_dim, c0_dim, len_dim, *param_dims))(x, h0, c0, lengths,
+                                                                                              *params)
+            if cell in ("LSTM", "GRU"):  # no `saved`: nothing reaches this Function's backward
+                return (*outputs, x.new_empty(0)), (0,) * len(outputs) + (None,)
+            return outputs, (0,) * len(outputs)
         x = x.movedim(x_dim, 1) if x_dim is not None else x.unsqueeze(1).expand(-1, V, -1, -1)
         T, _, B, I = x.shape
         h0 = h0.movedim(h0_dim, 1) if h0_dim is not None else h0.unsqueeze(1).expand(-1, V, -1, -1)
         if lengths is not None:
             lengths = lengths.movedim(len_dim, 0) if len_dim is not None else lengths.expand(V, B)
             lengths = lengths.reshape(V * B)
-        out, h_n = _EagerLayer.apply(x.reshape(T, V * B, I), h0.reshape(h0.shape[0], V * B, -1), lengths,
-                                     relu, backend, *params)
+        out, h_n = _EagerLayer.apply(x.reshape(T, V * B, I), h0.reshape(h0.shape[0], V * B, -1), None, lengths,
+                                     cell, backend, *params)
         return (out.view(T, V, B, -1), h_n.view(h_n.shape[0], V, B, -1)), (1, 1)
 
 
-def birnn_layer(x: Tensor, h0: Tensor, params: list[Tensor], lengths: Optional[Tensor], relu: bool,
-                backend: str) -> tuple[Tensor, Tensor]:
-    """One layer, differentiable: the `fused_birnn::rnn_layer` op while torch.compile traces (no graph
-    break), the same implementation through a plain autograd.Function in eager mode."""
+def birnn_layer(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], params: list[Tensor],
+                lengths: Optional[Tensor], backend: str) -> tuple[Tensor, ...]:
+    """One layer of `cell` (`torch_backend.CELLS`), differentiable: `(out, h_n)`, for LSTM `(out, h_n, c_n)`.
+    The cell's custom op while torch.compile traces (no graph break), the same implementation through a
+    plain autograd.Function in eager mode."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # torch.compile, torch.export, jit.trace
-        return rnn_layer(x, h0, params, lengths, relu, backend)
-    if any(t is not None and _functorch.is_gradtrackingtensor(t) for t in (x, h0, lengths, *params)):
+        if cell == "LSTM":
+            return lstm_layer(x, h0, c0, params, lengths, backend)[:3]
+        if cell == "GRU":
+            return gru_layer(x, h0, params, lengths, backend)[:2]
+        return rnn_layer(x, h0, params, lengths, cell == "RNN_RELU", backend)
+    if any(t is not None and _functorch.is_gradtrackingtensor(t) for t in (x, h0, c0, lengths, *params)):
         # torch.func.grad / vjp / jacrev / hessian: plain differentiable ops, exact to any order
-        return torch_backend.differentiable_layer(x, h0, params, lengths, relu=relu)
-    if _transformed(x, h0, lengths, *params):  # torch.func.vmap: the Function's vmap rule
-        return _EagerLayer.apply(x, h0, lengths, relu, backend, *params)
-    if not torch.is_grad_enabled() or not (x.requires_grad or h0.requires_grad
+        return torch_backend.differentiable_layer(x, h0, params, lengths, cell=cell, c0=c0)
+    gated = cell in ("LSTM", "GRU")
+    if _transformed(x, h0, c0, lengths, *params):  # torch.func.vmap
+        if gated:  # vmap batches the composite's ops
+            return torch_backend.differentiable_layer(x, h0, params, lengths, cell=cell, c0=c0)
+        return _EagerLayer.apply(x, h0, c0, lengths, cell, backend, *params)  # the Function's vmap rule
+    if not torch.is_grad_enabled() or not (x.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad)
                                            or any(p.requires_grad for p in params)):
-        return layer_forward(x, h0, params, lengths, relu, backend)  # inference: no graph to record
-    return _EagerLayer.apply(x, h0, lengths, relu, backend, *params)
+        outputs = _layer_forward(cell, x, h0, c0, params, lengths, backend)  # inference: no graph to record
+    else:
+        outputs = _EagerLayer.apply(x, h0, c0, lengths, cell, backend, *params)
+    return outputs[:-1] if gated else outputs

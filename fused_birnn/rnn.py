@@ -1,4 +1,6 @@
-"""`fused_birnn.RNN`: a drop-in `torch.nn.RNN` whose layers run on the fused bidirectional kernels."""
+"""`fused_birnn.RNN`, `LSTM` and `GRU`: drop-ins for `torch.nn.RNN`, `nn.LSTM` and `nn.GRU` whose layers run
+on the fused bidirectional kernels. One base class holds everything but the few cell-specific parts
+(the state tuple, ATen's function for the cell, the constructor's checks)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from . import functional
 from .functional import BACKENDS, autocast_dtype, birnn_layer
 
-# backend='auto' on a CPU: training on sequences shorter than this runs ATen's own RNN (see
-# RNN._aten_serves); measured crossover of forward+backward against nn.RNN, 1 and 2 threads (bench/).
+# backend='auto' on a CPU: Elman training on sequences shorter than this runs ATen's own RNN (see
+# FusedRNNBase._aten_serves); measured crossover of forward+backward against nn.RNN, 1 and 2 threads (bench/).
 ATEN_MAX_TRAINING_STEPS = 32
+# ATen's function per cell (nn.RNNBase's mode names) in torch._VF, what nn.RNN / nn.LSTM / nn.GRU call
+_ATEN = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
 
 def _lives_in(p: Tensor, buf: Tensor, d: int) -> bool:
@@ -29,78 +33,26 @@ class InputTypeError(TypeError, AttributeError):
     that nn.RNN raises for it (from `input.dim()`), so code written against either catches it."""
 
 
-class RNN(nn.RNNBase):
-    r"""Multi-layer Elman RNN with tanh or ReLU, a drop-in replacement for :class:`torch.nn.RNN`.
+class FusedRNNBase(nn.RNNBase):
+    r"""What `fused_birnn.RNN`, `LSTM` and `GRU` share: flat parameter buffers, input and state checks in
+    nn's words, the PackedSequence and `lengths=` paths, the CPU choice of ATen's own kernel, and the
+    stack of `functional.birnn_layer` calls. A cell's state is handled as a tuple, `(h,)` or `(h, c)`;
+    the user sees what nn's class takes and returns (a Tensor, or LSTM's `(h, c)`)."""
 
-    Same constructor, parameters (names, shapes, initialisation), ``state_dict``, inputs, outputs and
-    errors as ``torch.nn.RNN``; per layer one GEMM projects the input for all directions and one
-    Triton launch runs the forward and the reverse recurrence together (see ``fused_birnn.functional``).
-
-    Args:
-        input_size, hidden_size, num_layers, nonlinearity, bias, batch_first, dropout, bidirectional,
-        device, dtype: as in :class:`torch.nn.RNN`.
-        backend: ``'auto'`` (default): the Triton kernels on CUDA (fp16, bf16, fp32), and on CPU when
-            ``TRITON_INTERPRET=1`` was set before import (fp16, fp32, fp64); the pure-PyTorch path
-            otherwise. ``'triton'`` insists on the kernels (an error where they cannot run);
-            ``'torch'`` always takes the pure-PyTorch path.
-
-    Inputs: input, hx
-        - **input**: ``(L, N, H_in)``, ``(N, L, H_in)`` with ``batch_first=True``, or ``(L, H_in)``.
-        - **hx**: ``(D * num_layers, N, H_out)`` or ``(D * num_layers, H_out)``; zeros if omitted.
-          ``hx[2*l]`` starts layer l's forward direction; ``hx[2*l+1]`` is layer l's reverse state
-          before it reads the last time step.
-
-    Outputs: output, h_n
-        - **output**: ``(L, N, D * H_out)`` (batch first if asked): ``[..., :H_out]`` forward,
-          ``[..., H_out:]`` reverse, both aligned with the input's time steps.
-        - **h_n**: ``(D * num_layers, N, H_out)``, ordered ``[l0 fwd, l0 rev, l1 fwd, ...]``; the reverse
-          entries are the states after reading time step 0.
-
-    Unlike cuDNN, backward works in ``eval()`` mode, gradients are bitwise deterministic, and sequences
-    of any length run (T >= 65,536 included). ``torch.compile(fullgraph=True)`` traces it with no graph
-    break (each layer is one custom operator, its backward another; a ``PackedSequence`` input breaks
-    the graph as ``pack_padded_sequence`` does, ``lengths=`` does not), forward and backward can be
-    captured in a CUDA graph, and under ``torch.autocast`` the layers run in autocast's dtype, as nn.RNN's
-    do (fp32 parameters and their gradients stay fp32; only cuDNN's nn.RNN runs fp16 under bf16 autocast).
-    """
-
-    @overload
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
-                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False, device=None, dtype=None, *, backend: str = "auto") -> None: ...
-
-    @overload
-    def __init__(self, *args, backend: str = "auto", **kwargs) -> None: ...
-
-    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
-        # nn.RNN's own argument handling, step for step, so every argument (positional or keyword, valid
-        # or not) behaves as there: nonlinearity is taken out, the rest goes to nn.RNNBase unchanged.
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if len(args) > 3:
-            nonlinearity, args = args[3], args[:3] + args[4:]
-        else:
-            nonlinearity = kwargs.pop("nonlinearity", "tanh")
-        if nonlinearity == "tanh":
-            mode = "RNN_TANH"
-        elif nonlinearity == "relu":
-            mode = "RNN_RELU"
-        else:
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    def __init__(self, mode: str, *args, backend: str = "auto", **kwargs) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.nonlinearity = nonlinearity
         self.backend = backend
         super().__init__(mode, *args, **kwargs)
-        if self.proj_size:  # nn.RNN lets a positional proj_size through to RNNBase; no RNN projects
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+    # ------------------------------------------------------------------------------------ parameters
 
     def flatten_parameters(self) -> None:
         """Make each layer's parameters views of one contiguous buffer per kind, so the kernels read
-        them with no per-call copy: `[D*H, I]` input weights (one GEMM for all directions),
-        `[D, H, H]` recurrent weights, `[D*H]` biases. Called on construction, after `.to()`/`.half()`
-        and after unpickling. The layer op itself checks, per call, whether a layer's parameters still
-        lie back to back (`functional._joined`): a parameter replaced later
+        them with no per-call copy: `[D*G*H, I]` input weights (one GEMM for all directions and gates),
+        `[D, G*H, P]` recurrent weights, `[D*G*H]` biases, `[D, P, H]` projections. Called on construction,
+        after `.to()`/`.half()` and after unpickling. The layer op itself checks, per call, whether a layer's
+        parameters still lie back to back (`functional._joined`): a parameter replaced later
         (`rnn.weight_hh_l0 = Parameter(...)`) is concatenated per call instead, so results never go
         stale. A layer holding one Parameter under two names is never flattened."""
         previous = getattr(self, "_layer_buffers", [])
@@ -136,14 +88,44 @@ class RNN(nn.RNNBase):
         names = self._all_weights[layer * num_directions:(layer + 1) * num_directions]
         return [tuple(getattr(self, n) for n in dir_names) for dir_names in names]
 
-    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None, lengths: Tensor | None = None):
-        """Run the RNN; arguments and results as :meth:`torch.nn.RNN.forward`, plus ``lengths``.
+    def _current_weights(self) -> list[Tensor]:
+        """Every parameter in nn's flat order, read now (`functional_call` swaps entries of `_parameters`;
+        a dict lookup costs a fraction of `getattr` on a Module)."""
+        return [self._parameters[name] for name in self._flat_weights_names]
+
+    # ---------------------------------------------------------------------- the cell's state, as nn's
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        """The last dimension of each state tensor: `(H,)`; LSTM `(P or H, H)`."""
+        return (self.hidden_size,)
+
+    def _states(self, hx) -> tuple[Tensor, ...] | None:
+        """The user's `hx` as a tuple of state tensors."""
+        return None if hx is None else (hx,)
+
+    def _hx(self, states: tuple[Tensor, ...]):
+        """A tuple of states as nn's class returns them."""
+        return states[0]
+
+    def _check_state_dims(self, states: tuple[Tensor, ...], dims: int) -> None:
+        if states[0].dim() != dims:
+            kind = "batched 3-D" if dims == 3 else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx should also be {dims}-D but got {states[0].dim()}-D tensor")
+
+    def _input_dim_error(self, dim: int) -> str:
+        return f"{self.mode}: Expected input to be 2D or 3D, got {dim}D instead"
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def forward(self, input: Tensor | PackedSequence, hx=None, lengths: Tensor | None = None):
+        """Run the network; arguments and results as nn's class (`torch.nn.RNN.forward`,
+        `nn.LSTM.forward`, `nn.GRU.forward`), plus ``lengths``.
 
         Args:
             input: ``(L, N, H_in)`` (``(N, L, H_in)`` batch first), unbatched ``(L, H_in)``, or a
-                ``PackedSequence`` (then the output is one too, and ``h_n`` holds each sequence's
+                ``PackedSequence`` (then the output is one too, and the final states hold each sequence's
                 states at its own last step).
-            hx: initial states, zeros if omitted.
+            hx: initial states (LSTM: ``(h_0, c_0)``), zeros if omitted.
             lengths: optional 1-D integer tensor of N valid lengths (1..L) for a padded batched
                 ``input``, on the CPU or the input's device: the same results as packing the input,
                 without packing (padded output steps are 0). Their values are checked on the host:
@@ -152,7 +134,7 @@ class RNN(nn.RNNBase):
                 clamped to [1, L]; check them beforehand.
 
         Returns:
-            ``(output, h_n)``.
+            ``(output, h_n)``; LSTM ``(output, (h_n, c_n))``.
         """
         if isinstance(input, PackedSequence):
             if lengths is not None:
@@ -161,72 +143,69 @@ class RNN(nn.RNNBase):
         if not isinstance(input, Tensor):
             raise InputTypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
-            raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            raise ValueError(self._input_dim_error(input.dim()))
         is_batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
+        states = self._states(hx)
         if not is_batched:
             if lengths is not None:
                 raise ValueError("lengths= needs a batched 3-D input; got unbatched 2-D input")
             input = input.unsqueeze(batch_dim)
-            if hx is not None:
-                if hx.dim() != 2:
-                    raise RuntimeError(
-                        f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
-                hx = hx.unsqueeze(1)
-        elif hx is not None and hx.dim() != 3:
-            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
-        hx = self._initial_state(input, hx, input.size(batch_dim))
-        self.check_forward_args(input, hx, None)
+            if states is not None:
+                self._check_state_dims(states, 2)
+                states = tuple(s.unsqueeze(1) for s in states)
+        elif states is not None:
+            self._check_state_dims(states, 3)
+        states = self._initial_states(input, states, input.size(batch_dim))
+        self.check_forward_args(input, self._hx(states), None)
         x = input.transpose(0, 1) if self.batch_first else input
         if x.size(0) == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            raise RuntimeError(f"Expected sequence length to be larger than 0 in {type(self).__name__}")
         if lengths is not None:
             lengths = self._check_lengths(lengths, x)
             # padded steps are never read, but would still reach grad W_ih through x (NaN * 0)
             valid = torch.arange(x.size(0), device=x.device)[:, None] < lengths[None, :]
             x = x.masked_fill(~valid[:, :, None], 0)
-        output, h_n = self._run_layers(x, hx, lengths)
+        output, states = self._run_layers(x, states, lengths)
         output = output.transpose(0, 1) if self.batch_first else output
         if not is_batched:
             output = output.squeeze(batch_dim)
-            h_n = h_n.squeeze(1)
-        return output, h_n
+            states = tuple(s.squeeze(1) for s in states)
+        return output, self._hx(states)
 
-    def _forward_packed(self, input: PackedSequence, hx: Tensor | None) -> tuple[PackedSequence, Tensor]:
-        """PackedSequence in, PackedSequence out, as nn.RNN: computed in the packed (length-sorted)
+    def _forward_packed(self, input: PackedSequence, hx):
+        """PackedSequence in, PackedSequence out, as nn's class: computed in the packed (length-sorted)
         batch order on the padded layout, each row with its own length."""
         data, batch_sizes, sorted_indices, unsorted_indices = input
-        if hx is not None:
-            hx = self.permute_hidden(hx, sorted_indices)  # the caller's order -> sorted
-        hx = self._initial_state(data, hx, int(batch_sizes[0]))
-        self.check_forward_args(data, hx, batch_sizes)
-        if self._aten_serves(data, hx, len(batch_sizes)):
-            weights = self._current_weights()
-            output, h_n = (_VF.rnn_relu if self.nonlinearity == "relu" else _VF.rnn_tanh)(
-                data, batch_sizes, hx, weights, self.bias, self.num_layers, self.dropout, self.training,
-                self.bidirectional)
-            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
-                h_n, unsorted_indices)
-        padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # [T, B, I], sorted
-        output, h_n = self._run_layers(padded, hx, lengths.to(data.device, non_blocking=True))
-        output = pack_padded_sequence(output, lengths).data
-        return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
-            h_n, unsorted_indices)
+        states = self._states(hx)
+        if states is not None:
+            states = self._states(self.permute_hidden(self._hx(states), sorted_indices))  # caller's order -> sorted
+        states = self._initial_states(data, states, int(batch_sizes[0]))
+        self.check_forward_args(data, self._hx(states), batch_sizes)
+        if self._aten_serves(data, states, len(batch_sizes)):
+            output, states = self._aten(data, states, batch_sizes)
+        else:
+            padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # [T, B, I], sorted
+            output, states = self._run_layers(padded, states, lengths.to(data.device, non_blocking=True))
+            output = pack_padded_sequence(output, lengths).data
+        return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                self.permute_hidden(self._hx(states), unsorted_indices))
 
-    def _initial_state(self, input: Tensor, hx: Tensor | None, batch: int) -> Tensor:
-        """`hx`, or zeros; checks what nn.RNN leaves to a later, less clear error."""
+    def _initial_states(self, input: Tensor, states: tuple[Tensor, ...] | None, batch: int) -> tuple[Tensor, ...]:
+        """`states`, or zeros; checks what nn's class leaves to a later, less clear error."""
         num_directions = 2 if self.bidirectional else 1
-        if hx is None:
-            return torch.zeros(self.num_layers * num_directions, batch, self.hidden_size,
-                               dtype=input.dtype, device=input.device)
-        if hx.dtype != input.dtype:  # nn.RNN fails later, in a matmul, with a RuntimeError
-            raise RuntimeError(f"hx dtype ({hx.dtype}) does not match input dtype ({input.dtype})")
+        if states is None:
+            return tuple(torch.zeros(self.num_layers * num_directions, batch, size, dtype=input.dtype,
+                                     device=input.device) for size in self._state_sizes())
         weight = self._flat_weights[0]
-        for name, t in (("input", input), ("hx", hx)):
+        for name, t in zip(("hx", "cx"), states):
+            if t.dtype != input.dtype:  # nn's classes fail later, in a matmul, with a RuntimeError
+                raise RuntimeError(f"{name} dtype ({t.dtype}) does not match input dtype ({input.dtype})")
+        for name, t in (("input", input), *zip(("hx", "cx"), states)):
             if t.device != weight.device:
-                raise RuntimeError(f"{name} is on {t.device} but the RNN's parameters are on {weight.device}; "
-                                   f"move one of them (e.g. model.to({t.device}))")
-        return hx
+                raise RuntimeError(f"{name} is on {t.device} but the {type(self).__name__}'s parameters are on "
+                                   f"{weight.device}; move one of them (e.g. model.to({t.device}))")
+        return states
 
     @staticmethod
     def _check_lengths(lengths: Tensor, x: Tensor) -> Tensor:
@@ -254,59 +233,81 @@ class RNN(nn.RNNBase):
                                  f"{int(values.min())} to {int(values.max())}")
         return lengths.to(device=x.device, dtype=torch.int64, non_blocking=True)
 
-    def _current_weights(self) -> list[Tensor]:
-        """Every parameter in nn.RNN's flat order, read now (`functional_call` swaps entries of
-        `_parameters`; a dict lookup costs a fraction of `getattr` on a Module)."""
-        return [self._parameters[name] for name in self._flat_weights_names]
+    # ---------------------------------------------------------------------- ATen's own kernel on a CPU
 
-    def _aten_serves(self, x: Tensor, hx: Tensor, steps: int) -> bool:
-        """Whether `backend='auto'` hands this call to ATen's own RNN (`torch._VF.rnn_tanh`/`rnn_relu`, what
-        nn.RNN runs on a CPU): on a CPU without the interpreter, in plain eager fp32/fp64 without autocast,
-        for inference (our per-layer Python costs more than the recurrence saves: measured 0.6-1.0x of
-        nn.RNN) and for training on short sequences (`steps < ATEN_MAX_TRAINING_STEPS`, where our
-        hand-written BPTT has too few steps to repay that cost). Everything else runs our path: training
-        on longer sequences (1.2-3x nn.RNN, README), `lengths=`, and torch.func transforms. Same results
-        either way: ATen's CPU RNN is deterministic, differentiable to any order and has no length limit."""
+    def _aten_serves(self, x: Tensor, states: tuple[Tensor, ...], steps: int) -> bool:
+        """Whether `backend='auto'` hands this call to ATen's own kernel for the cell (`torch._VF.lstm`,
+        `gru`, `rnn_tanh`, `rnn_relu`: what nn's classes run on a CPU): on a CPU without the interpreter, in
+        plain eager fp32/fp64 without autocast and outside torch.func transforms. LSTM and GRU: always
+        there (our PyTorch path measured 1.6-1.9x slower than nn.LSTM's oneDNN kernel; `lengths=` is packed
+        for it). Elman: inference (our per-layer Python costs more than the recurrence saves: measured
+        0.6-1.0x of nn.RNN) and training on short sequences (`steps < ATEN_MAX_TRAINING_STEPS`); training on
+        longer ones runs our path (1.2-3x nn.RNN, README). Same results either way: ATen's CPU kernels are
+        deterministic, differentiable to any order and have no length limit."""
         if (self.backend != "auto" or x.device.type != "cpu" or functional.INTERPRETER
                 or x.dtype not in (torch.float32, torch.float64)
                 or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
                 or _functorch.maybe_current_level() is not None):  # torch.func: our layer's rules
             return False
-        if steps < ATEN_MAX_TRAINING_STEPS or not torch.is_grad_enabled():
+        if self.mode in ("LSTM", "GRU") or steps < ATEN_MAX_TRAINING_STEPS or not torch.is_grad_enabled():
             return True
-        return not (x.requires_grad or hx.requires_grad or any(p.requires_grad for p in self._current_weights()))
+        return not (x.requires_grad or any(s.requires_grad for s in states)
+                    or any(p.requires_grad for p in self._current_weights()))
 
-    def _run_layers(self, x: Tensor, hx: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _aten(self, x: Tensor, states: tuple[Tensor, ...], batch_sizes: Tensor | None = None):
+        """ATen's kernel for the cell on a time-major `x` (or packed data with `batch_sizes`):
+        `(output, states)`."""
+        hx = states if self.mode == "LSTM" else states[0]
+        common = (self._current_weights(), self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        aten = getattr(_VF, _ATEN[self.mode])
+        result = aten(x, hx, *common, False) if batch_sizes is None else aten(x, batch_sizes, hx, *common)
+        return result[0], tuple(result[1:])
+
+    def _aten_lengths(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor):
+        """ATen's packed kernel on a padded time-major `x` with `lengths`: our `lengths=` semantics (padded
+        output steps 0, each row's final state at its own last step)."""
+        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        sorted_states = self._states(self.permute_hidden(self._hx(states), packed.sorted_indices))
+        output, sorted_states = self._aten(packed.data, sorted_states, packed.batch_sizes)
+        output, _ = pad_packed_sequence(PackedSequence(output, packed.batch_sizes, packed.sorted_indices,
+                                                       packed.unsorted_indices), total_length=x.size(0))
+        return output, self._states(self.permute_hidden(self._hx(sorted_states), packed.unsorted_indices))
+
+    # -------------------------------------------------------------------------------------- the stack
+
+    def _run_layers(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None):
         """The stack on a time-major `x [T, B, I]`: one `birnn_layer` (two kernel launches with its
         backward) per layer, dropout between layers in training mode. Under autocast the layers run in
-        autocast's dtype, as nn.RNN's do. Returns `(output [T, B, D*H], h_n)`."""
+        autocast's dtype, as nn's do. Returns `(output [T, B, D*P], states)`."""
         if x.device != self._flat_weights[0].device:
-            raise RuntimeError(f"input is on {x.device} but the RNN's parameters are on "
+            raise RuntimeError(f"input is on {x.device} but the {type(self).__name__}'s parameters are on "
                                f"{self._flat_weights[0].device}; move one of them (e.g. model.to({x.device}))")
-        if lengths is None and self._aten_serves(x, hx, x.size(0)):
-            return (_VF.rnn_relu if self.nonlinearity == "relu" else _VF.rnn_tanh)(
-                x, hx, self._current_weights(), self.bias, self.num_layers, self.dropout, self.training,
-                self.bidirectional, False)
+        if self._aten_serves(x, states, x.size(0)):
+            if lengths is None:
+                return self._aten(x, states)
+            if self.mode in ("LSTM", "GRU"):
+                return self._aten_lengths(x, states, lengths)
         dtype = autocast_dtype(x)
         if dtype is not None:  # the weights are cast as the op packs them
-            x, hx = x.to(dtype), hx.to(dtype)
+            x, states = x.to(dtype), tuple(s.to(dtype) for s in states)
         num_directions = 2 if self.bidirectional else 1
-        relu = self.nonlinearity == "relu"
         x = x.contiguous()
-        h_n = []
+        finals = []
         for layer in range(self.num_layers):
             params = [p for ps in self._layer_params(layer) for p in ps]
-            h0 = hx[layer * num_directions:(layer + 1) * num_directions]
-            x, h_layer = birnn_layer(x, h0, params, lengths, relu, self.backend)
-            h_n.append(h_layer)
+            rows = slice(layer * num_directions, (layer + 1) * num_directions)
+            h0 = states[0][rows]
+            c0 = states[1][rows] if self.mode == "LSTM" else None
+            x, *layer_states = birnn_layer(self.mode, x, h0, c0, params, lengths, self.backend)
+            finals.append(layer_states)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = nn.functional.dropout(x, self.dropout, training=True)
-        return x, torch.cat(h_n, 0) if self.num_layers > 1 else h_n[0]
+        if self.num_layers == 1:
+            return x, tuple(finals[0])
+        return x, tuple(torch.cat(kind, 0) for kind in zip(*finals))
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        if self.nonlinearity != "tanh":
-            s += f", nonlinearity={self.nonlinearity!r}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -314,8 +315,126 @@ class RNN(nn.RNNBase):
     def __prepare_scriptable__(self):
         """Called by `torch.jit.script` on every module it compiles: fail here, with the way out, rather
         than deep inside TorchScript's compiler."""
+        name = type(self).__name__
         raise RuntimeError(
-            "torch.jit.script cannot compile fused_birnn.RNN (its forward takes PackedSequence and "
-            "dispatches to custom ops in Python, which TorchScript does not support). Script the model after "
-            "model = fused_birnn.to_torch(model), which swaps every fused_birnn.RNN back to torch.nn.RNN with "
-            "the same parameters; or use torch.compile, or fused_birnn.export.to_onnx for ONNX.")
+            f"torch.jit.script cannot compile fused_birnn.{name} (its forward takes PackedSequence and "
+            f"dispatches to custom ops in Python, which TorchScript does not support). Script the model after "
+            f"model = fused_birnn.to_torch(model), which swaps every fused_birnn module back to torch.nn.{name} "
+            f"with the same parameters; or use torch.compile, or fused_birnn.export.to_onnx for ONNX.")
+
+
+_COMMON_DOC = r"""
+    Per layer one GEMM projects the input for all directions and gates and one Triton launch runs the
+    forward and the reverse recurrence together (see ``fused_birnn.functional``). Unlike cuDNN, backward
+    works in ``eval()`` mode, gradients are bitwise deterministic, and sequences of any length run
+    (T >= 65,536 included). ``torch.compile(fullgraph=True)`` traces it with no graph break (each layer is
+    one custom operator, its backward another; a ``PackedSequence`` input breaks the graph as
+    ``pack_padded_sequence`` does, ``lengths=`` does not), forward and backward can be captured in a CUDA
+    graph, and under ``torch.autocast`` the layers run in autocast's dtype, as nn's do (fp32 parameters and
+    their gradients stay fp32).
+
+    ``backend``: ``'auto'`` (default): the Triton kernels on CUDA (fp16, bf16, fp32), and on CPU when
+    ``TRITON_INTERPRET=1`` was set before import (fp16, fp32, fp64); on a CPU otherwise ATen's own kernel
+    where it is the faster choice, else the pure-PyTorch path. ``'triton'`` insists on the kernels (an
+    error where they cannot run); ``'torch'`` always takes the pure-PyTorch path.
+
+    ``forward(input, hx=None, lengths=None)``: as nn's, plus ``lengths``, a 1-D integer tensor of the N
+    valid lengths of a padded batch: the same results as packing it, without packing. ``hx[2*l+1]``
+    (``h_0`` and ``c_0`` alike) is layer l's reverse state before it reads the last valid time step; the
+    output's ``[..., :P]`` is the forward direction, ``[..., P:]`` the reverse, both aligned with the
+    input's time steps.
+"""
+
+
+class RNN(FusedRNNBase):
+    __doc__ = r"""Multi-layer Elman RNN with tanh or ReLU, a drop-in replacement for :class:`torch.nn.RNN`:
+    same constructor (plus ``backend=``), parameters (names, shapes, initialisation), ``state_dict``,
+    inputs, outputs and errors.
+""" + _COMMON_DOC
+
+    @overload
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, device=None, dtype=None, *, backend: str = "auto") -> None: ...
+
+    @overload
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None: ...
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        # nn.RNN's own argument handling, step for step, so every argument (positional or keyword, valid
+        # or not) behaves as there: nonlinearity is taken out, the rest goes to nn.RNNBase unchanged.
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(mode, *args, backend=backend, **kwargs)
+        if self.proj_size:  # nn.RNN lets a positional proj_size through to RNNBase; no RNN projects
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+    def _input_dim_error(self, dim: int) -> str:
+        return f"RNN: Expected input to be 2D or 3D, got {dim}D tensor instead"
+
+    def extra_repr(self) -> str:
+        s = nn.RNNBase.extra_repr(self)
+        if self.nonlinearity != "tanh":
+            s += f", nonlinearity={self.nonlinearity!r}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+
+class LSTM(FusedRNNBase):
+    __doc__ = r"""Multi-layer LSTM, a drop-in replacement for :class:`torch.nn.LSTM` (``proj_size`` included):
+    same constructor (plus ``backend=``), parameters (names, shapes, initialisation), ``state_dict``,
+    inputs ``(input, (h_0, c_0))``, outputs ``(output, (h_n, c_n))`` and errors. Gates in nn's row order
+    i, f, g, o; ``c' = f*c + i*g``, ``h' = o*tanh(c')``, then ``h' = W_hr h'`` with a projection.
+""" + _COMMON_DOC
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        super().__init__("LSTM", *args, backend=backend, **kwargs)
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def _state_sizes(self) -> tuple[int, ...]:
+        return (self.proj_size or self.hidden_size, self.hidden_size)
+
+    def _states(self, hx) -> tuple[Tensor, ...] | None:
+        if hx is None:
+            return None
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
+            raise RuntimeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
+                               + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+        return tuple(hx)
+
+    def _hx(self, states: tuple[Tensor, ...]):
+        return states[0], states[1]
+
+    def _check_state_dims(self, states: tuple[Tensor, ...], dims: int) -> None:
+        if states[0].dim() != dims or states[1].dim() != dims:
+            kind = "batched 3-D" if dims == 3 else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx and cx should also be {dims}-D but got "
+                               f"({states[0].dim()}-D, {states[1].dim()}-D) tensors")
+
+
+class GRU(FusedRNNBase):
+    __doc__ = r"""Multi-layer GRU, a drop-in replacement for :class:`torch.nn.GRU`: same constructor (plus
+    ``backend=``), parameters (names, shapes, initialisation), ``state_dict``, inputs, outputs and errors.
+    Gates in nn's row order r, z, n; ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``,
+    ``h' = (1 - z) * n + z * h``.
+""" + _COMMON_DOC
+
+    def __init__(self, *args, backend: str = "auto", **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, backend=backend, **kwargs)

@@ -518,7 +518,7 @@ def differentiable_layer(
     T, B, _ = x.shape
     D = h0.shape[0]
     per_direction = len(params) // D
-    kinds = _parameter_kinds(mode, per_direction)
+    kinds = parameter_kinds(mode, per_direction)
     params = [p.to(x.dtype) for p in params]  # autocast: weights run in x's dtype, gradients flow back
 
     def each(kind: str) -> list[Tensor]:
@@ -579,8 +579,9 @@ def differentiable_layer(
     return (out.reshape(T, B, D * st.shape[-1]), *state)
 
 
-def _parameter_kinds(mode: str, per_direction: int) -> list[str]:
+def parameter_kinds(mode: str, per_direction: int) -> list[str]:
     """What each of a direction's parameters is, from their count (nn's order)."""
+    per_direction = int(per_direction)  # under torch.compile a count from a (symbolic) size
     kinds = {2: ["w_ih", "w_hh"], 4: ["w_ih", "w_hh", "b_ih", "b_hh"]}
     if mode == "LSTM":
         kinds |= {3: ["w_ih", "w_hh", "w_hr"], 5: ["w_ih", "w_hh", "b_ih", "b_hh", "w_hr"]}

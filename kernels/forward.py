@@ -400,8 +400,9 @@ def _forward(x_proj, w_hh, h0, out, h_n, mode, *, c0=None, c_n=None, w_hr=None, 
             c_n.copy_(c0)
         return
     check_buffers(w_hh.is_contiguous() and all(t.stride(-1) == 1 for t in (x_proj, out, h0, h_n))
-                  and (saved is None or saved.is_contiguous()),
-                  "birnn_forward: w_hh contiguous and every buffer's last dimension contiguous")
+                  and (saved is None or saved.stride(-1) == 1) and (c_n is None or c_n.is_contiguous())
+                  and (w_hr is None or w_hr.is_contiguous()) and (b_hn is None or b_hn.is_contiguous()),
+                  "birnn_forward: w_hh, w_hr, b_hn, c_n contiguous and every buffer's last dimension contiguous")
     device = x_proj.device
     # the plan for the device, honouring FUSED_BIRNN_SPLIT (read now) where it can; positional arguments
     # (tests replace select_config by a lambda taking *args)

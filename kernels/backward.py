@@ -1,45 +1,79 @@
-"""Backward recurrence (BPTT) of a bidirectional Elman RNN layer: both directions in one launch, each
-recurrence split across SPLIT cooperating programs.
+"""Backward recurrence (BPTT) of one bidirectional layer of any cell (Elman, LSTM with optional
+projection, GRU): both directions in one launch, each recurrence split across SPLIT cooperating programs,
+the cell's pointwise math in kernels/cell.py. The contract (arguments, `saved` layout, results) is
+`fused_birnn.torch_backend.recurrence_backward`'s; `recurrence_backward` below is its launcher.
 
-With `z_t = x_proj_t + h_{t-1} @ W^T` and `h_t = act(z_t)`, walking each direction's own order
-backwards:
+Per direction, walking the direction's processing order backwards, with g_s the gradient reaching the
+state h_s (P wide: `proj_size` for a projected LSTM, else H) and G gates per hidden unit (1, 4, 3):
 
-    g       = grad_out[t] + dh            (dh: gradient flowing in from the direction's next step)
-    dz_t    = g * act'(z_t)               (act' from the stored output h_t: cell.cell_backward)
-    dh      = dz_t @ W                    (gradient into h_{t-1}; after the last step it is grad_h0)
+    g_s   = grad_out[t] + dh                      dh: from step s + 1 (grad_h_n at the last step)
+    Elman dz_s = g_s * act'(h_s)                  (`cell_backward`; act' from the stored output)
+    LSTM  dm = g_s (or g_s @ W_hr),  dc = dc * f_{s+1} + dm * o (1 - tanh(c)^2),
+          dz_s = [dc g i(1-i), dc c_{s-1} f(1-f), dc i (1-g^2), dm tanh(c) o(1-o)]   (`lstm_cell_backward`)
+    GRU   dn = g (1-z)(1-n^2),  dz_s = [dn hn r(1-r), g (h_{s-1} - n) z(1-z), dn r]  (`gru_cell_backward`;
+          the input side's n block is dn, the hidden side's dn * r), carry g * z
+    dh    = dz_s @ W_hh (+ GRU's carry g * z)      gradient into h_{s-1}; after the last step grad_h0
 
-Direction 0 walks t = T-1 .. 0, direction 1 walks t = 0 .. T-1 (its forward order was reversed), in one
-launch, each writing its own half of one `[T, B, D*H]` `grad_pre` buffer. With lengths, a row's `dh`
-stays `grad_h_n` until the walk reaches the row's last processed step, mirroring the forward's
-activity mask. Everything else is matrix products the caller does on `grad_pre` (dW_hh, dW_ih, biases,
-grad_input): no reduction happens here, so there are no atomics on data and the result is bitwise
-deterministic.
+`saved` (torch_backend's layout, row s = processing step s, i.e. time s forward and T-1-s reverse):
+LSTM `[T, D, B, 4, H]` activated i, f, g, o then `[T, D, B, H]` c_s; GRU `[T, D, B, 3, H]` r, z,
+`W_hn h + b_hn` then `[T, D, B, H]` n. c_{s-1} is the previous row's c (c0 at the row's first step), the
+GRU's h_{s-1} comes from `out` (h0 at the row's first step): a row's first step is found from its own
+length, so nothing is read from inactive rows, whose gates are garbage (never multiplied into a result:
+`where`). With lengths a row keeps `dh = grad_h_n` (and `dc = grad_c_n`) until the walk reaches its
+last valid step, mirroring the forward's activity mask; padded steps of `grad_pre` stay 0.
 
-The split mirrors kernels/forward.py: program p of a group owns the units [p*U, p*U + U) of `dh`. Per
-step it computes dz for its units from its own `dh` (local), writes `grad_pre[t]`, publishes dz to
-`xch[r % 2]`, meets the group at the barrier (or the launch ends), reads the group's whole dz back and
-multiplies it by its columns of W_hh, `W[:, p*U:(p+1)*U]`: on chip (`W_ON_CHIP`, zero-padded to
-[BLOCK_K, BLOCK_N], loaded once) or streamed from L2 in BLOCK_K chunks. SPLIT = 1 with `BARRIER=True`
-keeps dz in registers: the one-program-per-group on-chip kernel. Errors as in kernels/forward.py:
-`grad_pre` and `grad_h0` are NaN from the failed step on and the error flag is set.
+The split mirrors kernels/forward.py. Program p of a group owns hidden units [p*U, p*U + U) (all G gates
+and, LSTM, c: dc stays in its registers) and state units [p*UP, p*UP + UP) (h, dh; the same units
+without a projection). Per step it computes dz for its units' G gates, writes `grad_pre[t]` (GRU also
+`grad_hn[t]`), publishes dz (G*U values a row) to `xch[r % 2]`, meets the group at the barrier (or the
+launch ends), reads the group's whole dz back and multiplies it by its columns of W_hh,
+`W_hh[:, p*UP:(p+1)*UP]`: on chip (`W_ON_CHIP`, one zero-padded [BLOCK_K, BLOCK_P] slice per gate,
+loaded once; G dots of K = next_pow2(H)) or streamed from L2 in BLOCK_K chunks over the G*H rows. With
+a projection g reaches m = o * tanh(c) through W_hr, which mixes every state unit into every hidden unit:
+a split step publishes g_s (`xg`), meets at a second barrier, and computes `dm = g_all @ W_hr[:, units]`
+(two phases a step; the launch-per-step mode runs 2 n_steps + 1 launches). g_s is also written per step
+(`g`, processing order, P values a row: the cheapest way to the weight gradient) and the launcher forms
+`grad_w_hr = sum_s g_s^T m_s` as one GEMM after the loop, m recomputed from `saved` off the loop (0 at
+inactive steps). SPLIT = 1 with `BARRIER=True` and W on chip keeps dz (and g) in registers: the
+one-program-per-group kernel, one phase a step. Errors as in kernels/forward.py: `grad_pre`, `grad_h0`,
+`grad_c0` are NaN from the failed step on and the error flag is set.
 
-Buffers (last dimension contiguous; index math in int64):
-    out       [T, B, D*H]  forward states h_t (read)
-    grad_out  [T, B, D*H]  gradient of the layer output (read)
-    w         on chip: [D, SPLIT, BLOCK_N, BLOCK_K] zero-padded row slices of W_hh^T (column slices of
-              W_hh); streamed: W_hh [D, H, stride_w] (rows padded as in forward.py)
-    grad_pre  [T, B, D*H]  dz_t, the gradient of the pre-activations (written)
-    grad_h0   [D, B, H]    gradient of the initial states (written)
+Every other gradient is matrix products the caller does on `grad_pre` / `grad_hn` (dW_ih, dW_hh, biases,
+grad_input): no reduction happens across programs here, so there are no atomics on data and the result is
+bitwise deterministic; each program reduces over K in the same order whatever SPLIT is, so on the CPU the
+results are bitwise equal for every SPLIT.
+
+Buffers (last dimension contiguous; index math in int64; internal buffers contiguous):
+    out       [T, B, D*P]  forward states h_t (read; the GRU's h_{s-1})
+    grad_out  [T, B, D*P]  gradient of the layer output (read)
+    w         on chip: [D, SPLIT, G, BLOCK_P, BLOCK_K] zero-padded slices, [d, p, k, n, j] =
+              W_hh[d][k*H + j, p*UP + n]; streamed: W_hh [D, G*H, stride_w] (rows padded as in forward.py)
+    w_hr      LSTM projection: on chip [D, SPLIT, BLOCK_N, BLOCK_KP], [d, p, n, k] = W_hr[d][k, p*U + n];
+              streamed: W_hr [D, P, stride_wr]
+    saved     [T, D*B*(G+1)*H]  the forward's activations (above), row stride stride_st
+    h0        [D, B, H]    GRU initial state (its first step's h_{s-1});  c0 [D, B, H] LSTM
+    grad_pre  [T, B, D*G*H] input-side gradient of the gates' pre-activations (written)
+    grad_h0   [D, B, P]    gradient of the initial state (written); grad_c0 [D, B, H] LSTM (written)
+    grad_hn   [T, B, D*H]  GRU: gradient of W_hn h + b_hn, the hidden side's n block (written)
+    g         [T, D, B, P] LSTM projection: g_s per step, processing order (written; zero-filled)
     lengths   [B]          optional valid lengths, as in forward.py
-    dh        [D, B, H]    running dh (fp32; fp64 for fp64): the launcher writes grad_h_n into it, each
+    dh        [D, B, P]    running dh (fp32; fp64 for fp64): the launcher writes grad_h_n into it, each
                            launch reads its programs' units at its start and writes them at its end
-    xch       [2, D, B, H] exchange buffer of dz (input dtype: dz is rounded to it for the dot anyway)
+    aux       [D, B, H]    same dtype, the per-unit carry across launches: LSTM dc (from grad_c_n), GRU g*z
+    xch       [2, D, B, G*H] exchange buffer of dz (input dtype: dz is rounded to it for the dot anyway)
+    xg        [D, B, P]    exchange buffer of g (projection, split)
     sync, err              as in forward.py
 
-Grid: (SPLIT, cdiv(B, BLOCK_B), D); a launch runs iterations [r_begin, min(r_end, n_steps + 1)), iteration r
-finishing step r - 1 (dh from the exchanged dz) and starting step r (dz, published): the exchange sits
-inside the iteration, so the launch-per-step mode needs n_steps + 1 launches.
-Verified like forward.py, plus `torch.autograd.gradcheck` in float64 (tests/test_gradients.py).
+Grid: (SPLIT, cdiv(B, BLOCK_B), D); a launch runs iterations [r_begin, min(r_end, PHASES * n_steps + 1)),
+iteration r finishing step r - 1 (dh from the exchanged dz) and starting step r (dz, published): the
+exchange sits inside the iteration, so the launch-per-step mode needs PHASES * n_steps + 1 launches.
+
+Verified (CPU, TRITON_INTERPRET=1): against `torch_backend.recurrence_backward` and float64 autograd of
+`torch_backend.differentiable_layer` for LSTM (with and without proj_size), GRU and Elman, with lengths,
+S forced to 1/2/3 (bitwise equal) on chip and streamed, fp64/fp32/fp16, odd sizes, NaN guard regions
+(tests/test_kernels_gated_backward.py; Elman also tests/test_kernels.py, tests/test_split.py,
+`gradcheck` in tests/test_gradients.py). Compiled with `triton.compile` for sm_90 (no GPU run) for
+Elman/LSTM/LSTM+proj/GRU, one program and split, on chip and streamed. Not run on a GPU.
 """
 
 from __future__ import annotations
@@ -348,6 +382,25 @@ def _gate_slices(w_hh: torch.Tensor, G: int, S: int, UP: int, block_p: int, bloc
     return torch.stack([launch.slices(per_gate[:, k], S, UP, block_p, block_k) for k in range(G)], 2)
 
 
+def kernel_constants(cfg: RecurrenceConfig, hidden_size: int, state_size: int, cell: str, proj: bool,
+                     persistent: bool) -> dict:
+    """What a launch of `birnn_bwd_kernel` with plan `cfg` specialises on (also for compile checks): the
+    constexprs BLOCK_N, BLOCK_K (on chip one gate's K = next_pow2(H); streamed the chunk), BLOCK_P,
+    BLOCK_KP (the projection's K), SPLIT, W_ON_CHIP, BARRIER (= `persistent`), CELL, G, PROJ, and the
+    integer UP (state units per program) and PHASES (barriers a step: 2 for a split projection).
+    `state_size` is P (H without a projection), `cell` nn.RNNBase's mode name."""
+    H, P = hidden_size, state_size
+    cell_id, G = _CELL_IDS[cell]
+    S, U = cfg.programs_per_group(H), cfg.units_per_program(H)
+    block_k = cfg.k_block(H)
+    block_p = cfg.block_p(H, P) if proj else cfg.block_h
+    block_kp = max(16, triton.next_power_of_2(P)) if proj else 16
+    keep = S == 1 and persistent and cfg.w_on_chip and cfg.block_h == block_k and block_p == block_kp
+    return dict(BLOCK_N=cfg.block_h, BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_KP=block_kp, SPLIT=S,
+                W_ON_CHIP=cfg.w_on_chip, BARRIER=persistent, CELL=cell_id, G=G, PROJ=proj,
+                UP=cfg.proj_units_per_program(H, P) if proj else U, PHASES=2 if proj and not keep else 1)
+
+
 def _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, *, mode, lengths, allow_tf32, config,
                   saved=None, h0=None, c0=None, grad_c_n=None, w_hr=None, grad_c0=None, grad_hn=None,
                   g_buf=None) -> None:
@@ -368,17 +421,14 @@ def _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, *, mode, len
                             P if proj else None)
     cfg.check(H)
     S, U, n_tiles = cfg.programs_per_group(H), cfg.units_per_program(H), cfg.num_batch_tiles(B)
-    UP = cfg.proj_units_per_program(H, P) if proj else U
-    block_p = cfg.block_p(H, P) if proj else cfg.block_h
-    block_k = cfg.k_block(H)  # on chip: one gate's K (H padded); streamed: the chunk
-    block_kp = max(16, triton.next_power_of_2(P)) if proj else 16
     persistent = cfg.runs_persistent(H, T)
-    keep = S == 1 and persistent and cfg.w_on_chip and cfg.block_h == block_k and block_p == block_kp
-    phases = 2 if proj and not keep else 1
+    shape = kernel_constants(cfg, H, P, mode, proj, persistent)
+    UP, phases = shape.pop("UP"), shape.pop("PHASES")
+    del shape["BARRIER"]  # launch.run_steps passes it
+    block_p, block_k, block_kp = shape["BLOCK_P"], shape["BLOCK_K"], shape["BLOCK_KP"]
     kw = dict(HAS_LENGTHS=lengths is not None, RELU=mode == "RNN_RELU", ACC_DTYPE=acc_dtype(out.dtype),
-              INPUT_PRECISION=input_precision(out.dtype, allow_tf32), BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h,
-              BLOCK_K=block_k, SPLIT=S, W_ON_CHIP=cfg.w_on_chip, num_warps=cfg.warps(forward=False),
-              CELL=cell_id, G=G, PROJ=proj, BLOCK_P=block_p, BLOCK_KP=block_kp)
+              INPUT_PRECISION=input_precision(out.dtype, allow_tf32), BLOCK_B=cfg.block_b,
+              num_warps=cfg.warps(forward=False), **shape)
     if cfg.stages(H) is not None:
         kw["num_stages"] = cfg.stages(H)
     acc = torch.float64 if out.dtype == torch.float64 else torch.float32

@@ -1,4 +1,5 @@
-"""Swap `torch.nn.RNN` modules inside a model for `fused_birnn.RNN` (`convert`) and back (`to_torch`).
+"""Swap `torch.nn.RNN` / `nn.LSTM` / `nn.GRU` modules inside a model for `fused_birnn.RNN` / `LSTM` / `GRU`
+(`convert`) and back (`to_torch`).
 
 Both work like `torch.nn.SyncBatchNorm.convert_sync_batchnorm`: the new module takes over the old one's
 `Parameter` objects (no copy), so an optimizer built before the swap, tied weights, `requires_grad`
@@ -16,9 +17,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .functional import BACKENDS
-from .rnn import RNN
+from .rnn import GRU, LSTM, RNN
 
 Skipped = list[tuple[str, str]]
+
+# torch.nn class -> our drop-in (`convert`), and back (`to_torch`)
+_FUSED: dict[type[nn.RNNBase], type[nn.RNNBase]] = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
+_TORCH: dict[type[nn.RNNBase], type[nn.RNNBase]] = {v: k for k, v in _FUSED.items()}
 
 # module hook registries that a swap would drop (hooks on the parameters themselves carry over)
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -26,22 +31,31 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
                "_load_state_dict_post_hooks")
 
 
-def _why_not(m: nn.Module, source: type[nn.Module]) -> str | None:
-    """Why `m`, found where a `source` module would be swapped, cannot be; None if it can."""
-    if not isinstance(m, source):
-        return f"{type(m).__name__} has no fused version yet"
+def _qualified(cls: type) -> str:
+    return f"{'torch.nn' if cls.__module__.startswith('torch.') else 'fused_birnn'}.{cls.__name__}"
+
+
+def _source(m: nn.Module, sources: tuple[type[nn.Module], ...]) -> type[nn.Module] | None:
+    """The class of `sources` that `m` is an instance of (subclasses included), or None."""
+    return next((cls for cls in sources if isinstance(m, cls)), None)
+
+
+def _why_not(m: nn.Module, sources: tuple[type[nn.Module], ...]) -> str | None:
+    """Why `m`, found where one of `sources` would be swapped, cannot be; None if it can."""
+    source = _source(m, sources)
+    if source is None:
+        return f"{type(m).__name__} has no fused version (only {', '.join(c.__name__ for c in sources)})"
     if parametrize.is_parametrized(m):
         return "has parametrizations (torch.nn.utils.parametrize); remove them first"
     if type(m) is not source:
-        source_name = "torch.nn.RNN" if source is nn.RNN else "fused_birnn.RNN"
-        return (f"{type(m).__qualname__} subclasses {source_name} (its forward may differ); "
+        return (f"{type(m).__qualname__} subclasses {_qualified(source)} (its forward may differ); "
                 "only the exact type is swapped")
-    if getattr(m, "proj_size", 0):
-        return f"proj_size={m.proj_size} is not supported"
+    if getattr(m, "proj_size", 0) and m.mode != "LSTM":  # nn.RNN/nn.GRU refuse it: a doctored module
+        return f"proj_size={m.proj_size} is only supported for LSTM"
     names = list(m._flat_weights_names)
     params = dict(m.named_parameters(recurse=False, remove_duplicate=False))
     if sorted(params) != sorted(names) or any(getattr(m, n) is not params[n] for n in names):
-        return (f"its parameters {sorted(params)} are not the {len(names)} that nn.RNN defines "
+        return (f"its parameters {sorted(params)} are not the {len(names)} that {_qualified(source)} defines "
                 f"(e.g. old-style weight_norm or a replaced tensor)")
     if any(getattr(m, d, None) for d in _HOOK_DICTS):
         return "has module hooks registered on it, which would not carry over"
@@ -61,10 +75,11 @@ def _swap(m: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-def _convert_modules(model: nn.Module, source: type[nn.Module], candidate: Callable[[nn.Module], bool],
+def _convert_modules(model: nn.Module, sources: tuple[type[nn.Module], ...],
+                     candidate: Callable[[nn.Module], bool],
                      build: Callable[[nn.Module], nn.Module]) -> tuple[nn.Module, Skipped]:
     """Replace every module for which `candidate(m)` holds in `model` (root included) by `build(m)`
-    where `_why_not(m, source)` allows, through every parent that holds it; a module held twice is
+    where `_why_not(m, sources)` allows, through every parent that holds it; a module held twice is
     swapped once and stays shared."""
     done: dict[int, nn.Module] = {}  # id(old) -> its replacement, or itself if skipped
     visited: set[int] = set()
@@ -74,7 +89,7 @@ def _convert_modules(model: nn.Module, source: type[nn.Module], candidate: Calla
         if id(m) in done:
             return done[id(m)]
         if candidate(m):
-            reason = _why_not(m, source)
+            reason = _why_not(m, sources)
             if reason is None:
                 done[id(m)] = build(m)
                 return done[id(m)]
@@ -93,8 +108,9 @@ def _convert_modules(model: nn.Module, source: type[nn.Module], candidate: Calla
 
 
 def _is_recurrent(m: nn.Module) -> bool:
-    """nn.RNN, nn.LSTM, nn.GRU and their subclasses: what `convert` swaps or reports."""
-    return isinstance(m, nn.RNNBase) and not isinstance(m, RNN)
+    """Every nn.RNNBase but ours (nn.RNN, nn.LSTM, nn.GRU, their subclasses): what `convert` swaps or
+    reports."""
+    return isinstance(m, nn.RNNBase) and not isinstance(m, tuple(_TORCH))
 
 
 def _finish(what: str, model: nn.Module, skipped: Skipped, report: bool):
@@ -106,15 +122,24 @@ def _finish(what: str, model: nn.Module, skipped: Skipped, report: bool):
     return model
 
 
-def _to_fused(m: nn.RNN, backend: str) -> RNN:
-    new = RNN(m.input_size, m.hidden_size, m.num_layers, m.nonlinearity, m.bias, m.batch_first,
-              m.dropout, m.bidirectional, device="meta", backend=backend)
+def _hyperparameters(m: nn.RNNBase) -> dict:
+    """The constructor arguments that rebuild `m` (an RNN, LSTM or GRU, ours or torch's)."""
+    kwargs = dict(input_size=m.input_size, hidden_size=m.hidden_size, num_layers=m.num_layers, bias=m.bias,
+                  batch_first=m.batch_first, dropout=m.dropout, bidirectional=m.bidirectional)
+    if m.mode == "LSTM":
+        kwargs["proj_size"] = m.proj_size
+    elif m.mode in ("RNN_TANH", "RNN_RELU"):
+        kwargs["nonlinearity"] = m.nonlinearity
+    return kwargs
+
+
+def _to_fused(m: nn.RNNBase, backend: str) -> nn.RNNBase:
+    new = _FUSED[type(m)](**_hyperparameters(m), device="meta", backend=backend)
     return _swap(m, new)
 
 
-def _to_nn(m: RNN) -> nn.RNN:
-    new = nn.RNN(m.input_size, m.hidden_size, m.num_layers, m.nonlinearity, m.bias, m.batch_first,
-                 m.dropout, m.bidirectional, device="meta")
+def _to_nn(m: nn.RNNBase) -> nn.RNNBase:
+    new = _TORCH[type(m)](**_hyperparameters(m), device="meta")
     with torch.no_grad():
         for name in m._flat_weights_names:  # out of the shared flat buffers: one storage each
             p = getattr(m, name)
@@ -131,51 +156,52 @@ def convert(model: nn.Module, *, backend: str = ..., report: Literal[True]) -> t
 
 
 def convert(model: nn.Module, *, backend: str = "auto", report: bool = False):
-    r"""Replace every :class:`torch.nn.RNN` in ``model`` by a :class:`fused_birnn.RNN`, in place.
+    r"""Replace every :class:`torch.nn.RNN`, :class:`torch.nn.LSTM` and :class:`torch.nn.GRU` in ``model``
+    by a :class:`fused_birnn.RNN`, :class:`fused_birnn.LSTM` or :class:`fused_birnn.GRU`, in place.
 
-    Each ``nn.RNN`` (the exact type: subclasses may override ``forward``) found by walking ``model``
-    recursively, ``model`` itself included, is swapped, in every parent that holds it (``Sequential``,
-    ``ModuleList``, ``ModuleDict``, custom modules), for a ``fused_birnn.RNN`` with the same
-    hyperparameters (``input_size``, ``hidden_size``, ``num_layers``, ``nonlinearity``, ``bias``,
-    ``batch_first``, ``dropout``, ``bidirectional``) and train/eval mode. A module held in several
-    places is replaced by one new module, so it stays shared.
+    Each ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (the exact type: subclasses may override ``forward``)
+    found by walking ``model`` recursively, ``model`` itself included, is swapped, in every parent that
+    holds it (``Sequential``, ``ModuleList``, ``ModuleDict``, custom modules), for our module of the same
+    cell with the same hyperparameters (``input_size``, ``hidden_size``, ``num_layers``, ``bias``,
+    ``batch_first``, ``dropout``, ``bidirectional``; ``nonlinearity`` for RNN, ``proj_size`` for LSTM)
+    and train/eval mode. A module held in several places is replaced by one new module, so it stays
+    shared.
 
     The new module takes over the **same** :class:`~torch.nn.Parameter` objects (as
     :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` does): values, dtype, device,
     ``requires_grad``, tensor hooks, an optimizer created before the call, and weights tied to other
-    modules all carry over. Their storage is repacked into ``fused_birnn.RNN``'s flat per-layer buffers
-    (:meth:`fused_birnn.RNN.flatten_parameters`); a parameter tied to another ``nn.RNN`` ends up in one
-    module's buffer and the other packs it per call, which is correct but slower. Nothing is copied, so
-    to keep the original model, convert a :func:`copy.deepcopy` of it.
+    modules all carry over. Their storage is repacked into our modules' flat per-layer buffers
+    (:meth:`fused_birnn.RNN.flatten_parameters`); a parameter tied to another recurrent module ends up in
+    one module's buffer and the other packs it per call, which is correct but slower. Nothing is copied,
+    so to keep the original model, convert a :func:`copy.deepcopy` of it.
 
-    Modules that cannot be swapped are left as they are and reported: ``nn.LSTM`` and ``nn.GRU`` (no
-    fused version yet), subclasses of ``nn.RNN`` (parametrized ones included), and ``nn.RNN`` modules
-    with ``proj_size``, parameters of mixed dtypes or devices, parameters other than ``nn.RNN``'s own
-    (e.g. old-style ``weight_norm``), or module hooks.
+    Modules that cannot be swapped are left as they are and reported: other ``nn.RNNBase`` modules,
+    subclasses of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (parametrized ones included), and modules with
+    parameters of mixed dtypes or devices, parameters other than the class's own (e.g. old-style
+    ``weight_norm``), or module hooks.
 
     Args:
         model: the module to convert; modified in place.
-        backend: the ``backend=`` of every new ``fused_birnn.RNN`` (``'auto'``, ``'triton'`` or
-            ``'torch'``).
+        backend: the ``backend=`` of every new module (``'auto'``, ``'triton'`` or ``'torch'``).
         report: if ``False`` (default), emit one :class:`UserWarning` naming every module left
             unchanged and why, and return the model; if ``True``, emit no warning and return
             ``(model, skipped)`` instead.
 
     Returns:
-        ``model``, or the new module if ``model`` itself was an ``nn.RNN``; with ``report=True``,
+        ``model``, or the new module if ``model`` itself was swapped; with ``report=True``,
         ``(model, skipped)`` where ``skipped`` lists ``(qualified_name, reason)`` per module left
         unchanged, names as in :meth:`~torch.nn.Module.named_modules` (``''`` for the root).
 
     Example::
 
-        >>> model = nn.Sequential(nn.Linear(8, 8), nn.RNN(8, 16, 2, bidirectional=True))
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.LSTM(8, 16, 2, bidirectional=True))
         >>> model = fused_birnn.convert(model)
         >>> type(model[1])
-        <class 'fused_birnn.rnn.RNN'>
+        <class 'fused_birnn.rnn.LSTM'>
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    model, skipped = _convert_modules(model, nn.RNN, _is_recurrent, lambda m: _to_fused(m, backend))
+    model, skipped = _convert_modules(model, tuple(_FUSED), _is_recurrent, lambda m: _to_fused(m, backend))
     return _finish("fused_birnn.convert", model, skipped, report)
 
 
@@ -188,21 +214,22 @@ def to_torch(model: nn.Module, *, report: Literal[True]) -> tuple[nn.Module, Ski
 
 
 def to_torch(model: nn.Module, *, report: bool = False):
-    r"""Replace every :class:`fused_birnn.RNN` in ``model`` by a :class:`torch.nn.RNN`, in place: the
-    inverse of :func:`convert`, e.g. before ``torch.export``, ONNX export or TorchScript.
+    r"""Replace every :class:`fused_birnn.RNN`, :class:`fused_birnn.LSTM` and :class:`fused_birnn.GRU` in
+    ``model`` by a :class:`torch.nn.RNN`, :class:`torch.nn.LSTM` or :class:`torch.nn.GRU`, in place: the
+    inverse of :func:`convert`, e.g. before TorchScript (or an LSTM with ``proj_size`` before ONNX export).
 
-    Same walk, same rules and same return values as :func:`convert`: the exact type
-    ``fused_birnn.RNN`` is swapped (subclasses are reported), train/eval mode is kept and the new
-    ``nn.RNN`` takes over the same :class:`~torch.nn.Parameter` objects, each moved out of the
-    shared flat buffer into a contiguous storage of its own, as ``nn.RNN`` builds them.
+    Same walk, same rules and same return values as :func:`convert`: the exact types are swapped
+    (subclasses are reported), train/eval mode is kept and the new module takes over the same
+    :class:`~torch.nn.Parameter` objects, each moved out of the shared flat buffer into a contiguous
+    storage of its own, as ``torch.nn`` builds them.
 
     Args:
         model: the module to convert; modified in place.
         report: as in :func:`convert`.
 
     Returns:
-        ``model`` (or the new ``nn.RNN`` if ``model`` was a ``fused_birnn.RNN``); with ``report=True``,
+        ``model`` (or the new module if ``model`` itself was swapped); with ``report=True``,
         ``(model, skipped)``.
     """
-    model, skipped = _convert_modules(model, RNN, lambda m: isinstance(m, RNN), _to_nn)
+    model, skipped = _convert_modules(model, tuple(_TORCH), lambda m: isinstance(m, tuple(_TORCH)), _to_nn)
     return _finish("fused_birnn.to_torch", model, skipped, report)

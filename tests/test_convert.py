@@ -1,5 +1,5 @@
-"""`convert` / `to_torch`: every exact nn.RNN swapped (root, Sequential, ModuleDict, shared), same
-numbers, same Parameter objects and mode; everything else left alone and reported."""
+"""`convert` / `to_torch`: every exact nn.RNN / nn.LSTM / nn.GRU swapped (root, Sequential, ModuleDict,
+shared), same numbers, same Parameter objects and mode; everything else left alone and reported."""
 
 import copy
 import warnings
@@ -96,9 +96,86 @@ def test_root_is_rnn(backend):
     assert all(torch.equal(a, b) for a, b in zip(back(x), original(x)))
 
 
+class Tagger(nn.Module):
+    """A projected bidirectional LSTM feeding a GRU, and a bias-free batch-first GRU beside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 5, 2, bidirectional=True, proj_size=2))
+        self.decoders = nn.ModuleList([nn.GRU(4, 3, 2, bidirectional=True, dropout=0.5),
+                                       nn.GRU(7, 3, bias=False, batch_first=True)])
+
+    def forward(self, x):  # x: [T, B, 3]
+        h, (h_n, c_n) = self.encoder(x)
+        a, ha = self.decoders[0](h)
+        b, hb = self.decoders[1](torch.cat([x, h], -1).transpose(0, 1))
+        return torch.cat([t.flatten() for t in (a, ha, b, hb, h_n, c_n)])
+
+
+GATED_HYPER = ("mode", "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+               "bidirectional", "proj_size", "training")
+
+
+def test_round_trip_lstm_gru():
+    """nn.LSTM (proj_size, bidirectional) and nn.GRU (bias off, batch_first, dropout) nested: swapped for
+    fused_birnn.LSTM / GRU with the same hyperparameters, mode and Parameter objects, same outputs and
+    gradients, and back to torch.nn with each parameter in a storage of its own."""
+    model = Tagger().double()
+    model.decoders[0].eval()  # dropout inactive, so outputs are comparable; mode must survive
+    original = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # everything converts: no warning
+        assert convert(model, backend="torch") is model
+    expected = {"encoder.1": fused_birnn.LSTM, "decoders.0": fused_birnn.GRU, "decoders.1": fused_birnn.GRU}
+    assert {n: type(m) for n, m in rnns(model).items()} == expected
+    for name, m in rnns(model).items():
+        assert m.backend == "torch"
+        assert [getattr(m, a) for a in GATED_HYPER] == [getattr(rnns(original)[name], a) for a in GATED_HYPER]
+    assert dict(model.named_parameters()) == params  # the same Parameter objects, same names
+    out, grads = run_with_grads(model, x)
+    ref_out, ref_grads = run_with_grads(original, x)
+    assert_close(out, ref_out, torch.float64, "output")
+    for n, g in ref_grads.items():
+        assert_close(grads[n], g, torch.float64, n)
+
+    back = to_torch(model)
+    assert back is model
+    assert {n: type(m) for n, m in rnns(back).items()} == {
+        "encoder.1": nn.LSTM, "decoders.0": nn.GRU, "decoders.1": nn.GRU}
+    assert dict(back.named_parameters()) == params
+    for name, m in rnns(back).items():
+        assert [getattr(m, a) for a in GATED_HYPER] == [getattr(rnns(original)[name], a) for a in GATED_HYPER]
+        assert all(p.is_contiguous() and p.untyped_storage().nbytes() == p.nbytes for p in m.parameters())
+    sd, ref_sd = back.state_dict(), original.state_dict()
+    assert list(sd) == list(ref_sd) and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    assert torch.equal(back(x), original(x))  # torch.nn again: the same kernels, bit for bit
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_root_is_lstm_or_gru(cell):
+    rnn = getattr(nn, cell)(3, 4, batch_first=True, dtype=torch.float64).eval()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    expected = rnn(x)
+    fused = convert(rnn, backend="torch")
+    assert type(fused) is getattr(fused_birnn, cell) and not fused.training
+    assert fused.weight_hh_l0 is rnn.weight_hh_l0
+    out, state = fused(x)
+    assert_close(out, expected[0], torch.float64, "output")
+    back = to_torch(fused)
+    assert type(back) is getattr(nn, cell) and not back.training
+    assert torch.equal(back(x)[0], expected[0])
+
+
 class Doubling(nn.RNN):
     def forward(self, input, hx=None):
         return super().forward(2 * input, hx)
+
+
+class PeepholeLSTM(nn.LSTM):
+    pass
 
 
 class Symmetric(nn.Module):
@@ -113,15 +190,19 @@ def test_unconvertible_modules_are_left_alone_and_reported():
     parametrize.register_parametrization(parametrized, "weight_hh_l0", Symmetric())
     mixed = nn.RNN(4, 4)
     mixed.bias_hh_l0.data = mixed.bias_hh_l0.data.double()
-    left = {"lstm": nn.LSTM(4, 4), "gru": nn.GRU(4, 4), "sub": Doubling(4, 4),
-            "hooked": hooked, "parametrized": parametrized, "mixed": mixed}
-    reasons = {"lstm": "LSTM has no fused version", "gru": "GRU has no fused version",
+    mixed_gru = nn.GRU(4, 4)
+    mixed_gru.weight_ih_l0.data = mixed_gru.weight_ih_l0.data.double()
+    left = {"base": nn.RNNBase("LSTM", 4, 4), "lstm_sub": PeepholeLSTM(4, 4), "sub": Doubling(4, 4),
+            "hooked": hooked, "parametrized": parametrized, "mixed": mixed, "mixed_gru": mixed_gru}
+    reasons = {"base": "RNNBase has no fused version (only RNN, LSTM, GRU)",
+               "lstm_sub": "PeepholeLSTM subclasses torch.nn.LSTM",
                "sub": "Doubling subclasses torch.nn.RNN",
                "hooked": "has module hooks", "parametrized": "has parametrizations",
-               "mixed": "its parameters mix dtypes or devices (float32 on cpu, float64 on cpu)"}
+               "mixed": "its parameters mix dtypes or devices (float32 on cpu, float64 on cpu)",
+               "mixed_gru": "its parameters mix dtypes or devices (float32 on cpu, float64 on cpu)"}
     model = nn.Sequential(nn.ModuleDict(left), nn.RNN(4, 4))
 
-    with pytest.warns(UserWarning, match=r"left 6 module\(s\) unchanged") as record:
+    with pytest.warns(UserWarning, match=r"left 7 module\(s\) unchanged") as record:
         assert convert(model) is model
     message = str(record[0].message)
     assert all(f"'0.{k}': {r}" in message for k, r in reasons.items()), message
@@ -134,8 +215,8 @@ def test_unconvertible_modules_are_left_alone_and_reported():
         assert all(r in why for (_, why), r in zip(skipped, reasons.values()))
         assert convert(nn.Linear(2, 2), report=True)[1] == []
         convert(nn.Sequential(nn.RNN(2, 2)))  # nothing skipped: no warning
-    with pytest.warns(UserWarning, match=r"'<root>': LSTM has no fused version"):
-        convert(nn.LSTM(2, 2))
+    with pytest.warns(UserWarning, match=r"'<root>': PeepholeLSTM subclasses torch.nn.LSTM"):
+        convert(PeepholeLSTM(2, 2))
 
 
 def test_shared_module_and_tied_weights_stay_shared():

@@ -1,5 +1,5 @@
-"""ONNX export (each layer one ONNX `RNN` node, run by onnxruntime against eager fused_birnn.RNN and
-nn.RNN on the same weights) and TorchScript (a clear error naming `fused_birnn.to_torch`)."""
+"""ONNX export (each layer one ONNX `RNN` / `LSTM` / `GRU` node, run by onnxruntime against eager
+fused_birnn and torch.nn on the same weights) and TorchScript (a clear error naming `fused_birnn.to_torch`)."""
 
 import copy
 import io
@@ -198,19 +198,21 @@ def test_onnx_refuses_packed_sequence_and_dynamo_false(ort):
         fused_birnn.export.to_onnx(rnn, (torch.randn(3, 2, 4),), dynamo=False)
 
 
-def test_torchscript_script_names_to_torch():
-    """torch.jit.script fails at once, naming the conversion back to nn.RNN, which then scripts."""
-    model = nn.Sequential(nn.Linear(3, 4), fused_birnn.RNN(4, 5, 2, bidirectional=True)).eval()
+@pytest.mark.parametrize("cell,kwargs", [("RNN", {}), ("LSTM", {"proj_size": 2}), ("GRU", {})])
+def test_torchscript_script_names_to_torch(cell, kwargs):
+    """torch.jit.script fails at once, naming the conversion back to torch.nn, which then scripts."""
+    model = nn.Sequential(nn.Linear(3, 4), getattr(fused_birnn, cell)(4, 5, 2, bidirectional=True, **kwargs)).eval()
     for target in (model, model[1]):
         with pytest.raises(RuntimeError, match=r"fused_birnn\.to_torch\(model\)"):
             torch.jit.script(target)
     x = torch.randn(6, 2, 3)
     with torch.no_grad():
-        expected = model(x)
+        expected = flat(model(x))
     scripted = torch.jit.script(fused_birnn.to_torch(model))
+    assert type(model[1]) is getattr(nn, cell)
     with torch.no_grad():
-        for got, want in zip(scripted(x), expected):
-            close(got, want, "scripted after to_torch")
+        for got, want in zip(flat(scripted(x)), expected):
+            close(got, want, f"{cell} scripted after to_torch")
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
@@ -233,3 +235,126 @@ def test_torchscript_trace_records_the_op():
         (grad,) = torch.autograd.grad(out.sum() + h_n.sum(), x)
         (ref_grad,) = torch.autograd.grad(ref_out.sum() + ref_h.sum(), x)
         close(grad, ref_grad, "traced grad x vs nn.RNN")
+
+
+# ------------------------------------------------------------------------------------ LSTM and GRU
+
+def gated_pair(cell, *args, **kwargs):
+    """A fused_birnn.LSTM / GRU in eval mode and its torch.nn twin with the same weights."""
+    ours = getattr(fused_birnn, cell)(*args, **kwargs).eval()
+    ref = getattr(nn, cell)(*args, **kwargs).eval()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+class WithState(nn.Module):
+    """`rnn(x, hx, lengths=...)` with the state as plain tensor inputs: `(h0, c0)` for an LSTM."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, h0, c0=None, lengths=None):
+        out, state = self.rnn(x, h0 if c0 is None else (h0, c0), lengths=lengths)
+        return (out, *state) if isinstance(state, tuple) else (out, state)
+
+
+def flat(result):
+    """`(out, h_n)` or `(out, (h_n, c_n))` -> a flat list of tensors, as the ONNX graph returns them."""
+    out, state = result
+    return [out, *state] if isinstance(state, tuple) else [out, state]
+
+
+def assert_cell_nodes(program, cell, num_layers):
+    """One ONNX LSTM / GRU node per layer (GRU in PyTorch's linear_before_reset form), no loop, translated
+    from our op (not from an aten.lstm / aten.gru, which torch's exporter would also turn into LSTM/GRU)."""
+    traced = [n.target for n in program.exported_program.graph.nodes if n.op == "call_function"]
+    assert traced.count(getattr(torch.ops.fused_birnn, f"{cell.lower()}_layer").default) == num_layers, traced
+    nodes = [n for n in program.model_proto.graph.node if n.op_type == cell]
+    assert len(nodes) == num_layers, op_types(program)
+    assert not {"Loop", "Scan", "If", "RNN"} & set(op_types(program)), op_types(program)
+    if cell == "GRU":
+        assert all({a.name: a.i for a in n.attribute}.get("linear_before_reset") == 1 for n in nodes)
+
+
+# (cell, num_layers, bidirectional, bias, batch_first, with the state): each value of each with others
+GATED_CASES = [
+    ("LSTM", 1, True, True, False, True),
+    ("LSTM", 2, False, False, True, False),
+    ("LSTM", 2, True, True, True, True),
+    ("GRU", 1, False, True, True, True),
+    ("GRU", 2, True, False, False, False),
+]
+
+
+@pytest.mark.parametrize("cell,layers,bidirectional,bias,batch_first,with_state", GATED_CASES)
+def test_onnx_lstm_gru_match_eager(ort, cell, layers, bidirectional, bias, batch_first, with_state):
+    """One ONNX LSTM / GRU node per layer: the gate blocks permuted into ONNX's order (i,o,f,c / z,r,h),
+    biases as [Wb, Rb], run by onnxruntime with fresh inputs against eager ours and torch.nn."""
+    I, H, B, T = 3, 7, 5, 4  # odd sizes: a wrong block permutation cannot hide in symmetric shapes
+    D = 2 if bidirectional else 1
+    ours, ref = gated_pair(cell, I, H, layers, bias=bias, batch_first=batch_first, bidirectional=bidirectional)
+
+    def inputs():
+        x = torch.randn((B, T, I) if batch_first else (T, B, I))
+        if not with_state:
+            return (x,)
+        return (x, torch.randn(D * layers, B, H)) + ((torch.randn(D * layers, B, H),) if cell == "LSTM" else ())
+
+    program = export(WithState(ours) if with_state else ours, inputs())
+    assert_cell_nodes(program, cell, layers)
+    fresh = inputs()
+    got = run(ort, program, *fresh)
+    state = None if not with_state else (fresh[1] if cell == "GRU" else (fresh[1], fresh[2]))
+    with torch.no_grad():
+        for name, m in (("fused_birnn", ours), ("torch.nn", ref)):
+            expected = flat(m(fresh[0], state))
+            assert [g.shape for g in got] == [e.shape for e in expected]
+            for what, g, e in zip(("output", "h_n", "c_n"), got, expected):
+                close(g, e, f"{cell} {what} vs {name}")
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_onnx_lstm_gru_lengths_as_sequence_lens(ort, cell):
+    """`lengths=` becomes `sequence_lens`: padded outputs 0, each reverse row from its own last valid step,
+    h_n (and c_n) at each row's own last step; batch and time dynamic. Against eager with lengths and
+    torch.nn on the packed batch, at shapes other than exported."""
+    ours, ref = gated_pair(cell, 3, 5, 2, batch_first=True, bidirectional=True)
+    batch, time = torch.export.Dim("batch"), torch.export.Dim("time")
+    states = 2 if cell == "LSTM" else 1
+    example = (torch.randn(3, 6, 3),) + tuple(torch.randn(4, 3, 5) for _ in range(states))
+    dynamic = {"x": {0: batch, 1: time}, "h0": {1: batch}, **({"c0": {1: batch}} if states == 2 else {}),
+               "lengths": {0: batch}}
+    program = export(WithState(ours), example, kwargs={"lengths": torch.tensor([6, 2, 4])},
+                     dynamic_shapes=dynamic)
+    assert_cell_nodes(program, cell, 2)
+    node = [n for n in program.model_proto.graph.node if n.op_type == cell][0]
+    assert len(node.input) >= 5 and node.input[4], "sequence_lens must be wired"
+    lengths = torch.tensor([9, 1, 4, 9, 6])
+    x = torch.randn(5, 9, 3)
+    state = tuple(torch.randn(4, 5, 5) for _ in range(states))
+    got = run(ort, program, x, *state, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert (got[0][b, n:] == 0).all(), f"padded steps of row {b} must be 0"
+    hx = state if cell == "LSTM" else state[0]
+    with torch.no_grad():
+        mine = flat(ours(x, hx, lengths=lengths))
+        packed_out, ref_state = ref(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), hx)
+        theirs = flat((pad_packed_sequence(packed_out, batch_first=True, total_length=9)[0], ref_state))
+    for what, g, e, r in zip(("output", "h_n", "c_n"), got, mine, theirs):
+        close(g, e, f"{cell} {what} vs fused_birnn with lengths")
+        close(g, r, f"{cell} {what} vs torch.nn packed")
+
+
+def test_onnx_lstm_proj_size_is_refused_by_name(ort):
+    """ONNX's LSTM has no projection: to_onnx refuses before tracing, naming the module and the limit;
+    plain torch.onnx.export with our table fails in the translation with the same explanation."""
+    model = nn.Sequential(nn.Linear(3, 4), fused_birnn.LSTM(4, 6, 2, proj_size=3, bidirectional=True)).eval()
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(NotImplementedError, match=r"proj_size=3 \(at '1'\).*ONNX's LSTM operator has no projection"):
+        fused_birnn.export.to_onnx(model, (x,))
+    with pytest.raises(Exception, match=r"proj_size=3 cannot be exported to ONNX"):
+        torch.onnx.export(model, (x,), verbose=False,
+                          custom_translation_table=fused_birnn.export.onnx_translation_table())
+    unprojected = fused_birnn.LSTM(4, 6).eval()  # the check looks at proj_size, not at the class
+    assert_cell_nodes(export(unprojected, (torch.randn(5, 2, 4),)), "LSTM", 1)

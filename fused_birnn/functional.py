@@ -35,6 +35,7 @@ each op runs. No op reads a device value on the host: forward and backward are C
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional  # custom_op schemas: older torch does not read `Tensor | None`
 
@@ -43,8 +44,8 @@ from torch import Tensor
 from torch._C import _functorch
 
 from . import torch_backend
-from .kernels.backward import birnn_backward
-from .kernels.forward import birnn_forward
+from .kernels import backward as kernel_backward
+from .kernels import forward as kernel_forward
 
 BACKENDS = ("auto", "triton", "torch")
 # Read at import like Triton does (it decides at decoration time whether kernels are interpreted).
@@ -54,13 +55,9 @@ TRITON_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_INTERPRETER_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
-# Cells the Triton kernels run (the others take the PyTorch path under backend='auto').
-KERNEL_CELLS = ("RNN_TANH", "RNN_RELU")
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, cell: str = "RNN_TANH") -> str:
-    """Which recurrence runs: 'triton' (the kernels; compiled on CUDA, interpreted on CPU under
-    TRITON_INTERPRET=1) or 'torch'. 'auto' takes the kernels wherever they can run this dtype and cell."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Which recurrence runs: 'triton' (the kernels, every cell; compiled on CUDA, interpreted on CPU under
+    TRITON_INTERPRET=1) or 'torch'. 'auto' takes the kernels wherever they can run this dtype."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if device.type == "cuda" and not INTERPRETER:
@@ -69,11 +66,6 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, cell
         kernel_dtypes = TRITON_INTERPRETER_DTYPES
     else:
         kernel_dtypes = ()
-    if cell not in KERNEL_CELLS:
-        if backend == "triton":
-            raise RuntimeError(f"backend='triton': the Triton kernels do not run the {cell} cell yet; "
-                               "use backend='torch' or 'auto'")
-        return "torch"
     if backend == "auto":
         return "triton" if dtype in kernel_dtypes else "torch"
     if backend == "triton" and dtype not in kernel_dtypes:
@@ -159,26 +151,6 @@ def _parameters(cell: str, params: list[Tensor], num_directions: int, dtype: tor
     return found
 
 
-def _kernel_forward(x_proj, w_hh, h0, c0, w_hr, b_hn, *, cell, lengths):
-    """The Triton recurrence with `torch_backend.recurrence_forward`'s contract."""
-    T, B, DH = x_proj.shape
-    D = h0.shape[0]
-    out = torch.empty_like(x_proj) if lengths is None else torch.zeros_like(x_proj)
-    h_n = x_proj.new_empty((D, B, DH // D))
-    birnn_forward(x_proj, w_hh, h0, out, h_n, relu=cell == "RNN_RELU", lengths=lengths,
-                  allow_tf32=torch.backends.cudnn.allow_tf32)
-    return out, h_n
-
-
-def _kernel_backward(out, grad_out, grad_h_n, w_hh, *, cell, lengths, saved, h0, c0, grad_c_n, w_hr):
-    """The Triton BPTT with `torch_backend.recurrence_backward`'s contract."""
-    grad_pre = torch.empty_like(out) if lengths is None else torch.zeros_like(out)
-    grad_h0 = torch.empty_like(grad_h_n)
-    birnn_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, relu=cell == "RNN_RELU", lengths=lengths,
-                   allow_tf32=torch.backends.cudnn.allow_tf32)
-    return grad_pre, grad_h0
-
-
 def _layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], params: list[Tensor],
                    lengths: Optional[Tensor], backend: str) -> tuple[Tensor, ...]:
     """One layer of `cell`, all directions (the module docstring): `x [T, B, I]`, `h0 [D, B, P]`, `c0 [D, B, H]`
@@ -187,13 +159,15 @@ def _layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], param
     `(out, h_n, c_n, saved)`, GRU `(out, h_n, saved)`; `out [T, B, D*P]` is 0 at padded steps."""
     T, B, I = x.shape
     D = h0.shape[0]
-    backend = resolve_backend(backend, x.device, x.dtype, cell)
+    backend = resolve_backend(backend, x.device, x.dtype)
     w_ih, w_hh, bias, b_hn, w_hr = _parameters(cell, params, D, x.dtype, "w_ih", "w_hh", "bias", "b_hn", "w_hr")
     x2 = x.reshape(T * B, I)
     x_proj = (x2 @ w_ih.t() if bias is None else torch.addmm(bias, x2, w_ih.t())).view(T, B, w_ih.shape[0])
-    recurrence = _kernel_forward if backend == "triton" else torch_backend.recurrence_forward
-    return recurrence(x_proj, w_hh, h0.contiguous(), None if c0 is None else c0.contiguous(), w_hr, b_hn,
-                      cell=cell, lengths=lengths)
+    h0, c0 = h0.contiguous(), None if c0 is None else c0.contiguous()
+    if backend == "triton":
+        return kernel_forward.recurrence_forward(x_proj, w_hh, h0, c0, w_hr, b_hn, cell=cell, lengths=lengths,
+                                                 allow_tf32=torch.backends.cudnn.allow_tf32)
+    return torch_backend.recurrence_forward(x_proj, w_hh, h0, c0, w_hr, b_hn, cell=cell, lengths=lengths)
 
 
 def _layer_backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], x: Tensor,
@@ -206,10 +180,12 @@ def _layer_backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Opt
     after the recurrence's backward."""
     T, B, I = x.shape
     D, _, P = h0.shape
-    backend = resolve_backend(backend, x.device, x.dtype, cell)
+    backend = resolve_backend(backend, x.device, x.dtype)
     w_ih, w_hh, w_hr = _parameters(cell, params, D, x.dtype, "w_ih" if input_grad else "none", "w_hh", "w_hr")
     GH = w_hh.shape[1]
-    recurrence = _kernel_backward if backend == "triton" else torch_backend.recurrence_backward
+    recurrence = torch_backend.recurrence_backward
+    if backend == "triton":
+        recurrence = functools.partial(kernel_backward.recurrence_backward, allow_tf32=torch.backends.cudnn.allow_tf32)
     result = recurrence(_last_contiguous(out), _last_contiguous(grad_out), _last_contiguous(grad_h_n), w_hh,
                         cell=cell, lengths=lengths, saved=saved, h0=h0.contiguous(),
                         c0=None if c0 is None else c0.contiguous(),

@@ -49,8 +49,8 @@ from torch.utils import _pytree as pytree
 
 import fused_birnn
 
-# torch class -> ours. LSTM and GRU: add `torch.nn.LSTM: fused_birnn.LSTM` etc. once they exist.
-OURS = {torch.nn.RNN: fused_birnn.RNN}
+# torch class -> ours
+OURS = {torch.nn.RNN: fused_birnn.RNN, torch.nn.LSTM: fused_birnn.LSTM, torch.nn.GRU: fused_birnn.GRU}
 INFOS = [info for info in module_db if info.module_cls in OURS]
 assert len(INFOS) == len(OURS), "every class in OURS has a ModuleInfo in torch's module_db"
 

@@ -216,7 +216,7 @@ def to_torch(model: nn.Module, *, report: Literal[True]) -> tuple[nn.Module, Ski
 def to_torch(model: nn.Module, *, report: bool = False):
     r"""Replace every :class:`fused_birnn.RNN`, :class:`fused_birnn.LSTM` and :class:`fused_birnn.GRU` in
     ``model`` by a :class:`torch.nn.RNN`, :class:`torch.nn.LSTM` or :class:`torch.nn.GRU`, in place: the
-    inverse of :func:`convert`, e.g. before TorchScript (or an LSTM with ``proj_size`` before ONNX export).
+    inverse of :func:`convert`, e.g. before ``torch.jit.script``.
 
     Same walk, same rules and same return values as :func:`convert`: the exact types are swapped
     (subclasses are reported), train/eval mode is kept and the new module takes over the same

@@ -1,31 +1,40 @@
-"""One RNN layer (all its directions) as two PyTorch custom operators, and the backend dispatch.
+"""One layer (all its directions) of any cell as PyTorch custom operators, and the backend dispatch.
 
-`birnn_layer(x, h0, params, lengths, relu, backend)` runs a layer with D directions
-(D = 2 bidirectional); `params` are the layer's parameters as `nn.RNN` names them,
-`(w_ih, w_hh[, b_ih, b_hh]) * D`:
+`birnn_layer(cell, x, h0, c0, params, lengths, backend)` runs a layer of `cell` (nn.RNNBase's mode names:
+'RNN_TANH', 'RNN_RELU', 'LSTM', 'GRU') with D directions (D = 2 bidirectional) and G gates (1, 4, 3);
+`params` are the layer's parameters in nn's order, `(w_ih, w_hh[, b_ih, b_hh][, w_hr]) * D` (`w_hr`: an
+LSTM with `proj_size`, P its width, else P = H):
 
-    x_proj = x @ [W_ih_0; W_ih_1]^T + [b_ih_0 + b_hh_0; b_ih_1 + b_hh_1]     one GEMM, [T*B, D*H]
-    out, h_n = recurrence(x_proj, W_hh [D, H, H], h0 [D, B, H])             one launch, both directions
+    x_proj = x @ [W_ih_0; W_ih_1]^T + folded biases                         one GEMM, [T*B, D*G*H]
+    out, h_n[, c_n][, saved] = recurrence(x_proj, W_hh [D, G*H, P], h0, ...) one launch, both directions
 
-Its backward:
+(folded biases: b_ih + b_hh; for GRU b_ih + [b_hr, b_hz, 0], b_hn stays inside r * (...) and goes to the
+recurrence apart.) Its backward:
 
-    grad_pre, grad_h0 = recurrence backward(out, grad_out, grad_h_n, W_hh) one launch, both directions
+    grad_pre, grad_h0, ... = recurrence backward(out, grad_out, grad_h_n, W_hh, saved, ...)   one launch
     grad_x      = grad_pre @ W_ih_cat                                       one GEMM
     grad_W_ih   = grad_pre^T @ x                                            one GEMM
-    grad_W_hh_d = grad_pre_d[1:]^T @ out_d[:-1] + grad_pre_d[0]^T @ h0_d    (reverse: mirrored in time,
+    grad_W_hh_d = hid_d[1:]^T @ out_d[:-1] + hid_d[0]^T @ h0_d              (reverse: mirrored in time,
                                                                            h0 entering at each row's end)
-    grad_b      = grad_pre summed over (T, B)                               (b_ih and b_hh alike)
+    grad_b_ih   = grad_pre summed over (T, B);   grad_b_hh = hid summed
+    grad_W_hr   = from the recurrence (sum over steps of g^T (o * tanh c))
 
-Both are `torch.library.custom_op`s (`torch.ops.fused_birnn.rnn_layer`, `.rnn_layer_backward`), opaque
-to torch.compile (a model traces with no graph break; the compiled forward and backward graphs call
-them), with fake implementations for tracing. Eager mode calls the same two implementations through a
-plain autograd.Function, skipping the custom-op dispatcher's per-call Python cost. Being opaque
+where `hid`, the gradient of the hidden side's pre-activations, is `grad_pre` except for GRU's n block
+(the gradient of `W_hn h + b_hn`, returned by the recurrence as `grad_hn`).
+
+Each cell is one pair of `torch.library.custom_op`s (`torch.ops.fused_birnn.rnn_layer` / `lstm_layer` /
+`gru_layer` and their `*_backward`), thin typed entry points over the one implementation
+(`_layer_forward`, `_layer_backward`), opaque to torch.compile (a model traces with no graph break; the
+compiled forward and backward graphs call them), with fake implementations for tracing. A gated cell's
+op also returns `saved`, what its backward reads (torch_backend's module docstring), as a
+non-differentiable output. Eager mode calls the same implementations through a plain
+autograd.Function, skipping the custom-op dispatcher's per-call Python cost. Being opaque
 lets them decide per call, from the storage, whether the per-direction weights already lie back to back
-(`fused_birnn.RNN` keeps them in flat buffers): then `W_ih_cat`, `W_hh` and the biases are views, else a
+(the modules keep them in flat buffers): then `W_ih_cat`, `W_hh` and the biases are views, else a
 concatenation. (A `triton_op` would be traced instead: storage pointers cannot be read while tracing,
 and the PyTorch path's Python loop over time would be unrolled into the graph.) Weights of another
-dtype than `x` (the module casts only `x` and `hx` under autocast) are cast while packing, and their
-gradients cast back by the autograd formula.
+dtype than `x` (the module casts only `x` and the states under autocast) are cast while packing, and
+their gradients cast back by the autograd formula.
 
 The recurrence is the Triton kernels (`fused_birnn.kernels`) or the pure-PyTorch path
 (`fused_birnn.torch_backend`), chosen per call by `resolve_backend`; both honour the same buffers, so
@@ -151,6 +160,21 @@ def _parameters(cell: str, params: list[Tensor], num_directions: int, dtype: tor
     return found
 
 
+def _outside_autocast(fn):
+    """Run `fn` with autocast off for its inputs' device: the module has chosen the dtype the layer runs
+    in (`FusedRNNBase._autocast_dtype`: nn's own choice, which can be fp32 under autocast), and autocast
+    must not recast the layer's GEMMs to another."""
+    @functools.wraps(fn)
+    def run(cell, *args):
+        device = args[0].device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(cell, *args)
+        with torch.autocast(device, enabled=False):
+            return fn(cell, *args)
+    return run
+
+
+@_outside_autocast
 def _layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], params: list[Tensor],
                    lengths: Optional[Tensor], backend: str) -> tuple[Tensor, ...]:
     """One layer of `cell`, all directions (the module docstring): `x [T, B, I]`, `h0 [D, B, P]`, `c0 [D, B, H]`
@@ -170,6 +194,7 @@ def _layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], param
     return torch_backend.recurrence_forward(x_proj, w_hh, h0, c0, w_hr, b_hn, cell=cell, lengths=lengths)
 
 
+@_outside_autocast
 def _layer_backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], x: Tensor,
                     h0: Tensor, c0: Optional[Tensor], out: Tensor, saved: Optional[Tensor], params: list[Tensor],
                     lengths: Optional[Tensor], backend: str, input_grad: bool, weight_grads: bool) -> list[Tensor]:

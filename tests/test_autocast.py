@@ -10,6 +10,8 @@ from conftest import CPU_BACKENDS, assert_close
 import fused_birnn
 from fused_birnn import functional
 from fused_birnn.functional import INTERPRETER
+from fused_birnn.kernels import backward as kernel_backward
+from fused_birnn.kernels import forward as kernel_forward
 
 CFG = dict(input_size=3, hidden_size=6, num_layers=2, bidirectional=True)
 FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -67,8 +69,8 @@ def test_auto_backend_under_cpu_autocast(dtype, launches, monkeypatch):
             return launch(*args, **kwargs)
         return launch_and_count
 
-    for name in ("birnn_forward", "birnn_backward"):
-        monkeypatch.setattr(functional, name, counting(getattr(functional, name)))
+    for module, name in ((kernel_forward, "recurrence_forward"), (kernel_backward, "recurrence_backward")):
+        monkeypatch.setattr(module, name, counting(getattr(module, name)))
     auto = fused_birnn.RNN(**CFG, backend="auto")
     torch_path = fused_birnn.RNN(**CFG, backend="torch")
     torch_path.load_state_dict(auto.state_dict())

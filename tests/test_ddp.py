@@ -1,5 +1,6 @@
-"""fused_birnn.RNN under DistributedDataParallel (CPU, gloo, 2 spawned processes): DDP's broadcast of
-rank 0's weights, its averaged gradients and a few SGD steps match nn.RNN under DDP on the same data."""
+"""fused_birnn.RNN, LSTM and GRU under DistributedDataParallel (CPU, gloo, 2 spawned processes): DDP's
+broadcast of rank 0's weights, its averaged gradients and a few SGD steps match nn's class under DDP on
+the same data."""
 
 import os
 import socket
@@ -17,29 +18,36 @@ import fused_birnn
 
 WORLD_SIZE = 2
 TIMEOUT_S = 90  # the whole run takes a few seconds; this only bounds a hang
-# (name, constructor kwargs, training steps); every config is run by both modules in one spawn
+# (name, cell, constructor kwargs, training steps); every config is run by both modules in one spawn
 CONFIGS = [
-    ("uni", dict(input_size=3, hidden_size=5, num_layers=1), 1),
-    ("bi2", dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True), 3),
+    ("uni", "RNN", dict(input_size=3, hidden_size=5, num_layers=1), 1),
+    ("bi2", "RNN", dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, batch_first=True), 3),
+    ("lstm-proj", "LSTM", dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, proj_size=2), 2),
+    ("gru", "GRU", dict(input_size=3, hidden_size=4, num_layers=1, bidirectional=True), 2),
 ]
+CLASSES = {"RNN": (torch.nn.RNN, fused_birnn.RNN), "LSTM": (torch.nn.LSTM, fused_birnn.LSTM),
+           "GRU": (torch.nn.GRU, fused_birnn.GRU)}
 
 
 def batch(cfg, rank, step):
-    """Rank- and step-specific data: (x, h0, weight on the output)."""
+    """Rank- and step-specific data: (x, hx (LSTM: (h0, c0)), weight on the output)."""
     g = torch.Generator().manual_seed(1000 * step + rank)
     D = 2 if cfg.get("bidirectional") else 1
     T, B = 5, 3
+    P = cfg.get("proj_size") or cfg["hidden_size"]
     shape = (B, T) if cfg.get("batch_first") else (T, B)
     x = torch.randn(*shape, cfg["input_size"], generator=g, dtype=torch.float64)
-    h0 = torch.randn(D * cfg["num_layers"], B, cfg["hidden_size"], generator=g, dtype=torch.float64)
-    w = torch.randn(*shape, D * cfg["hidden_size"], generator=g, dtype=torch.float64)
-    return x, h0, w
+    hx = torch.randn(D * cfg["num_layers"], B, P, generator=g, dtype=torch.float64)
+    if "proj_size" in cfg:  # the LSTM configs
+        hx = (hx, torch.randn(D * cfg["num_layers"], B, cfg["hidden_size"], generator=g, dtype=torch.float64))
+    w = torch.randn(*shape, D * P, generator=g, dtype=torch.float64)
+    return x, hx, w
 
 
 def loss_of(module, cfg, rank, step):
-    x, h0, w = batch(cfg, rank, step)
-    out, h_n = module(x, h0)
-    return (out * w).sum() + h_n.square().sum()
+    x, hx, w = batch(cfg, rank, step)
+    out, h_n = module(x, hx)
+    return (out * w).sum() + sum(h.square().sum() for h in (h_n if isinstance(h_n, tuple) else (h_n,)))
 
 
 def _worker(rank, port, out_dir):
@@ -48,9 +56,10 @@ def _worker(rank, port, out_dir):
                             world_size=WORLD_SIZE, timeout=timedelta(seconds=TIMEOUT_S))
     try:
         results = {}
-        for name, cfg, steps in CONFIGS:
-            for kind, cls, extra in [("torch", torch.nn.RNN, {}), ("fused", fused_birnn.RNN, {"backend": "torch"}),
-                                     ("fused_bucket_view", fused_birnn.RNN, {"backend": "torch"})]:
+        for name, cell, cfg, steps in CONFIGS:
+            ref_cls, fused_cls = CLASSES[cell]
+            for kind, cls, extra in [("torch", ref_cls, {}), ("fused", fused_cls, {"backend": "torch"}),
+                                     ("fused_bucket_view", fused_cls, {"backend": "torch"})]:
                 torch.manual_seed(rank)  # different weights per rank: DDP must broadcast rank 0's
                 module = cls(**cfg, dtype=torch.float64, **extra)
                 ddp = DDP(module, gradient_as_bucket_view=kind == "fused_bucket_view")
@@ -76,9 +85,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def expected_first_grads(cfg, init):
+def expected_first_grads(cell, cfg, init):
     """DDP's gradient: the mean over ranks of each rank's local gradient, for rank 0's weights."""
-    module = torch.nn.RNN(**cfg, dtype=torch.float64)
+    module = CLASSES[cell][0](**cfg, dtype=torch.float64)
     module.load_state_dict(init)
     grads = []
     for rank in range(WORLD_SIZE):
@@ -102,13 +111,13 @@ def ddp_results(tmp_path_factory):
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD_SIZE)]
 
 
-@pytest.mark.parametrize("name, cfg, steps", CONFIGS, ids=[c[0] for c in CONFIGS])
-def test_ddp_matches_nn_rnn(ddp_results, name, cfg, steps):
+@pytest.mark.parametrize("name, cell, cfg, steps", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_ddp_matches_nn(ddp_results, name, cell, cfg, steps):
     rank0, rank1 = ddp_results
     ref = rank0[(name, "torch")]
     torch.manual_seed(0)  # rank 0's initial weights, as the workers drew them
-    init = torch.nn.RNN(**cfg, dtype=torch.float64).state_dict()
-    expected = expected_first_grads(cfg, init)
+    init = CLASSES[cell][0](**cfg, dtype=torch.float64).state_dict()
+    expected = expected_first_grads(cell, cfg, init)
     for kind in ("torch", "fused", "fused_bucket_view"):
         for rank, results in enumerate(ddp_results):
             record = results[(name, kind)]

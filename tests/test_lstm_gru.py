@@ -357,3 +357,70 @@ def test_cpu_auto_runs_atens_kernel_including_training_and_lengths(cell, monkeyp
     ours.backend = "torch"
     ours(x)
     assert len(layers) == 2
+
+
+# ------------------------------------------------------------------- autocast, long sequences, CUDA
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_cpu_bf16_autocast_like_nn(cell, backend):
+    """Under CPU bf16 autocast: nn's output dtypes (fp32 parameter gradients), and against float64 an
+    error no worse than twice nn's own plus a small floor."""
+    ours, ref = pair(cell, backend, dtype=torch.float32, input_size=3, hidden_size=6, num_layers=2,
+                     bidirectional=True)
+    ref64 = CLASSES[cell][1](3, 6, 2, bidirectional=True, dtype=torch.float64)
+    ref64.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 4, 3)
+
+    def run(model, x, autocast):
+        x = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = flat(model(x))
+        grads = torch.autograd.grad(sum(o.double().sum() for o in out), [x, *model.parameters()])
+        return out + list(grads)
+
+    got, theirs, exact = run(ours, x, True), run(ref, x, True), run(ref64, x.double(), False)
+    assert [t.dtype for t in got] == [t.dtype for t in theirs]
+    for i, (a, b, e) in enumerate(zip(got, theirs, exact, strict=True)):
+        scale = e.abs().max().item() + 1e-30
+        err_ours, err_theirs = [(t.double() - e).abs().max().item() / scale for t in (a, b)]
+        assert err_ours <= 2 * err_theirs + 1e-2, f"tensor {i}: ours {err_ours:.2e}, nn {err_theirs:.2e}"
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_sequence_past_cudnns_limit_on_the_pytorch_path(cell):
+    """T = 66,000 (cuDNN refuses T >= 65,536) forward and backward on the PyTorch path, checked at both
+    ends against short runs (contractive weights: the first steps forget the initial state)."""
+    m = CLASSES[cell][0](2, 3, 1, bidirectional=True, dtype=torch.float64, backend="torch")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith("weight_hh"):
+                p.mul_(0.3)
+    T = 66_000
+    x = torch.randn(T, 1, 2, dtype=torch.float64, requires_grad=True)
+    out, hx = m(x)
+    assert out.shape == (T, 1, 6) and torch.isfinite(out).all()
+    head, _ = m(x[:40].detach())
+    torch.testing.assert_close(out[:40, :, :3], head[:, :, :3])
+    tail, _ = m(x[-40:].detach())
+    torch.testing.assert_close(out[-40:, :, 3:], tail[:, :, 3:])
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("cell, packed, expected", [
+    ("LSTM", False, torch.bfloat16), ("LSTM", True, torch.float32), ("GRU", False, torch.float32),
+    ("GRU", True, torch.float32)], ids=["lstm-padded", "lstm-packed", "gru-padded", "gru-packed"])
+def test_cpu_autocast_dtype_follows_nn(cell, packed, expected):
+    """Where nn's class runs in autocast's dtype on a CPU and where it stays fp32 (torch 2.13): ours the
+    same, `lengths=` as packed."""
+    ours, ref = pair(cell, "torch", dtype=torch.float32, input_size=3, hidden_size=4, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    lengths = torch.tensor([5, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_out = ref(pack_padded_sequence(x, lengths) if packed else x)[0]
+        out = ours(x, lengths=lengths if packed else None)[0]
+        packed_out = ours(pack_padded_sequence(x, lengths))[0] if packed else None
+    ref_dtype = ref_out.data.dtype if packed else ref_out.dtype
+    assert ref_dtype == expected, "nn's autocast behaviour changed: update FusedRNNBase._autocast_dtype"
+    assert out.dtype == expected and (packed_out is None or packed_out.data.dtype == expected)

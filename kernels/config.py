@@ -62,7 +62,7 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 GATES = {None: 1, "RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 # gate accumulators (fp32) one thread may hold across the gate dots: G * block_b * block_n / (32 * warps);
 # the Elman plans reach 64 (16 x 256 at 4 warps, no spills measured); gated plans keep the same bound
-ACC_PER_THREAD_MAX = 64
+ACC_PER_THREAD_MAX = 32
 MAX_WARPS = 8
 
 
@@ -444,8 +444,16 @@ def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: Dev
             # unaligned H: masked, scalar state loads; beyond K = 256 they spilled (fp16 H=300 on sm_86)
             if (not fma and max(block_k_full, block_kh if proj_size else 0) <= MAX_SPLIT_K and a_elems <= 16384
                     and block_n <= 128 and (aligned or block_k_full <= (64 if dtype == torch.float32 else 256))):
-                warps = 8 if a_elems >= 8192 or gates * block_n * block_k_full >= 16384 else 4  # 16 x 128 x 256: spilled
+                warps = 8 if a_elems >= 8192 or block_n * block_k_full >= 16384 else 4  # 16 x 128 x 256: spilled
+                if gates > 1 and (itemsize == 4 or not aligned or proj_size):
+                    # gated fp32 (TF32) 16 x 16 x 128 (254 registers, spilled on sm_90), the projected
+                    # LSTM at H=50/P=20 (255) at 4 warps
+                    warps = 8
                 warps = gate_warps(block_b, block_n, gates, warps)
+                if gates > 1 and a_elems > 8192:  # 16 x 1024 with four gates spilled inside the loop (sm_90)
+                    warps = None
+                if gates > 1 and itemsize == 4 and gates * block_k_full > 384:
+                    warps = None  # TF32 LSTM 16 x 16 x 128: 255 registers and spills at 4 and 8 warps (sm_90)
                 proj_elems = block_p * block_kh if proj_size else 0
                 shared = onchip_shared_bytes(block_b, block_n, itemsize, 1, False, block_k_full, gates, proj_elems)
                 if warps is not None and shared <= limits.shared_per_block:
@@ -455,16 +463,19 @@ def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: Dev
             # the backward holds chunk k and k + 1 of W in registers: 64 x 64 chunks spilled, 64 x 32 did not;
             # at unaligned H (masked scalar loads) 16 x 64 tiles spilled, 16 x 32 did not
             block_k = _stream_block_k(dtype, fma, aligned)
-            while gates > 1 and block_k > MIN_DOT and gates * block_k * block_n > 2048:
-                block_k //= 2
+            while gates > 1 and block_k > MIN_DOT and gates * block_k * block_n * itemsize > 4096:
+                block_k //= 2  # the G chunks (and their prefetch) the size of one 16-bit Elman chunk
             tile_ok = ((block_n == MIN_DOT and block_b == MIN_DOT) if fma
                        else gates * block_b * block_n <= 1024 * max(1, gates // 2)
                        and gates * block_k * block_n <= 2048 and (aligned or block_n <= 32))
             if tile_ok:
                 shared = streamed_shared_bytes(block_b, block_n, block_k, itemsize, gates=gates)
+                # gated TF32: at 4 warps values kept across the time loop went to the stack (sm_80); exact
+                # fp32 (FMA) spilled at 8 warps and not at 4
+                warps = 8 if gates > 1 and itemsize == 4 and not fma else 4
                 if shared <= limits.shared_per_block:
-                    plans.append((RecurrenceConfig(block_b, block_n, False, 4, 1, split=S, block_k=block_k),
-                                  shared, 4))
+                    plans.append((RecurrenceConfig(block_b, block_n, False, warps, 1, split=S, block_k=block_k),
+                                  shared, warps))
             for cfg, shared, warps in plans:
                 capacity = programs_per_sm(limits, shared, warps) * limits.sm_count
                 resident = S * tiles * 2 <= int(RESIDENT_FRACTION * capacity)

@@ -1,67 +1,111 @@
-"""Forward recurrence of a bidirectional Elman RNN layer: both directions in one launch, each
-recurrence split across SPLIT cooperating programs.
+"""Forward recurrence of one bidirectional RNN layer for every cell (Elman tanh/ReLU, LSTM with an
+optional projection, GRU): both directions in one launch, each recurrence split across SPLIT cooperating
+programs. One kernel skeleton (`birnn_fwd_kernel`); the cell is the constexpr CELL (0 Elman, 1 LSTM,
+2 GRU) with GATES = G gate blocks per hidden unit (1, 4, 3) and its pointwise math in kernels/cell.py.
 
-Per layer the input projection of both directions is one GEMM done by the caller,
-`x_proj = x @ [W_ih_fwd; W_ih_rev]^T + (b_ih + b_hh)`, laid out `[T, B, D*H]`. This kernel runs the
-sequential part,
+Per layer the input projection of all directions and gates is one GEMM done by the caller,
+`x_proj = x @ [W_ih_0; W_ih_1]^T + biases`, laid out `[T, B, D*G*H]` (direction d, gate k, unit j at
+column d*G*H + k*H + j; gate order nn's: i, f, g, o / r, z, n). This kernel runs the sequential part:
 
-    h_t = act(x_proj[t, :, d*H:(d+1)*H] + h_{t-1} @ W_hh[d]^T)
+    Elman  h_t = act(x_t + h_{t-1} @ W_hh^T)
+    LSTM   [i, f, g, o] = [sig, sig, tanh, sig](x_t + h_{t-1} @ W_hh^T);  c_t = f*c_{t-1} + i*g
+           m_t = o * tanh(c_t);  h_t = m_t, or m_t @ W_hr^T with a projection (proj_size P)
+    GRU    [r, z] = sig(x_{r,z} + h_{t-1} @ W_h{r,z}^T);  hn = h_{t-1} @ W_hn^T + b_hn
+           n = tanh(x_n + r * hn);  h_t = n + z * (h_{t-1} - n)
 
-for every direction `d` at once. Direction 0 walks t = 0 .. T-1 from `h0[0]`; direction 1 walks
-t = T-1 .. 0 from `h0[1]`, writing its state of time t back at time t (the "flip back" costs nothing).
-Both write into one `[T, B, D*H]` output, forward into `[..., :H]`, reverse into `[..., H:]`. A
-unidirectional layer is the same launch with D = 1. With per-row lengths (PackedSequence) each row stops
-at its own length and its reverse direction starts at its own last valid step (kernels/indexing.py); a
-group runs only as many steps as its longest row.
+for every direction d at once. Direction 0 walks t = 0 .. T-1 from h0[0]; direction 1 walks t = T-1 .. 0
+from h0[1], writing its state of time t back at time t. Both write one `[T, B, D*P]` output (P = the
+state width: proj_size for a projected LSTM, else H). With per-row lengths (PackedSequence) each row
+stops at its own length and its reverse direction starts at its own last valid step (kernels/indexing.py);
+a group runs only as many steps as its longest row.
 
-The split (one skeleton for every SPLIT): a group is (direction, batch tile of BLOCK_B rows). Its H hidden
-units are divided among SPLIT programs, program p owning units [p*U, p*U + U) (U = cdiv(H, SPLIT),
-padded to BLOCK_N). Per step, program p
+The split (one skeleton for every SPLIT): a group is (direction, batch tile of BLOCK_B rows). Program p of
+a group owns
 
-    1. takes the group's whole previous state h_{t-1} [BLOCK_B, H] (SPLIT = 1, persistent: its own
-       registers; else: the exchange buffer `xch[s % 2]`, read with `exchange.load_exchanged`),
-    2. multiplies it by its slice of W_hh^T: on chip (`W_ON_CHIP`, the slice [H, U] padded to
-       [BLOCK_K, BLOCK_N] loaded once before the time loop), or streamed from L2 in BLOCK_K chunks,
-    3. adds x_proj, applies the cell (`cell.cell_forward`), writes `out[t]` for its units,
-    4. publishes its slice to `xch[(s + 1) % 2]` and meets the other SPLIT - 1 programs of its group at
-       the barrier (`sync.group_barrier`, `BARRIER=True`), or the launch ends there (`BARRIER=False`,
-       one launch per step: kernels/launch.py).
+* hidden units [p*U, p*U + U) (U = cdiv(H, SPLIT), padded to BLOCK_N): all G gates of them, their cell
+  state c (LSTM: it never leaves the program's registers in the persistent kernel) and m = o*tanh(c);
+* state units [p*UP, p*UP + UP) of h (padded to BLOCK_P): with a projection UP = cdiv(P, SPLIT), else
+  the same units as above (UP = U).
 
-The ping-pong halves of `xch` make one barrier per step enough: step s + 1 writes the half that step s
-did not read. SPLIT = 1 with `BARRIER=True` is the one-program-per-group on-chip kernel: no exchange, no
-barrier. Groups never wait for each other. The fusion of the directions is legal because they share no
-state: only the read-only input projection, and disjoint halves of the output.
+Per step, program p
+
+    1. takes the group's whole previous state h_{t-1} [BLOCK_B, P] (SPLIT = 1, persistent, on chip: its
+       own registers; else the exchange buffer `xch[s % 2]`, read with `exchange.load_exchanged`),
+    2. multiplies it by its slice of each gate's W_hh^T (G independent dots, K = P): on chip (`W_ON_CHIP`,
+       the G slices [P, U] padded to [BLOCK_K, BLOCK_N] loaded once before the time loop), or streamed
+       from L2 in BLOCK_K chunks (`_gate_dots_streamed`, chunk k + 1 prefetched by hand),
+    3. adds x_proj's gate columns, applies the cell (`cell.cell_forward`, `lstm_cell_forward`,
+       `gru_cell_forward`) and writes `saved` (gated cells) for its units,
+    4. with a projection (the projection mixes all hidden units): publishes m to `mxch`, meets the group
+       (barrier 1), reads the whole m [BLOCK_B, H] and computes its state units of h = m @ W_hr^T (one
+       dot, K = H: W_hr's rows on chip as [BLOCK_KH, BLOCK_P], or streamed in BLOCK_KH chunks). With
+       SPLIT = 1 on chip m is already in the program's registers: a second dot, no exchange;
+    5. writes `out[t]` for its state units, publishes them to `xch[(s + 1) % 2]` and meets the other
+       SPLIT - 1 programs of its group at the barrier (`sync.group_barrier`, `BARRIER=True`), or the
+       launch ends there (`BARRIER=False`, one launch per step, kernels/launch.py; with a projection one
+       launch per phase: PHASE=1 runs 1-4 up to publishing m, PHASE=2 the projection and 5).
+
+The ping-pong halves of `xch` make one barrier per exchange enough: step s + 1 writes the half that step s
+did not read; `mxch` is written after the previous step's last barrier and read before the next.
+SPLIT = 1 with `BARRIER=True` and W on chip is the one-program-per-group kernel: no exchange, no barrier
+(a streamed SPLIT = 1 program exchanges through global memory within itself: `tl.debug_barrier` orders
+its threads). Groups never wait for each other. The fusion of the directions is legal because they share
+no state: only the read-only input projection, and disjoint halves of every output.
+
+In the launch-per-step mode a launch restarts from memory: h from `xch`, the LSTM's c from `saved` of
+the previous step (c0 at step 0). So between launches c (and the GRU's h of the program's own units)
+is carried in the input dtype, as torch_backend carries it, while the persistent kernel keeps them in
+fp32: for fp32/fp64 every SPLIT is bitwise equal on the CPU, for fp16 within tolerance.
 
 Failure (only `BARRIER=True`, SPLIT > 1): a wait past `max_spins` polls aborts the group (kernels/sync.py):
-every program of it then writes NaN to `out` for all its remaining steps and to `h_n`, and sets the error
-flag `err`; kernels/launch.py raises the RuntimeError at the next recurrence launch on the device (no
-host sync on the fast path) or at `check_errors()`.
+every program of it then writes NaN to `out` for all its remaining steps and to `h_n` / `c_n`, and sets
+the error flag `err`; kernels/launch.py raises the RuntimeError at the next recurrence launch on the
+device (no host sync on the fast path) or at `check_errors()`.
 
-Buffers (last dimension contiguous; other strides are arguments; index math in int64):
-    x_proj  [T, B, D*H]       input projection with both biases folded in (input dtype)
-    w       on chip: [D, SPLIT, BLOCK_N, BLOCK_K] zero-padded row slices of W_hh (`launch.slices`);
-            streamed: W_hh [D, H, stride_w >= H] (rows padded to a multiple of 16 elements where H is
-            not, `launch.row_padded`: aligned, vectorised chunk loads). W_hh[d][j, k] is unit j's weight
-            on previous unit k.
-    h0      [D, B, H]          initial states
-    out     [T, B, D*H]        all states, written
-    h_n     [D, B, H]          final state of each direction (direction 1's is its state at t = 0)
-    lengths [B]                optional valid length of each row; None means T for all
-    xch     [2, D, B, H]       exchange buffer (input dtype: the state is rounded to it for the dot
-                               anyway); the launcher writes h0 into xch[0]
-    sync    [D * n_tiles]      int32 barrier counters, zeroed by the launcher
-    err     [1]                int32 error flag (kernels/launch.py)
+Buffers (last dimension contiguous; other strides are arguments; index math in int64; G, H, P as above):
+    x_proj  [T, B, D*G*H]     input projection, foldable biases in (Elman/LSTM b_ih + b_hh; GRU b_ih +
+                              [b_hr, b_hz, 0]); input dtype
+    w       on chip: [D, SPLIT, G, BLOCK_N, BLOCK_K] zero-padded row slices of each gate of W_hh
+            (`launch.gate_slices`); streamed: W_hh [D, G*H, stride_w >= P] (rows padded to a multiple of
+            16 elements where P is not, `launch.row_padded`). W_hh[d][k*H + j, q]: gate k of unit j on
+            state unit q (nn's weight_hh layout).
+    w_hr    LSTM with a projection: on chip [D, SPLIT, BLOCK_P, BLOCK_KH] row slices of W_hr [D, P, H];
+            streamed: W_hr [D, P, stride_wr >= H]
+    b_hn    [D, H]            GRU: b_hn (zeros without biases)
+    h0      [D, B, P]         initial states (copied into xch[0] by the launcher)
+    c0, c_n [D, B, H]         LSTM: initial / final cell state (contiguous)
+    out     [T, B, D*P]       all states, written at each row's valid steps only
+    h_n     [D, B, P]         final state of each direction (direction 1's is its state at t = 0)
+    saved   [T, D*B*S*H]      gated cells, torch_backend's layout (row s = processing step s: time s
+                              for direction 0, T-1-s for direction 1): LSTM [T, D, B, 4, H] activated
+                              gates i, f, g, o then [T, D, B, H] c_s (S = 5); GRU [T, D, B, 3, H] r, z,
+                              W_hn h + b_hn then [T, D, B, H] n (S = 4). The LSTM's c part holds the kept
+                              c at a row's inactive steps (also where the whole tile is past its end or
+                              before its reverse start); gate parts there are unspecified.
+    lengths [B]               optional valid length of each row; None means T for all
+    xch     [2, D, B, P]      exchange buffer of h (input dtype: rounded to it for the dot anyway)
+    mxch    [D, B, H]         exchange buffer of m (projection, unless one program on chip)
+    sync    [D * n_tiles]     int32 barrier counters, zeroed by the launcher
+    err     [1]               int32 error flag (kernels/launch.py)
 
 Grid: (SPLIT, cdiv(B, BLOCK_B), D). Steps run are [s_begin, min(s_end, n_steps)): all of them in a
 persistent launch, one per launch otherwise. T is a runtime argument (not specialised). Accumulation is
 fp32 (fp64 for fp64 inputs); `tl.dot` takes the input dtype, TF32 for fp32 only when asked (cuDNN's
-switch). Each program reduces over K in the same order whatever SPLIT is, so on the CPU the outputs are
-bitwise equal for every SPLIT (tests/test_split.py).
+switch). Each program reduces over K in the same order whatever SPLIT is.
 
-Verified: parity with nn.RNN and float64 references under TRITON_INTERPRET=1 with SPLIT forced to 1, 2
-and 3 (tests/test_split.py, tests/test_kernels.py, tests/test_parity.py, tests/test_packed.py); the
-barrier protocol with programs running as threads (tests/test_split.py); compiled for sm_80/86/89/90
-with shared memory, spill, tensor-core and release/acquire/L1-bypass checks (tests/test_compile.py).
+Launchers: `birnn_forward` (Elman into given buffers, the original signature) and `recurrence_forward`
+(every cell, `fused_birnn.torch_backend.recurrence_forward`'s contract: same arguments and return tuple,
+it allocates out/h_n/c_n/saved), both through `_forward`; plans from `config.select_config(H, B, dtype,
+allow_tf32, limits, split, cell, proj_size)`, which the backward must be given the same way.
+
+Verified: Elman parity with nn.RNN and float64 references under TRITON_INTERPRET=1 with SPLIT forced to
+1, 2 and 3 (tests/test_split.py, tests/test_kernels.py, tests/test_parity.py, tests/test_packed.py); the
+gated cells against fused_birnn.reference (float64) and torch_backend (out, h_n, c_n, saved) with SPLIT
+1, 2, 3, on-chip and streamed, lengths, odd sizes, guard regions (tests/test_kernels_gated.py); the
+barrier protocol with programs running as threads, the projection's two barriers included
+(tests/test_split.py, tests/test_kernels_gated.py); compiled for sm_80/86/89/90 with shared memory,
+spill, tensor-core and release/acquire/L1-bypass checks, Elman and the gated forward at the surveyed
+workloads' shapes (tests/test_compile.py). Not run on a GPU yet: no timing or GPU parity exists.
 """
 
 from __future__ import annotations
@@ -316,7 +360,8 @@ def birnn_fwd_kernel(
             tl.store(c_n_ptr + state_rows, c_own.to(c_n_ptr.dtype.element_ty), mask=mask_bn)
             # saved c of the steps where the whole tile is inactive, as torch_backend keeps it: after the
             # longest row (direction 0: the final c) or before it (direction 1: c0)
-            c_fill = tl.where(direction == 0, c_own, c_init).to(saved_ptr.dtype.element_ty)
+            c_first = tl.load(c0_ptr + state_rows, mask=mask_bn, other=0.0).to(ACC_DTYPE)  # (not kept live)
+            c_fill = tl.where(direction == 0, c_own, c_first).to(saved_ptr.dtype.element_ty)
             for r in range(0, T - n_steps):
                 tl.store(sv_state + (r + (1 - direction) * n_steps) * stride_st, c_fill, mask=mask_bn)
 

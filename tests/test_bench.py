@@ -15,7 +15,7 @@ import torch
 import fused_birnn
 from fused_birnn.bench import Config, Options, get_suite, run_suite, scaled_error
 from fused_birnn.bench.parity import wrap_packed
-from fused_birnn.bench.suites import ALL, SUITES
+from fused_birnn.bench.suites import ALL, LSTM_GRU_SUITES, RNN_SUITES, SUITES
 from fused_birnn.functional import INTERPRETER
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,7 +69,7 @@ def test_command_writes_json_markdown_png(tmp_path):
             lo, hi = e["ratio_ci95"]
             assert lo <= e["ratio"] <= hi
             assert e["converged"] == (max(e["ratio"] - lo, hi - e["ratio"]) / e["ratio"] <= 0.05 + 1e-9)
-            assert e["stop"] in ("converged", "max_runs", "max_time") and 3 <= e["rounds"] <= 10
+            assert e["stop"] in ("converged", "max_runs", "max_time") and 4 <= e["rounds"] <= 10
             if not e["converged"]:
                 flagged.append(f"{r['label']} {'forward' if mode == 'fwd' else 'forward+backward'}")
                 assert r["label"] in proc.stdout.split("did not converge")[1]
@@ -284,23 +284,24 @@ def test_stop_rule_steady_ratio_stops_at_the_first_check():
 
 
 def test_stop_rule_noise_that_never_settles_hits_the_round_cap_and_is_flagged():
-    res = _compare(_forever(0.005, 0.020), _forever(0.010), max_runs=40)
+    # ABBA blocks (rounds 2k, 2k+1) of ref take 0.01 s and 0.04 s in turn against ours' 0.02 s
+    res = _compare(_forever(0.005, 0.005, 0.020, 0.020), _forever(0.010), max_runs=40)
     r = res["ratio"]
     assert r["stop"] == "max_runs" and not r["converged"] and r["rounds"] == 40
-    assert r["ratio"] == pytest.approx(1.25)  # median of twenty 0.5s and twenty 2.0s
+    assert r["ratio"] == pytest.approx(1.25)  # median of ten 0.5s and ten 2.0s
     lo, hi = r["ci95"]
     assert lo < 1.25 * 0.95 or hi > 1.25 * 1.05
     assert r["rel_halfwidth"] > 0.05
 
 
 def test_stop_rule_time_cap():
-    # a round takes 1.5 s or 3 s of fake time: 1.5, 4.5, 6, 9, 10.5 -> five rounds reach 10 s
-    res = _compare(_forever(0.5, 2.0), _forever(1.0), max_time_s=10.0)
+    # a round takes 1.5, 1.5, 3, 3 s of fake time: 1.5, 3, 6, 9, 10.5 -> five rounds reach 10 s
+    res = _compare(_forever(0.5, 0.5, 2.0, 2.0), _forever(1.0), max_time_s=10.0)
     assert res["ratio"]["stop"] == "max_time" and res["ratio"]["rounds"] == 5 and not res["ratio"]["converged"]
 
 
 def test_stop_rule_waits_for_minimum_time_and_converges_once_noise_stops():
-    noisy_then_calm = lambda: iter([0.005, 0.020] * 15 + [0.010] * 10_000)  # noqa: E731
+    noisy_then_calm = lambda: iter([0.005, 0.005, 0.020, 0.020] * 8 + [0.010] * 10_000)  # noqa: E731
     res = _compare(noisy_then_calm(), _forever(0.010), max_runs=10_000)
     r = res["ratio"]
     assert r["stop"] == "converged" and r["converged"] and 30 < r["rounds"] < 10_000
@@ -309,6 +310,38 @@ def test_stop_rule_waits_for_minimum_time_and_converges_once_noise_stops():
     # a minimum time: steady from the start, but the rule keeps going until 3 s of fake time have passed
     slow = _compare(_forever(0.2), _forever(0.1), min_time_s=3.0)
     assert slow["ratio"]["rounds"] == 10 and slow["ratio"]["converged"]
+
+
+def test_candidates_alternate_in_abba_order_and_a_place_in_the_round_cancels():
+    """Two identical callables, but whichever runs first in a round takes 10% longer (warm-up, caches):
+    in a fixed order that read as a 10% difference; the order flips every round and the ratio is taken
+    over ABBA blocks, so it reads 1.0 exactly."""
+    from fused_birnn.bench.timing import StopRule, abba_blocks, cpu_compare_ms
+
+    clock, calls = _FakeClock(), []
+
+    def candidate(name):
+        def run():
+            clock.now += 0.011 if len(calls) % 2 == 0 else 0.010  # first of the round: slower
+            calls.append(name)
+        return run
+
+    res = cpu_compare_ms({"ours": candidate("ours"), "ref": candidate("ref")}, warmup=2, clock=clock,
+                         rule=StopRule(min_runs=6, max_runs=6, min_time_s=0.0, check_every=1))
+    assert calls[:8] == ["ours", "ref", "ref", "ours", "ours", "ref", "ref", "ours"]  # warm-up too
+    r = res["ratio"]
+    assert r["ratio"] == pytest.approx(1.0) and r["ci95"] == pytest.approx([1.0, 1.0]) and r["converged"]
+    assert abba_blocks([1.0, 2.0, 3.0, 4.0, 5.0], [1.0] * 5) == ([3.0, 7.0], [2.0, 2.0])  # last round unpaired
+    assert abba_blocks([1.0], [2.0]) == ([1.0], [2.0])
+
+
+def test_each_candidate_gets_the_same_inputs_in_a_round():
+    from fused_birnn.bench.timing import Rotating
+
+    inputs = Rotating(Config(1, 3, 4, 2, 3), "cpu")
+    a, b = inputs.cursor(), inputs.cursor()
+    seq = [(a.next()[0], b.next()[0]) for _ in range(4)]
+    assert all(x is y for x, y in seq) and seq[0][0] is not seq[1][0] and seq[3][0] is seq[0][0]
 
 
 def test_stop_rule_without_a_pair_stops_at_the_minimum():
@@ -334,7 +367,7 @@ def _one_config_run(tmp_path, monkeypatch, bound):
     from fused_birnn.bench import runner
     from fused_birnn.bench.timing import StopRule
 
-    monkeypatch.setattr(runner, "CPU_QUICK_RULE", StopRule(bound=bound, min_runs=3, max_runs=4, min_time_s=0.0,
+    monkeypatch.setattr(runner, "CPU_QUICK_RULE", StopRule(bound=bound, min_runs=4, max_runs=6, min_time_s=0.0,
                                                            max_time_s=5.0, check_every=1))
     return run_suite("tiny", tmp_path, Options(**QUIET), configs=[Config(1, 3, 4, 2, 3)])
 
@@ -343,7 +376,7 @@ def test_unconverged_ratios_are_flagged_in_json_markdown_and_plot(tmp_path, monk
     payload = _one_config_run(tmp_path, monkeypatch, bound=-1.0)  # no interval is ever narrow enough
     saved = json.loads((tmp_path / "tiny_quick.json").read_text())
     assert saved["not_converged"] == ["L1 I3 H4 B2 T3 fp32 forward", "L1 I3 H4 B2 T3 fp32 forward+backward"]
-    assert saved["results"][0]["fwd"]["converged"] is False and saved["results"][0]["fwd"]["rounds"] == 4
+    assert saved["results"][0]["fwd"]["converged"] is False and saved["results"][0]["fwd"]["rounds"] == 6
     assert any("did not converge" in n for n in saved["results"][0]["notes"])
     md = (tmp_path / "tiny_quick.md").read_text()
     assert "Did not converge" in md and "]*" in md
@@ -354,7 +387,7 @@ def test_unconverged_ratios_are_flagged_in_json_markdown_and_plot(tmp_path, monk
 
     payload = _one_config_run(tmp_path, monkeypatch, bound=1e9)  # any interval will do
     assert payload["not_converged"] == [] and payload["results"][0]["fwd"]["converged"]
-    assert payload["results"][0]["fwd"]["rounds"] == 3
+    assert payload["results"][0]["fwd"]["rounds"] == 4  # the first check: two ABBA blocks
     assert "Did not converge" not in (tmp_path / "tiny_quick.md").read_text()
 
 
@@ -478,3 +511,165 @@ def test_speedup_plot_values_legend_and_warning():
     quiet = report.speedup_figure(_synthetic_payload(busy_pct=1.0) | {"not_converged": []})
     assert not any("WARNING" in t.get_text() or "converge" in t.get_text() for t in quiet.axes[0].texts)
     plt.close(quiet)
+
+
+# ------------------------------------------------------------------------------------ LSTM and GRU (issue 9)
+# The workloads' shapes (shared/research/lstm-gru.md section 3): (cell, layers, I, H, proj_size, B, T, packed)
+LSTM_GRU_GPU = {
+    "pyannote": [("LSTM", 4, 60, 128, 0, 32, 589, False)],
+    "tacotron2": [("LSTM", 1, 512, 256, 0, 64, 150, True)],
+    "openunmix": [("LSTM", 3, 512, 256, 0, 16, 259, False)],
+    "espnet": [("LSTM", 1, 80, 320, 0, 30, 800, True), ("LSTM", 1, 320, 320, 0, 30, 400, True),
+               ("LSTM", 1, 320, 320, 0, 30, 200, True)],
+    "deepspeech": [("LSTM", 5, 1312, 1024, 0, 32, 300, False)],
+    "deepspeech2": [("GRU", 5, 1312, 1024, 0, 32, 300, False)],
+    "nemo": [("LSTM", 8, 640, 2048, 320, 16, 418, False)],
+}
+
+
+def _shape(c: Config) -> tuple:
+    return (c.cell, c.num_layers, c.input_size, c.hidden_size, c.proj_size, c.batch, c.seq_len, c.packed)
+
+
+def test_lstm_gru_suites_have_the_workloads_shapes():
+    from fused_birnn.bench.cli import expand_suites
+
+    assert set(LSTM_GRU_SUITES) == set(LSTM_GRU_GPU) and set(ALL) == set(RNN_SUITES) | set(LSTM_GRU_SUITES)
+    for name, want in LSTM_GRU_GPU.items():
+        gpu = get_suite(name, "cuda")
+        assert sorted({_shape(c) for c in gpu}) == sorted(want), name
+        assert {c.dtype for c in gpu} == {"fp32", "fp16", "bf16"} and len(gpu) == 3 * len(want)
+        cpu, quick = get_suite(name, "cpu"), get_suite(name, "cpu", quick=True)
+        assert {c.dtype for c in cpu} == {"fp32"} and 1 <= len(quick) <= len(cpu) <= len(want)
+        big = max(c.forward_flops() for c in gpu)
+        for c in cpu + quick + get_suite(name, "cuda", quick=True):  # same structure, smaller
+            assert (c.cell, c.num_layers, c.packed, c.batch_first, bool(c.proj_size)) == \
+                (gpu[0].cell, gpu[0].num_layers, gpu[0].packed, gpu[0].batch_first, bool(gpu[0].proj_size))
+            assert c.forward_flops() < big or c in gpu
+    assert expand_suites(["lstm-gru", "nemo", "seed"]) == [*LSTM_GRU_SUITES, "seed"]
+    assert expand_suites(["all"]) == list(ALL) and expand_suites(["rnn"]) == list(RNN_SUITES)
+    with pytest.raises(ValueError, match="nosuch"):
+        expand_suites(["seed", "nosuch"])
+
+
+def test_forward_flops_count_every_weight_matrix():
+    """One multiply-add per weight-matrix entry, batch row and step: forward FLOPs = 2*T*B*(entries of every
+    weight matrix), whatever the cell, projection and layer count (counted on nn's own modules)."""
+    from fused_birnn.bench.parity import make_reference
+
+    cases = [Config(3, 5, 7, 2, 4), Config(2, 5, 8, 3, 4, cell="LSTM", proj_size=3), Config(2, 1, 6, 2, 3, cell="GRU")]
+    cases += [c for name in LSTM_GRU_SUITES for c in get_suite(name, "cuda", dtypes=("fp32",))]
+    for c in cases:
+        m = make_reference(c, "meta")
+        entries = sum(p.numel() for n, p in m.named_parameters() if n.split(".")[-1].startswith("weight"))
+        assert c.forward_flops() == 2 * c.seq_len * c.batch * entries, c.label
+
+
+def test_config_rejects_what_the_cells_do_not_have():
+    with pytest.raises(ValueError, match="proj_size"):
+        Config(1, 3, 4, 2, 3, cell="GRU", proj_size=2)
+    with pytest.raises(ValueError, match="proj_size"):
+        Config(1, 3, 4, 2, 3, cell="LSTM", proj_size=4)  # must be < hidden_size, as in nn.LSTM
+    with pytest.raises(ValueError, match="cell"):
+        Config(1, 3, 4, 2, 3, cell="Mamba")
+    with pytest.raises(ValueError, match="nonlinearity"):
+        Config(1, 3, 4, 2, 3, cell="GRU", nonlinearity="relu")
+    lstm = Config(2, 3, 5, 2, 3, cell="LSTM", proj_size=3)
+    assert lstm.label == "LSTM L2 I3 H5 P3 B2 T3 fp32" and Config(2, 3, 4, 2, 3).label == "L2 I3 H4 B2 T3 fp32"
+    assert Config(**lstm.to_dict()) == lstm  # the JSON round trip the compile step relies on
+
+
+LSTM_GRU_TINY = [
+    Config(2, 3, 5, 2, 3, batch_first=True, cell="LSTM", proj_size=3),
+    Config(1, 1, 7, 5, 1, packed=True, cell="LSTM"),  # I=1, T=1, odd H and B, packed
+    Config(2, 3, 4, 3, 4, packed=True, cell="GRU"),
+]
+
+
+def test_lstm_and_gru_are_parity_gated_and_timed(tmp_path):
+    """fused_birnn.LSTM / GRU against nn.LSTM / GRU: every state (h_n, c_n) and every gradient (input, h0,
+    c0, each parameter, weight_hr with a projection) is compared before timing; files and text name the
+    reference."""
+    from fused_birnn.bench import report
+    from fused_birnn.bench.parity import make_reference
+
+    payload = run_suite("tiny", tmp_path, Options(**QUIET, plots=False), configs=LSTM_GRU_TINY)
+    assert payload["reference"] == "torch.nn"  # mixed cells
+    for r, cfg in zip(payload["results"], LSTM_GRU_TINY):
+        assert r["status"] == "ok", r["status_text"]
+        p = r["parity"]["ours"]
+        assert p["backend"] == "auto" and p["reference"] == f"nn.{cfg.cell}"
+        states = ["h", "c"] if cfg.cell == "LSTM" else ["h"]
+        assert set(p["tensors"]["fwd"]) == {"output"} | {f"{s}_n" for s in states}
+        params = {f"grad_{n}" for n, _ in make_reference(cfg, "cpu").named_parameters()}
+        assert set(p["tensors"]["fwd+bwd"]) == ({"output", "grad_input"} | {f"{s}_n" for s in states}
+                                                | {f"grad_{s}0" for s in states} | params)
+        assert any("weight_hr" in n for n in params) == bool(cfg.proj_size)
+        assert r["parity"]["torch"]["fwd_ok"] and r["parity"]["torch"]["bwd_ok"]
+        if INTERPRETER:  # the gated kernels, interpreted, passed the same gate
+            assert r["parity"]["triton"]["fwd_ok"] and r["parity"]["triton"]["bwd_ok"]
+        for mode in ("fwd", "fwd_bwd"):
+            assert r[mode]["ours_ms"] > 0 and r[mode]["ref_ms"] > 0 and r[mode]["ratio"] > 0
+    assert "# fused_birnn vs torch.nn.RNN/LSTM/GRU: suite `tiny`" in (tmp_path / "tiny_quick.md").read_text()
+    lstm_only = dict(payload, reference="nn.LSTM", results=payload["results"][:2])
+    md = report.markdown_report(lstm_only)
+    assert "# fused_birnn vs torch.nn.LSTM" in md and "ratio = nn.LSTM time / ours" in md
+    assert "CPU fwd nn.LSTM ms" in md and "c_n" in md
+
+
+class _WrongCellState(fused_birnn.LSTM):
+    """Right output and h_n, c_n 1% off: only the cell state can tell."""
+
+    def forward(self, input, hx=None, lengths=None):
+        out, (h_n, c_n) = super().forward(input, hx, lengths)
+        return out, (h_n, c_n * 1.01)
+
+
+def test_a_wrong_cell_state_is_a_parity_failure(tmp_path):
+    from fused_birnn.bench.parity import module_kwargs
+
+    def factory(cfg, backend, device):
+        return wrap_packed(_WrongCellState(cfg.input_size, cfg.hidden_size, cfg.num_layers, **module_kwargs(cfg),
+                                           device=device, dtype=cfg.torch_dtype, backend=backend), cfg)
+
+    cfg = LSTM_GRU_TINY[0]
+    payload = run_suite("tiny", tmp_path, Options(**QUIET, plots=False, candidate_factory=factory), configs=[cfg])
+    r = payload["results"][0]
+    rows = r["parity"]["ours"]["tensors"]["fwd"]
+    assert rows["output"]["ok"] and rows["h_n"]["ok"] and not rows["c_n"]["ok"]
+    assert r["status"] == "parity_failure" and r["fwd"] is None and "FAIL fwd (c_n" in r["status_text"]
+
+
+def test_compile_step_lists_every_lstm_gru_configuration(tmp_path, monkeypatch):
+    """`--compile-only` on an LSTM/GRU suite: each configuration is listed with its compiles, or with why
+    there are none (a compile_report without a cell argument); with one, the cell and proj_size reach it."""
+    import dataclasses
+
+    from fused_birnn import compile_report
+    from fused_birnn.bench import runner
+
+    seen = []
+
+    def fake_compile_report(cases, jobs=1):  # rows as compile_report returns them, each a (stand-in) failure
+        seen.extend(cases)
+        return [dict(c, kernel=k, target="sm_90", error="stand-in", block_b=16, block_h=64, num_warps=4, programs=2)
+                for c in cases for k in ("birnn_fwd_kernel", "birnn_bwd_kernel")]
+
+    fields = {f.name for f in dataclasses.fields(compile_report.CompileCase)}
+    monkeypatch.setattr(compile_report, "compile_report", fake_compile_report)
+    monkeypatch.setattr(runner, "_compile_case_fields", lambda: fields | {"cell", "proj_size"})
+    payload = run_suite("nemo", tmp_path, Options(device="cpu", progress=False), compile_only=True, sizing="cuda",
+                        dtypes=("fp16",))
+    assert [c["cell"] for c in seen] == ["lstm"] and seen[0]["proj_size"] == 320 and seen[0]["hidden_size"] == 2048
+    assert payload["compile_error"] is None and len(payload["results"][0]["compile"]) == 2
+    md = (tmp_path / "nemo_fp16_compile.md").read_text()
+    assert "- LSTM L8 I640 H2048 P320 B16 T418 fp16: 2 kernel compile(s), 2 failed" in md
+
+    monkeypatch.setattr(runner, "_compile_case_fields", lambda: fields - {"cell", "proj_size"})
+    seen.clear()
+    payload = run_suite("espnet", tmp_path, Options(device="cpu", progress=False), compile_only=True, sizing="cuda",
+                        dtypes=("fp16",))
+    assert not seen and "cannot compile the LSTM cell" in payload["compile_error"]
+    md = (tmp_path / "espnet_fp16_compile.md").read_text()
+    for want in LSTM_GRU_GPU["espnet"]:
+        assert f"- LSTM L1 I{want[2]} H320 B30 T{want[6]} fp16 packed: not compiled (" in md

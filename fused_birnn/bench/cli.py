@@ -13,7 +13,7 @@ from typing import Sequence
 
 from . import report
 from .runner import Options, run_suite
-from .suites import ALL, DTYPES, SUITES
+from .suites import DTYPES, GROUPS, SUITES
 
 _CHILD = "_FUSED_BIRNN_BENCH_CHILD"  # set in a re-executed child: never re-execute twice
 DEVICE_DIRS = {"cuda": "gpu", "cpu": "cpu"}
@@ -48,9 +48,11 @@ def interpreter_numpy_problem() -> str | None:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m fused_birnn.bench",
-        description="Compare fused_birnn.RNN with torch.nn.RNN (cuDNN on CUDA): parity gate, then timings.")
+        description="Compare fused_birnn.RNN / LSTM / GRU with torch.nn.RNN / LSTM / GRU (cuDNN on CUDA): "
+                    "parity gate, then timings.")
     ap.add_argument("--suite", nargs="+", required=True, metavar="NAME",
-                    help=f"one or more of {', '.join(SUITES)}, or 'all' ({', '.join(ALL)})")
+                    help=f"one or more of {', '.join(SUITES)}, or a group: "
+                         + "; ".join(f"'{g}' ({', '.join(names)})" for g, names in GROUPS.items()))
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None,
                     help="default: cuda if available, else cpu (--compile-only: GPU shapes unless 'cpu')")
     ap.add_argument("--out", default=None,
@@ -76,6 +78,20 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def expand_suites(names: Sequence[str]) -> list[str]:
+    """Suite names with each group (`all`, `rnn`, `lstm-gru`) replaced by its suites, each suite once, in
+    order; ValueError for an unknown name."""
+    suites: list[str] = []
+    for s in names:
+        for name in GROUPS.get(s, (s,)):
+            if name not in SUITES:
+                raise ValueError(f"unknown suite {name!r}; expected one of {', '.join(SUITES)} or a group "
+                                 f"({', '.join(GROUPS)})")
+            if name not in suites:
+                suites.append(name)
+    return suites
+
+
 def _reexec(interpret: str) -> int:
     """Run this command again in a fresh process with TRITON_INTERPRET=`interpret` (it is read when
     fused_birnn.kernels is imported, which `python -m fused_birnn.bench` has already done)."""
@@ -89,11 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fused_birnn.functional import INTERPRETER
 
-    suites = list(ALL) if "all" in args.suite else args.suite
-    for s in suites:
-        if s not in SUITES:
-            print(f"unknown suite {s!r}; expected one of {', '.join(SUITES)} or 'all'", file=sys.stderr)
-            return 2
+    try:
+        suites = expand_suites(args.suite)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     if args.compile_only:
         device = args.device or "cuda"
     else:
@@ -121,10 +137,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compile_only:
             from fused_birnn.compile_report import format_table
 
+            for line in report.compile_config_lines(payload["results"]):
+                print("  " + line)
             rows = [c for r in payload["results"] for c in (r.get("compile") or [])]
             print(format_table(rows) if rows else f"compile table not available: {payload['compile_error']}")
         else:
-            head = report.result_columns(device)
+            head = report.result_columns(device, report.reference_of(payload))
             print(report.text_table(head, [report.result_row(r, device) for r in payload["results"]]))
             for line in report.ratio_legend(payload):
                 print(line)

@@ -1,11 +1,13 @@
-"""The parity gate: a candidate must compute what `torch.nn.RNN` computes before it is timed.
+"""The parity gate: a candidate must compute what `torch.nn.RNN` / `LSTM` / `GRU` computes before it is timed.
 
-For one configuration the candidate and `nn.RNN` (cuDNN on CUDA) get identical weights
-(`load_state_dict`) and identical inputs, and are compared on
+For one configuration the candidate and the `torch.nn` module of its cell (`nn.RNN`, `nn.LSTM`, `nn.GRU`;
+cuDNN on CUDA; "nn.RNN" below stands for whichever) get identical weights (`load_state_dict`) and
+identical inputs, and are compared on
 
-* forward only (under `torch.no_grad()`, the path forward timing runs): `output`, `h_n`;
-* forward + backward (a random upstream gradient for `output` and `h_n`): `output`, `h_n`, the
-  gradients of the input, of `h0` and of every parameter.
+* forward only (under `torch.no_grad()`, the path forward timing runs): `output`, `h_n` (and `c_n` for
+  the LSTM);
+* forward + backward (a random upstream gradient for `output`, `h_n` and `c_n`): those, and the
+  gradients of the input, of `h0` (and `c0`) and of every parameter.
 
 Metric: the scaled max error ``max|a - b| / max|b|`` of each tensor (robust to the magnitude of weight
 gradients, which sum over T*B terms). A tensor passes when
@@ -44,6 +46,22 @@ TOLERANCE = {
 }
 TF32_TOLERANCE = 1e-2
 FORWARD_TENSORS = ("output", "h_n")
+STATE_NAMES = ("h", "c")  # h_n / h0, then c_n / c0 (LSTM)
+
+
+def states(hx) -> tuple[torch.Tensor, ...]:
+    """The state tensors of an `hx` or `h_n`: `(h,)` for RNN and GRU, `(h, c)` for the LSTM's tuple."""
+    return tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
+
+
+def as_hx(cfg: Config, tensors):
+    """`tensors` (h[, c]) in the form the cell's module takes: a tensor, or the LSTM's `(h0, c0)`."""
+    tensors = tuple(tensors)
+    return tensors if cfg.cell == "LSTM" else tensors[0]
+
+
+def reference_name(cfg: Config) -> str:
+    return f"nn.{cfg.cell}"
 
 
 def tolerance(dtype: torch.dtype, device: torch.device | str, allow_tf32: bool) -> float:
@@ -77,21 +95,40 @@ def wrap_packed(rnn: nn.Module, cfg: Config) -> nn.Module:
     return PackedInput(rnn, cfg) if cfg.packed else rnn
 
 
+def module_kwargs(cfg: Config) -> dict:
+    """Constructor keywords of `cfg`'s module beyond (input_size, hidden_size, num_layers): the same for
+    `torch.nn` and `fused_birnn` (bidirectional, `nonlinearity` for the RNN, `proj_size` for the LSTM)."""
+    kw = dict(bias=cfg.bias, batch_first=cfg.batch_first, bidirectional=True)
+    if cfg.cell == "RNN":
+        kw["nonlinearity"] = cfg.nonlinearity
+    if cfg.proj_size:
+        kw["proj_size"] = cfg.proj_size
+    return kw
+
+
 def make_reference(cfg: Config, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.Module:
-    """`torch.nn.RNN` for `cfg` (bidirectional), random init from the current RNG state."""
-    return wrap_packed(nn.RNN(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity,
-                              bias=cfg.bias, batch_first=cfg.batch_first, bidirectional=True, device=device,
-                              dtype=dtype or cfg.torch_dtype), cfg)
+    """`torch.nn.RNN` / `LSTM` / `GRU` for `cfg` (bidirectional), random init from the current RNG state."""
+    cls = getattr(nn, cfg.cell)
+    return wrap_packed(cls(cfg.input_size, cfg.hidden_size, cfg.num_layers, **module_kwargs(cfg), device=device,
+                           dtype=dtype or cfg.torch_dtype), cfg)
 
 
 def make_inputs(cfg: Config, device: torch.device | str, *, generator: torch.Generator | None = None):
-    """`(x, h0)` for `cfg`: x `(B, T, I)` if batch_first else `(T, B, I)`, h0 `(2L, B, H)`."""
+    """`(x, hx)` for `cfg`: x `(B, T, I)` if batch_first else `(T, B, I)`; hx = h0 `(2L, B, P)` (P =
+    proj_size or H), for the LSTM the tuple `(h0, c0)` with c0 `(2L, B, H)`."""
     dtype = cfg.torch_dtype
     shape = (cfg.batch, cfg.seq_len) if cfg.batch_first else (cfg.seq_len, cfg.batch)
     x = torch.randn(*shape, cfg.input_size, generator=generator, dtype=torch.float32).to(device, dtype)
-    h0 = torch.randn(2 * cfg.num_layers, cfg.batch, cfg.hidden_size, generator=generator,
-                     dtype=torch.float32).to(device, dtype)
-    return x, h0
+    widths = (cfg.out_size, cfg.hidden_size) if cfg.cell == "LSTM" else (cfg.hidden_size,)
+    hx = [torch.randn(2 * cfg.num_layers, cfg.batch, w, generator=generator, dtype=torch.float32).to(device, dtype)
+          for w in widths]
+    return x, as_hx(cfg, hx)
+
+
+def make_grads(cfg: Config, x: torch.Tensor, hx, *, generator: torch.Generator | None = None):
+    """Random upstream gradients `(grad_output, (grad_h_n[, grad_c_n]))` for one forward+backward."""
+    gy = torch.randn(*x.shape[:-1], 2 * cfg.out_size, generator=generator).to(x.device, x.dtype)
+    return gy, tuple(torch.randn(*h.shape, generator=generator).to(h.device, h.dtype) for h in states(hx))
 
 
 def scaled_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -110,21 +147,36 @@ def scaled_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale
 
 
-def _run(model: nn.Module, x, h0, grads, *, backward: bool) -> dict[str, torch.Tensor]:
-    """Outputs (and gradients) of one call; inputs are cloned so callers' tensors stay untouched."""
+def _outputs(out, h_n) -> dict[str, torch.Tensor]:
+    res = {"output": out}
+    for name, t in zip(STATE_NAMES, states(h_n)):
+        res[f"{name}_n"] = t
+    return res
+
+
+def _run(model: nn.Module, x, hx, grads, *, backward: bool) -> dict[str, torch.Tensor]:
+    """Outputs (and gradients) of one call; inputs are cloned so callers' tensors stay untouched.
+    `hx`: h0 or the LSTM's (h0, c0); `grads`: (grad_output, (grad_h_n[, grad_c_n]))."""
     if not backward:
         with torch.no_grad():
-            out, h_n = model(x, h0)
-        return {"output": out, "h_n": h_n}
+            return _outputs(*model(x, hx))
     model.zero_grad(set_to_none=True)
     x_ = x.detach().clone().requires_grad_(True)
-    h0_ = h0.detach().clone().requires_grad_(True)
-    out, h_n = model(x_, h0_)
-    torch.autograd.backward((out, h_n), grads)
-    res = {"output": out.detach(), "h_n": h_n.detach(), "grad_input": x_.grad, "grad_h0": h0_.grad}
+    hx_ = [h.detach().clone().requires_grad_(True) for h in states(hx)]
+    out, h_n = model(x_, hx_[0] if len(hx_) == 1 else tuple(hx_))
+    gy, gstates = grads
+    torch.autograd.backward((out, *states(h_n)), (gy, *gstates))
+    res = {k: v.detach() for k, v in _outputs(out, h_n).items()}
+    res["grad_input"] = x_.grad
+    for name, h in zip(STATE_NAMES, hx_):
+        res[f"grad_{name}0"] = h.grad
     for name, p in model.named_parameters():
         res[f"grad_{name}"] = p.grad
     return res
+
+
+def _double(hx):
+    return tuple(h.double() for h in hx) if isinstance(hx, tuple) else hx.double()
 
 
 class ReferenceUnsupported(RuntimeError):
@@ -140,10 +192,10 @@ def check_parity(
     seed: int = 0,
     reference_error: str | None = None,
 ) -> dict:
-    """Compare `candidate` with `reference` (the `nn.RNN` it was loaded from; None if that raised, with
-    `reference_error` saying why) on fresh random inputs. Returns a JSON-able dict:
+    """Compare `candidate` with `reference` (the `nn.RNN` / `LSTM` / `GRU` it was loaded from; None if that
+    raised, with `reference_error` saying why) on fresh random inputs. Returns a JSON-able dict:
 
-    ``{"fwd_ok", "bwd_ok", "tolerance", "allow_tf32", "reference": "nn.RNN"|"float64 only",
+    ``{"fwd_ok", "bwd_ok", "tolerance", "allow_tf32", "reference": "nn.RNN"|"nn.LSTM"|"nn.GRU"|"float64 only",
     "tensors": {mode: {name: {"err", "err_truth", "ref_err_truth", "ok"}}}, "error"}``
     where mode is "fwd" or "fwd+bwd" and `error` is the candidate's exception, if it raised."""
     dtype = cfg.torch_dtype
@@ -151,12 +203,10 @@ def check_parity(
     tol = tolerance(dtype, device, allow_tf32)
     gen = torch.Generator().manual_seed(seed)
     x, h0 = make_inputs(cfg, device, generator=gen)
-    shape_out = (*x.shape[:-1], 2 * cfg.hidden_size)
-    gy = torch.randn(*shape_out, generator=gen).to(device, dtype)
-    ghn = torch.randn(*h0.shape, generator=gen).to(device, dtype)
+    gy, ghn = make_grads(cfg, x, h0, generator=gen)
     result = {"fwd_ok": False, "bwd_ok": False, "tolerance": tol, "allow_tf32": allow_tf32,
-              "reference": "nn.RNN" if reference is not None else "float64 only", "reference_error": reference_error,
-              "tensors": {}, "error": None}
+              "reference": reference_name(cfg) if reference is not None else "float64 only",
+              "reference_error": reference_error, "tensors": {}, "error": None}
 
     truth_model: list[nn.Module] = []
     truth_source: list[nn.Module] = [reference] if reference is not None else []
@@ -167,7 +217,7 @@ def check_parity(
             m = make_reference(cfg, device, torch.float64)
             m.load_state_dict({k: v.detach().double() for k, v in src.state_dict().items()})
             truth_model.append(m)
-        return _run(truth_model[0], x.double(), h0.double(), (gy.double(), ghn.double()), backward=backward)
+        return _run(truth_model[0], x.double(), _double(h0), (gy.double(), _double(ghn)), backward=backward)
 
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         try:
@@ -223,7 +273,7 @@ def _excuse_relu_kinks(rows: dict, candidate: nn.Module, x, h0, grads, exact: di
     matches the truth to KINK_EXACT: the algorithm is exact, the difference is rounding. Marked in the
     row (`relu_kink`) and in `result["note"]`. CPU only (the kernels have no float64 on a GPU)."""
     cand64 = copy.deepcopy(candidate).double()
-    got64 = _run(cand64, x.double(), h0.double(), tuple(g.double() for g in grads), backward=True)
+    got64 = _run(cand64, x.double(), _double(h0), (grads[0].double(), _double(grads[1])), backward=True)
     failing = [n for n, r in rows.items() if not r["ok"]]
     if all(scaled_error(got64[n], exact[n]) <= KINK_EXACT for n in failing):
         for n in failing:

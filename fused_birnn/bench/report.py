@@ -186,15 +186,25 @@ def _ratio(e: dict | None) -> str:
     return text + (NOT_CONVERGED_MARK if e.get("converged") is False else "")
 
 
-def ratio_definition(device: str) -> str:
-    ref = "nn.RNN" if device == "cpu" else "cuDNN"
+def reference_of(payload: dict) -> str:
+    """The reference module of a suite's payload: "nn.RNN", "nn.LSTM" or "nn.GRU" ("torch.nn" if mixed)."""
+    return payload.get("reference") or "nn.RNN"
+
+
+def suite_reference(configs) -> str:
+    cells = {c.cell for c in configs}
+    return f"nn.{cells.pop()}" if len(cells) == 1 else "torch.nn"
+
+
+def ratio_definition(device: str, ref: str = "nn.RNN") -> str:
+    ref = ref if device == "cpu" else "cuDNN"
     return f"ratio = {ref} time / ours (> 1: ours faster, < 1: ours slower)"
 
 
 def ratio_legend(payload: dict) -> list[str]:
     """The lines that say how to read the ratio columns (terminal and markdown)."""
     rule = payload.get("noise_rule") or {}
-    lines = [ratio_definition(payload["env"]["device"]) + "; [lo-hi] = bootstrap 95% interval"
+    lines = [ratio_definition(payload["env"]["device"], reference_of(payload)) + "; [lo-hi] = bootstrap 95% interval"
              + (f"; {rule['text']}" if rule.get("text") else "")]
     bad = payload.get("not_converged") or []
     if bad:
@@ -229,9 +239,9 @@ def result_line(r: dict) -> str:
     return "; ".join(parts)
 
 
-def result_columns(device: str) -> list[str]:
+def result_columns(device: str, ref: str = "nn.RNN") -> list[str]:
     label = "CPU " if device == "cpu" else ""
-    ref = "nn.RNN" if device == "cpu" else "cuDNN"
+    ref = ref if device == "cpu" else "cuDNN"
     ours = "ours (auto)" if device == "cpu" else "ours"
     cols = ["config", "parity", f"{label}fwd {ours} ms", f"{label}fwd {ref} ms", f"{label}fwd ratio [95% CI]",
             f"{label}fwd+bwd {ours} ms", f"{label}fwd+bwd {ref} ms", f"{label}fwd+bwd ratio [95% CI]"]
@@ -295,6 +305,20 @@ def compile_rows(results: list[dict]) -> list[list[str]]:
     return rows
 
 
+def compile_config_lines(results: list[dict]) -> list[str]:
+    """One line per configuration of a compile table: its label and how many kernels it compiled, or why
+    none."""
+    lines = []
+    for r in results:
+        rows = r.get("compile") or []
+        if rows:
+            failed = sum(1 for c in rows if c.get("error"))
+            lines.append(f"{r['label']}: {len(rows)} kernel compile(s)" + (f", {failed} failed" if failed else ""))
+        else:
+            lines.append(f"{r['label']}: not compiled" + (f" ({r['compile_note']})" if r.get("compile_note") else ""))
+    return lines
+
+
 def compile_summary(payload: dict) -> str:
     """One line: how the compile table went."""
     if payload.get("compile_error"):
@@ -333,20 +357,24 @@ def write_json(path: Path, payload: dict) -> None:
 NOTES = """\
 - Times are medians{how}.
 - {noise}
-- parity: checked on every configuration before timing it (output, h_n; for fwd+bwd also the gradients of
-  the input, h0 and every parameter) against nn.RNN with identical weights and inputs; scaled max error
-  `max|a-b|/max|b|` <= tol (fp32 1e-5, fp32+TF32 and fp16 1e-2, bf16 3e-2), or no more than twice nn.RNN's
-  own distance from a float64 nn.RNN. A configuration that fails is not timed.
-- FLOPs: forward `2*T*B*(I_l*H + H*H)` per direction per layer (I_l = I for layer 0, 2H above);
-  forward+backward counted as 3x forward.
+- parity: checked on every configuration before timing it (output, h_n{cn}; for fwd+bwd also the gradients of
+  the input, h0{c0} and every parameter) against {ref} with identical weights and inputs; scaled max error
+  `max|a-b|/max|b|` <= tol (fp32 1e-5, fp32+TF32 and fp16 1e-2, bf16 3e-2), or no more than twice {ref}'s
+  own distance from a float64 {ref}. A configuration that fails is not timed.
+- FLOPs: forward `2*T*B*G*H*(I_l + P)` per direction per layer, plus `2*T*B*H*P` with a projection (G = 1 for
+  the RNN, 4 LSTM, 3 GRU; P = proj_size or H; I_l = I for layer 0, 2P above; for the RNN `2*T*B*(I_l*H +
+  H*H)`); forward+backward counted as 3x forward.
 """
 
 
 def markdown_report(payload: dict) -> str:
     env, device = payload["env"], payload["env"]["device"]
-    head = result_columns(device)
+    ref = reference_of(payload)
+    cls = ref.split(".")[-1] if ref.startswith("nn.") else "RNN/LSTM/GRU"
+    ours_name, torch_name = f"fused_birnn.{cls}", f"torch.nn.{cls}"
+    head = result_columns(device, ref)
     rows = [result_row(r, device) for r in payload["results"]]
-    title = f"# fused_birnn vs torch.nn.RNN: suite `{payload['suite']}`" + (" (quick)" if payload.get("quick") else "")
+    title = f"# fused_birnn vs {torch_name}: suite `{payload['suite']}`" + (" (quick)" if payload.get("quick") else "")
     lines = [title, "", f"**{stamp_line(env)}**", ""]
     for w in run_warnings(payload):
         lines += [f"**{w}.**", ""]
@@ -354,21 +382,24 @@ def markdown_report(payload: dict) -> str:
         lines += [f"**Did not converge ({NOT_CONVERGED_MARK} in the table): " + "; ".join(payload["not_converged"])
                   + ".**", ""]
     if device == "cpu":
-        lines += ["CPU figures: `fused_birnn.RNN(backend='auto')` as without the interpreter (ATen's RNN for "
-                  "inference and training under 32 steps, the pure-PyTorch path otherwise) against `torch.nn.RNN` "
+        auto = (" (ATen's RNN for inference and training under 32 steps, the pure-PyTorch path otherwise)"
+                if ref == "nn.RNN" else "")
+        lines += [f"CPU figures: `{ours_name}(backend='auto')` as without the interpreter{auto} against `{torch_name}` "
                   f"on the same CPU, {env['cpu_threads']} threads. The Triton kernels ran through the interpreter "
                   "for the parity gate only (column `parity`, `triton:`), as did the PyTorch path (`torch:`); interpreter "
                   "timings are never shown.", ""]
     else:
-        lines += [f"CUDA figures: `fused_birnn.RNN` (Triton kernels) against `torch.nn.RNN` (cuDNN {env['cudnn']}); "
+        lines += [f"CUDA figures: `{ours_name}` (Triton kernels) against `{torch_name}` (cuDNN {env['cudnn']}); "
                   f"torch.backends.cudnn.allow_tf32 = {env.get('allow_tf32')} (our fp32 `tl.dot` follows it), "
                   f"torch.backends.cuda.matmul.allow_tf32 = {env.get('matmul_allow_tf32')}.", ""]
     if payload.get("interrupted"):
         lines += [f"**Interrupted {payload['interrupted']}.**", ""]
     lines += [markdown_table(head, rows) if rows else "_no configurations_", ""]
-    lines += [ratio_definition(device) + "; [lo-hi]: bootstrap 95% interval of the ratio.", ""]
-    how = (" of interleaved `time.perf_counter` runs after warm-up (ours and nn.RNN alternate run by run); the "
-           "CPU ratio is the median of the per-round ratios (steadier on a shared CPU whose speed drifts), "
+    lines += [ratio_definition(device, ref) + "; [lo-hi]: bootstrap 95% interval of the ratio.", ""]
+    how = (f" of interleaved `time.perf_counter` runs after warm-up (ours and {ref} alternate run by run, the "
+           "order flipped every round: ABBA); the "
+           "CPU ratio is the median over ABBA blocks (two rounds, one in each order) of the blocks' time ratios "
+           "(steadier on a shared CPU whose speed drifts, and blind to the place in a round), "
            "the ratio of the medians is in the JSON" if device == "cpu"
            else " of `triton.testing.do_bench` (CUDA events, L2 flushed), inputs rotated among "
                 "pre-generated sets; peak memory from `torch.cuda.max_memory_allocated`; us/step = forward time "
@@ -377,7 +408,9 @@ def markdown_report(payload: dict) -> str:
     noise = ("Noise: " + rule["text"] + f"; a ratio still wider at the cap is marked {NOT_CONVERGED_MARK} and "
              "listed as not converged (JSON: `converged: false`, `not_converged`)." if rule.get("text") else
              "Noise: no interval recorded.")
-    lines += ["Notes:", "", NOTES.format(how=how, noise=noise)]
+    lstm = ref in ("nn.LSTM", "torch.nn")
+    lines += ["Notes:", "", NOTES.format(how=how, noise=noise, ref=ref, cn=", c_n" if lstm else "",
+                                         c0=", c0" if lstm else "")]
     comp = compile_rows(payload["results"])
     if comp:
         tf32 = payload.get("compile_allow_tf32")
@@ -467,7 +500,7 @@ def speedup_figure(payload: dict):
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.set_ylim(n - 0.5, -0.5)
     cpu = env["device"] == "cpu"
-    ax.set_xlabel(("CPU: nn.RNN time / fused_birnn (auto) time" if cpu
+    ax.set_xlabel((f"CPU: {reference_of(payload)} time / fused_birnn (auto) time" if cpu
                    else "cuDNN time / fused_birnn time") + "  (> 1: ours faster); bars: bootstrap 95% interval")
     ax.set_title(f"{'CPU ' if cpu else ''}speedup, suite '{payload['suite']}'", pad=8 + 11 * len(notes))
     _add_notes(fig, ax, notes)
@@ -534,7 +567,7 @@ def plot_sweep(payload: dict, var: str, path: Path) -> bool:
                         label=f"ours {lab}")
             if any(v is not None for v in ref):
                 ax.plot(xs, [float("nan") if v is None else v for v in ref], "s--", color=color,
-                        label=f"nn.RNN {lab}")
+                        label=f"{reference_of(payload)} {lab}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(var)
@@ -545,7 +578,7 @@ def plot_sweep(payload: dict, var: str, path: Path) -> bool:
             ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     notes = _plot_notes(payload)
     fig.suptitle(f"suite '{payload['suite']}': solid = fused_birnn{' (auto)' if cpu else ''}, "
-                 f"dashed = nn.RNN{'' if cpu else ' (cuDNN)'}", fontsize=9)
+                 f"dashed = {reference_of(payload)}{'' if cpu else ' (cuDNN)'}", fontsize=9)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     if notes:  # above the title; savefig(bbox_inches="tight") keeps it in the image
         fig.text(0.5, 1.0, "\n".join(notes), ha="center", va="bottom", fontsize=7, color="red")

@@ -1,14 +1,18 @@
 """Run a suite: for every configuration, the parity gate, then the timings of the candidates that passed.
 
-CUDA: `fused_birnn.RNN` (the Triton kernels) against `torch.nn.RNN` (cuDNN), forward and forward+backward,
-timed with `triton.testing.do_bench` (median), with peak memory, achieved TFLOP/s and the time per
-sequential step against an empty persistent loop's (`floor.py`).
+The candidate is `fused_birnn.RNN`, `LSTM` or `GRU` (`Config.cell`), the reference `torch.nn`'s class of
+the same name, built with the same arguments and loaded with the reference's state dict.
 
-CPU: `fused_birnn.RNN(backend='auto')`, deciding as it does without the interpreter (ATen's RNN for
-inference and short training sequences, our PyTorch path otherwise: README), against `torch.nn.RNN` on
-the same CPU (wall-clock medians). The PyTorch path (`backend='torch'`) and, when the process runs the
-Triton interpreter (`TRITON_INTERPRET=1` before `fused_birnn` was imported; the command line arranges
-it), the kernels (`backend='triton'`) pass the same parity gate, untimed.
+CUDA: the candidate (the Triton kernels) against the `torch.nn` module (cuDNN), forward and
+forward+backward, timed with `triton.testing.do_bench` (median), with peak memory, achieved TFLOP/s and
+the time per sequential step against an empty persistent loop's (`floor.py`).
+
+CPU: the candidate with `backend='auto'`, deciding as it does without the interpreter (for the RNN: ATen's
+RNN for inference and short training sequences, our PyTorch path otherwise: README), against the `torch.nn`
+module on the same CPU (wall-clock medians, the two interleaved in ABBA order: `timing.cpu_compare_ms`).
+The PyTorch path (`backend='torch'`) and, when the process runs the Triton interpreter
+(`TRITON_INTERPRET=1` before `fused_birnn` was imported; the command line arranges it), the kernels
+(`backend='triton'`) pass the same parity gate, untimed.
 
 Every configuration's kernels are also compiled for sm_80 and sm_90 (`fused_birnn.compile_report`).
 """
@@ -28,7 +32,8 @@ import torch
 from torch import nn
 
 from . import report
-from .parity import CandidateFactory, check_parity, make_reference, summarize, wrap_packed
+from .parity import (CandidateFactory, check_parity, make_reference, module_kwargs, reference_name, summarize,
+                     wrap_packed)
 from .suites import Config, get_suite
 from .timing import (OthersLoad, Rotating, StopRule, clear_grads, cpu_compare_ms, cuda_peak_memory, cuda_time_ms,
                      cuda_times_ms, forward_backward_fn, forward_fn, grad_leaves, ratio_interval, ratio_summary)
@@ -40,18 +45,21 @@ TIMED_MODES = (("fwd", forward_fn), ("fwd_bwd", forward_backward_fn))
 MODE_NAMES = {"fwd": "forward", "fwd_bwd": "forward+backward"}
 # how long a ratio is measured (timing.StopRule): until its bootstrap 95% interval is within ±5%, with caps
 CPU_RULE = StopRule(bound=0.05, min_runs=11, max_runs=5000, min_time_s=1.0, max_time_s=20.0)
-CPU_QUICK_RULE = StopRule(bound=0.05, min_runs=3, max_runs=10, min_time_s=0.05, max_time_s=2.0, check_every=1)
+CPU_QUICK_RULE = StopRule(bound=0.05, min_runs=4, max_runs=10, min_time_s=0.05, max_time_s=2.0, check_every=1)
 CUDA_MAX_WINDOWS, CUDA_QUICK_MAX_WINDOWS = 4, 2  # do_bench windows per candidate and mode, at most
 COMPILE_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def default_candidate(cfg: Config, backend: str, device: torch.device) -> nn.Module:
-    """`fused_birnn.RNN` for `cfg` on `backend` ('triton' or 'torch'), random init (the caller loads
-    `nn.RNN`'s state dict into it)."""
-    from fused_birnn import RNN
+    """`fused_birnn.RNN` / `LSTM` / `GRU` (`cfg.cell`) for `cfg` on `backend`, built with the same arguments
+    as the `torch.nn` reference (`parity.module_kwargs`), random init (the caller loads the reference's
+    state dict into it)."""
+    import fused_birnn
 
-    return wrap_packed(RNN(cfg.input_size, cfg.hidden_size, cfg.num_layers, nonlinearity=cfg.nonlinearity,
-                           bias=cfg.bias, batch_first=cfg.batch_first, bidirectional=True, device=device,
+    cls = getattr(fused_birnn, cfg.cell, None)
+    if cls is None:
+        raise NotImplementedError(f"this fused_birnn ({fused_birnn.__file__}) has no {cfg.cell} class")
+    return wrap_packed(cls(cfg.input_size, cfg.hidden_size, cfg.num_layers, **module_kwargs(cfg), device=device,
                            dtype=cfg.torch_dtype, backend=backend), cfg)
 
 
@@ -155,7 +163,7 @@ def _time_cuda(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[
         if mode not in modes:
             continue
         models = {who: m for who, m in (("ours", ours), ("ref", ref)) if m is not None}
-        fns = {who: builder(m, inputs) for who, m in models.items()}
+        fns = {who: builder(m, inputs.cursor()) for who, m in models.items()}
         leaves = {who: (grad_leaves(m, inputs) if mode == "fwd_bwd" else []) for who, m in models.items()}
         # do_bench windows, ours and the reference alternately, until the ratio of the medians has its
         # bootstrap 95% interval within the bound (CUDA timings are steady: usually after the first)
@@ -210,7 +218,8 @@ def _time_cpu(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[s
         if mode not in modes:
             continue
         models = {"ours": ours, "ref": ref}
-        fns = {who: builder(m, inputs) for who, m in models.items() if m is not None}
+        # one input cursor each: round i gives both the same input set (cpu_compare_ms flips their order)
+        fns = {who: builder(m, inputs.cursor()) for who, m in models.items() if m is not None}
         resets: dict[str, Callable[[], None]] = {}
         if mode == "fwd_bwd":
             for who, m in models.items():
@@ -276,7 +285,7 @@ def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = Non
         if main.get("reference_error"):
             ref = None
             res["status"] = "cudnn_unsupported" if opts.device == "cuda" else "reference_unsupported"
-            res["notes"].append(f"nn.RNN raised: {main['reference_error'][:200]}")
+            res["notes"].append(f"{reference_name(cfg)} raised: {main['reference_error'][:200]}")
         modes = []
         if main["fwd_ok"]:
             modes.append("fwd")
@@ -294,7 +303,7 @@ def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = Non
         if res["status"] == "cudnn_unsupported":
             res["status_text"] = "cuDNN unsupported; " + res["status_text"] + " (vs float64)"
         elif res["status"] == "reference_unsupported":
-            res["status_text"] = "nn.RNN unsupported; " + res["status_text"] + " (vs float64)"
+            res["status_text"] = f"{reference_name(cfg)} unsupported; " + res["status_text"] + " (vs float64)"
         if modes:
             if opts.device == "cuda":
                 res.update(_time_cuda(cfg, ours_timed, ref, modes, opts, floors if floors is not None else {}))
@@ -323,23 +332,52 @@ def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = Non
 
 
 # ------------------------------------------------------------------------------------------ compile report
+def _compile_case_fields() -> set[str]:
+    try:
+        import dataclasses
+
+        from fused_birnn.compile_report import CompileCase
+    except ImportError:
+        return set()
+    return {f.name for f in dataclasses.fields(CompileCase)}
+
+
 def compile_cases(configs: list[Config], allow_tf32: bool) -> dict[tuple, dict]:
     """The distinct recurrence compiles of `configs` (every layer of a configuration launches the same
-    forward and backward kernel): key -> `fused_birnn.compile_report.CompileCase` fields."""
+    forward and backward kernel): key -> `fused_birnn.compile_report.CompileCase` fields. LSTM and GRU
+    configurations pass `cell` ("lstm" / "gru") and `proj_size` (LSTM with a projection), and are left
+    out while `CompileCase` has no such field."""
+    fields = _compile_case_fields()
     cases = {}
     for c in configs:
         if c.dtype not in COMPILE_DTYPES:
             continue
+        extra: dict = {}
+        if c.cell != "RNN":
+            if "cell" not in fields or (c.proj_size and "proj_size" not in fields):
+                continue  # this compile_report cannot compile the cell yet
+            extra["cell"] = c.cell.lower()
+            if c.proj_size:
+                extra["proj_size"] = c.proj_size
         prec = "tf32" if c.dtype == "fp32" and allow_tf32 else "ieee"
-        key = (c.hidden_size, c.batch, COMPILE_DTYPES[c.dtype], prec, c.nonlinearity == "relu", c.packed)
+        key = (c.hidden_size, c.batch, COMPILE_DTYPES[c.dtype], prec, c.nonlinearity == "relu", c.packed,
+               extra.get("cell", "rnn"), extra.get("proj_size", 0))
         cases[key] = dict(hidden_size=c.hidden_size, batch_size=c.batch, dtype=COMPILE_DTYPES[c.dtype],
-                          input_precision=prec, relu=c.nonlinearity == "relu", lengths=c.packed)
+                          input_precision=prec, relu=c.nonlinearity == "relu", lengths=c.packed, **extra)
     return cases
 
 
 def _case_key(row: dict) -> tuple:
+    cell = str(row.get("cell") or "rnn").lower()
     return (row["hidden_size"], row["batch_size"], row["dtype"], row["input_precision"], row["relu"],
-            row.get("lengths", False))
+            row.get("lengths", False), cell if cell in ("lstm", "gru") else "rnn", row.get("proj_size") or 0)
+
+
+def _not_compiled_reason(cfg: Config) -> str:
+    if cfg.dtype not in COMPILE_DTYPES:
+        return f"no kernels for {cfg.dtype}"
+    return (f"fused_birnn.compile_report cannot compile the {cfg.cell} cell yet (its CompileCase has no "
+            f"'cell'{' or proj_size' if cfg.proj_size else ''} field)")
 
 
 def attach_compile_report(results: list[dict], allow_tf32: bool, jobs: int) -> str | None:
@@ -351,8 +389,11 @@ def attach_compile_report(results: list[dict], allow_tf32: bool, jobs: int) -> s
         return f"fused_birnn.compile_report is not importable ({e})"
     configs = [Config(**r["config"]) for r in results]
     cases = compile_cases(configs, allow_tf32)
+    for r, c in zip(results, configs):
+        if not compile_cases([c], allow_tf32):
+            r["compile"], r["compile_note"] = [], _not_compiled_reason(c)
     if not cases:
-        return "no configuration has a dtype the kernels compile for"
+        return "; ".join(dict.fromkeys(r["compile_note"] for r in results)) or "no configuration"
     try:
         rows = compile_report(list(cases.values()), jobs=jobs)
     except Exception as e:  # noqa: BLE001 - a crashed compiler subprocess must not lose the timings
@@ -410,7 +451,8 @@ def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[s
                      "env": env, "partial": True, "results": [], "compile_error": None,
                      "flops_formula": "forward: 2*T*B*(I_l*H + H*H) per direction per layer "
                                       "(I_l = I for layer 0, 2H above); forward+backward: 3x forward",
-                     "ratio_definition": report.ratio_definition(env["device"]),
+                     "reference": report.suite_reference(configs),
+                     "ratio_definition": report.ratio_definition(env["device"], report.suite_reference(configs)),
                      "noise_rule": dict(vars(rule), confidence=0.95,
                                         text=rule.describe() if env["device"] == "cpu" else
                                         f"do_bench windows until the bootstrap 95% interval of the ratio of "
@@ -448,7 +490,9 @@ def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[s
         env["cpu_busy_by_others_pct_at_end"] = report.cpu_busy_pct()
     report.write_json(json_path, payload)
     if compile_only:
-        md = [f"# Compiled kernels of suite `{suite}` (sm_80, sm_90)", "", f"**{report.stamp_line(env)}**", ""]
+        md = [f"# Compiled kernels of suite `{suite}` (sm_80, sm_90)", "", f"**{report.stamp_line(env)}**", "",
+              "Configurations:", ""]
+        md += [f"- {line}" for line in report.compile_config_lines(payload["results"])] + [""]
         rows = report.compile_rows(payload["results"])
         md.append(report.markdown_table(report.compile_columns(), rows) if rows
                   else f"not available: {payload['compile_error']}")

@@ -1,7 +1,22 @@
 """Timers: CUDA events through `triton.testing.do_bench` (median), and a wall-clock timer for CPU.
 
 Both time callables that rotate among a few pre-generated inputs (`Rotating`), so a timed call does not
-reuse the previous call's input buffers.
+reuse the previous call's input buffers; each candidate reads them through its own cursor
+(`Rotating.cursor`), so that in every round all candidates get the same input set.
+
+CPU comparisons are symmetric (`cpu_compare_ms`): the candidates run interleaved, one call each per round,
+and the order flips every round (A B, B A, A B, ...), so a pair of rounds is an ABBA block. Why, measured
+on this project's CPU machine (2 shared cores, torch 2.13.0+cpu, 1 thread, forward, `backend='auto'`,
+which on a CPU runs ATen's own RNN, nn.RNN's kernel): timing one nn.RNN against a second nn.RNN with the
+same weights in the fixed order this module used before (always ours first) measured 0.994 [0.987-0.999]
+on the seed shape, i.e. the candidate in second place looked 0.6% faster; with ours against nn.RNN the
+fixed order gave 1.045 [1.035-1.054] and the reversed order 1.077 [1.071-1.084] on the same shape. Two
+fresh nn.RNN instances with identical weights differ by up to 1-2% on one machine (weights at other
+addresses), either sign: a forward ratio of two modules that run the same kernel is 1.00 within that.
+The Python before ATen's call costs fused_birnn.RNN less than nn.RNN (36 against 43 us a call on a
+1-step, H=8 layer; nn.RNN re-reads its 4 parameters per layer and direction through `getattr` to see
+whether they changed), so ours is never slower by its own doing; the forward shortfalls of 1-3% that
+earlier runs recorded were this placement and order error.
 """
 
 from __future__ import annotations
@@ -17,23 +32,25 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .parity import make_inputs
+from .parity import make_grads, make_inputs, states
 from .suites import Config
 
 NUM_INPUT_SETS = 3  # inputs rotated through by the timed callables
 
 
 class Rotating:
-    """Cycles through pre-generated `(x, h0, grad_output, grad_h_n)` sets for one configuration."""
+    """Cycles through pre-generated `(x, hx, grad_output, grad_states)` sets for one configuration: hx is
+    h0 or the LSTM's `(h0, c0)`, grad_states `(grad_h_n[, grad_c_n])`."""
 
     def __init__(self, cfg: Config, device: torch.device | str, n: int = NUM_INPUT_SETS, seed: int = 1):
         gen = torch.Generator().manual_seed(seed)
         self.sets = []
         for _ in range(n):
-            x, h0 = make_inputs(cfg, device, generator=gen)
-            gy = torch.randn(*x.shape[:-1], 2 * cfg.hidden_size, generator=gen).to(device, x.dtype)
-            ghn = torch.randn(*h0.shape, generator=gen).to(device, x.dtype)
-            self.sets.append((x.requires_grad_(True), h0.requires_grad_(True), gy, ghn))
+            x, hx = make_inputs(cfg, device, generator=gen)
+            gy, gstates = make_grads(cfg, x, hx, generator=gen)
+            for t in (x, *states(hx)):
+                t.requires_grad_(True)
+            self.sets.append((x, hx, gy, gstates))
         self.i = 0
 
     def next(self):
@@ -41,28 +58,35 @@ class Rotating:
         self.i = (self.i + 1) % len(self.sets)
         return s
 
+    def cursor(self) -> "Rotating":
+        """The same input sets, read from the first with an index of its own: give each timed candidate
+        one, so that round i hands every candidate the same set."""
+        other = object.__new__(Rotating)
+        other.sets, other.i = self.sets, 0
+        return other
+
     def leaves(self) -> list[torch.Tensor]:
-        return [t for s in self.sets for t in s[:2]]
+        return [t for s in self.sets for t in (s[0], *states(s[1]))]
 
 
 def forward_fn(model: nn.Module, inputs: Rotating) -> Callable[[], None]:
     """Forward only, no autograd graph (inference)."""
 
     def run():
-        x, h0, _, _ = inputs.next()
+        x, hx, _, _ = inputs.next()
         with torch.no_grad():
-            model(x, h0)
+            model(x, hx)
 
     return run
 
 
 def forward_backward_fn(model: nn.Module, inputs: Rotating) -> Callable[[], None]:
-    """Forward, then backward of `output` and `h_n` into the input, h0 and every parameter."""
+    """Forward, then backward of `output` and `h_n` (and `c_n`) into the input, h0 (c0) and every parameter."""
 
     def run():
-        x, h0, gy, ghn = inputs.next()
-        out, h_n = model(x, h0)
-        torch.autograd.backward((out, h_n), (gy, ghn))
+        x, hx, gy, gstates = inputs.next()
+        out, h_n = model(x, hx)
+        torch.autograd.backward((out, *states(h_n)), (gy, *gstates))
 
     return run
 
@@ -116,9 +140,10 @@ CONFIDENCE = 0.95
 @dataclass(frozen=True)
 class StopRule:
     """How long to measure a ratio of two timings: until the bootstrap 95% interval of the ratio lies
-    within `ratio * (1 ± bound)`, checked once at least `min_runs` rounds and `min_time_s` seconds are
-    done, and again every `check_every` rounds or more (spacing grows by 25% per check); at most
-    `max_runs` rounds or `max_time_s` seconds. What stops at a cap is flagged "did not converge"."""
+    within `ratio * (1 ± bound)`, checked once at least `min_runs` rounds (and two ABBA blocks: four
+    rounds) and `min_time_s` seconds are done, and again every `check_every` rounds or more (spacing grows
+    by 25% per check); at most `max_runs` rounds or `max_time_s` seconds. What stops at a cap is flagged
+    "did not converge"."""
 
     bound: float = 0.05
     min_runs: int = 11
@@ -129,7 +154,8 @@ class StopRule:
     resamples: int = 1000
 
     def describe(self) -> str:
-        return (f"measured until the bootstrap 95% interval of the ratio lies within ±{self.bound:.0%} of it "
+        return (f"ours and the reference alternate in ABBA order; measured until the bootstrap 95% interval of "
+                f"the ratio lies within ±{self.bound:.0%} of it "
                 f"(at least {self.min_runs} rounds and {self.min_time_s:g} s, at most {self.max_runs} rounds "
                 f"or {self.max_time_s:g} s per mode)")
 
@@ -203,29 +229,40 @@ class OthersLoad:
 def cpu_compare_ms(fns: dict[str, Callable[[], None]], *, resets: dict[str, Callable[[], None]] | None = None,
                    warmup: int = 2, rule: StopRule = StopRule(), pair: tuple[str, str] | None = ("ref", "ours"),
                    clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Wall-clock times of several callables, interleaved run by run (one round runs each once) so that
-    drifts of a shared CPU (frequency, other load) hit all of them alike, for as long as `rule` says.
+    """Wall-clock times of several callables, interleaved run by run (one round runs each once, in the
+    order of `fns` on even rounds and reversed on odd ones: ABBA blocks) so that drifts of a shared CPU
+    (frequency, other load) and the place in a round hit all of them alike, for as long as `rule` says.
     `resets[name]`, if given, runs before each call of `fns[name]`, untimed. `clock` is the timer (tests
     pass a fake one).
 
-    With `pair = (num, den)` both in `fns`, the ratio is the median over rounds of `num_i / den_i` and
-    rounds continue until its bootstrap 95% interval lies within `±rule.bound` of it (`StopRule`).
+    With `pair = (num, den)` both in `fns`, the ratio is the median over ABBA blocks (rounds 2k and 2k+1,
+    the two orders) of `(num_2k + num_2k+1) / (den_2k + den_2k+1)` (`abba_blocks`): a cost or saving of
+    the place in a round cancels within each block. Rounds continue until the ratio's bootstrap 95%
+    interval (over blocks) lies within `±rule.bound` of it (`StopRule`), checked from two blocks on.
 
     Returns `{"times": {name: {"median_ms", "min_ms", "iqr_ms", "runs", "times_ms"}}, "ratio": None or
     {"ratio", "ci95", "rel_halfwidth", "converged", "stop", "rounds", "elapsed_s"}}`; `stop` is
     "converged", "max_runs", "max_time", or "min_runs" (no pair to converge)."""
     resets = resets or {}
     noop = lambda: None  # noqa: E731
-    for _ in range(warmup):
-        for name, fn in fns.items():
+    names = list(fns)
+    for w in range(warmup):
+        for name in names if w % 2 == 0 else names[::-1]:
             resets.get(name, noop)()
-            fn()
+            fns[name]()
     paired = pair is not None and all(n in fns for n in pair)
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = clock()
-    rounds, next_check, stop, interval = 0, rule.min_runs, "", None
+    rounds, next_check, stop, interval = 0, max(rule.min_runs, 4), "", None
+
+    def measure_ratio():
+        return ratio_interval(*abba_blocks(times[pair[0]], times[pair[1]]), paired=True, resamples=rule.resamples)
+
     while True:
-        for name, fn in fns.items():
+        # the order flips every round (A B, B A, ...): whatever the place in a round costs or saves (warm
+        # caches, OpenMP threads still spinning, the bookkeeping between calls) falls on each candidate alike
+        for name in names if rounds % 2 == 0 else names[::-1]:
+            fn = fns[name]
             resets.get(name, noop)()
             t0 = clock()
             fn()
@@ -237,7 +274,7 @@ def cpu_compare_ms(fns: dict[str, Callable[[], None]], *, resets: dict[str, Call
                 stop = "min_runs"
                 break
             if rounds >= next_check:
-                interval = ratio_interval(times[pair[0]], times[pair[1]], paired=True, resamples=rule.resamples)
+                interval = measure_ratio()
                 if within_bound(*interval, rule.bound):
                     stop = "converged"
                     break
@@ -258,9 +295,19 @@ def cpu_compare_ms(fns: dict[str, Callable[[], None]], *, resets: dict[str, Call
                               "runs": len(srt), "times_ms": ms}  # in run order: round i of every callable adjacent
     if paired:
         if interval is None:
-            interval = ratio_interval(times[pair[0]], times[pair[1]], paired=True, resamples=rule.resamples)
+            interval = measure_ratio()
         out["ratio"] = ratio_summary(interval, rule.bound, stop=stop, rounds=rounds, elapsed_s=clock() - start)
     return out
+
+
+def abba_blocks(num: Sequence[float], den: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Per-round times of two callables regrouped into ABBA blocks: the sums over rounds 2k and 2k+1 (one
+    round in each order); a last unpaired round is left out. Fewer than two rounds: the rounds themselves."""
+    n = min(len(num), len(den))
+    if n < 2:
+        return list(num[:n]), list(den[:n])
+    k = n // 2 * 2
+    return ([num[i] + num[i + 1] for i in range(0, k, 2)], [den[i] + den[i + 1] for i in range(0, k, 2)])
 
 
 def ratio_summary(interval: tuple[float, float, float], bound: float, **extra) -> dict:

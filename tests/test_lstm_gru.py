@@ -424,3 +424,47 @@ def test_cpu_autocast_dtype_follows_nn(cell, packed, expected):
     ref_dtype = ref_out.data.dtype if packed else ref_out.dtype
     assert ref_dtype == expected, "nn's autocast behaviour changed: update FusedRNNBase._autocast_dtype"
     assert out.dtype == expected and (packed_out is None or packed_out.data.dtype == expected)
+
+
+# ------------------------------------------------------------------ transforms, tracing, empty batch
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_vmap_and_func_grad_match_a_loop(cell):
+    """torch.func.vmap over samples and torch.func.grad through the layer: the same as a Python loop
+    over the samples with nn's class."""
+    ours, ref = pair(cell, "auto", input_size=3, hidden_size=4, bidirectional=True,
+                     **({"proj_size": 2} if cell == "LSTM" else {}))
+    xs = torch.randn(3, 5, 2, 3, dtype=torch.float64)  # 3 samples of [T=5, B=2, I=3]
+    batched = torch.func.vmap(lambda x: ours(x)[0])(xs)
+    looped = torch.stack([ref(x)[0] for x in xs])
+    assert_close(batched, looped, torch.float64, f"{cell} vmap")
+    params = dict(ours.named_parameters())
+
+    def loss(params, x):
+        return torch.func.functional_call(ours, params, (x,))[0].square().sum()
+
+    grads = torch.func.grad(loss)(params, xs[0])
+    ref_grads = torch.autograd.grad(ref(xs[0])[0].square().sum(), list(ref.parameters()))
+    for (name, g), w in zip(grads.items(), ref_grads, strict=True):
+        assert_close(g, w, torch.float64, f"{cell} func.grad {name}")
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_empty_batch_like_nn(cell):
+    ours, ref = pair(cell, "auto", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 0, 3, dtype=torch.float64, requires_grad=True)
+    got, want = flat(ours(x)), flat(ref(x))
+    assert [g.shape for g in got] == [w.shape for w in want]
+    sum(g.sum() for g in got).backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_jit_trace_records_the_cells_op(cell):
+    ours, _ = pair(cell, "torch", input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    traced = torch.jit.trace(ours, (x,), check_trace=False)
+    assert str(traced.graph).count(f"fused_birnn::{cell.lower()}_layer") == 2
+    other = torch.randn(7, 3, 3, dtype=torch.float64)
+    for g, w in zip(flat(traced(other)), flat(ours(other)), strict=True):
+        assert_close(g, w, torch.float64, f"{cell} traced")

@@ -199,14 +199,19 @@ def birnn_fwd_kernel(
     offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_q = tl.arange(0, BLOCK_P)
     units = p * U + offs_n  # hidden units: gates, c, m
     mask_n = (offs_n < U) & (units < H)
-    sunits = p * UP + offs_q  # state units: h (P of them; the hidden units without a projection)
-    mask_s = (offs_q < UP) & (sunits < P)
     mask_b = offs_b < B
     mask_bn = mask_b[:, None] & mask_n[None, :]
-    mask_bs = mask_b[:, None] & mask_s[None, :]
+    if PROJ:  # state units: h (P of them)
+        offs_q = tl.arange(0, BLOCK_P)
+        sunits = p * UP + offs_q
+        mask_s = (offs_q < UP) & (sunits < P)
+        mask_bs = mask_b[:, None] & mask_s[None, :]
+    else:  # the hidden units themselves (the same registers: P == H, UP == U)
+        sunits = units
+        mask_s = mask_n
+        mask_bs = mask_bn
     seq_len = sequence_lengths(lengths_ptr, offs_b, B, T, HAS_LENGTHS)
     n_steps = tl.max(seq_len, axis=0)
     KEEP: tl.constexpr = SPLIT == 1 and BARRIER and W_ON_CHIP  # whole state in this program's registers

@@ -149,6 +149,38 @@ def test_wrong_gradient_times_forward_only(tmp_path):
         assert r["fwd"]["ours_ms"] > 0 and r["fwd_bwd"] is None
 
 
+def test_interrupt_keeps_what_was_measured_and_stops(tmp_path):
+    """Ctrl-C (or `timeout --signal=INT`, as bench/gpu_run.sh bounds each step) to the command's process
+    group during the second suite: the first suite's files are complete, the second's say where it was
+    interrupted, no further suite runs, exit status 130. Through the re-executed interpreter child too."""
+    import signal
+
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fused_birnn.bench", "--suite", "seed", "tagger", "tiny", "--device", "cpu", "--quick",
+         "--no-compile", "--no-plots", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        for line in proc.stdout:  # the first suite is done; tagger's one configuration takes seconds
+            if line.startswith("wrote ") and "seed_quick.json" in line:
+                break
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out
+    seed = json.loads((tmp_path / "seed_quick.json").read_text())
+    assert not seed["partial"] and len(seed["results"]) == 1 and "interrupted" not in seed
+    tagger = json.loads((tmp_path / "tagger_quick.json").read_text())
+    assert tagger["interrupted"] == "after 0 of 1 configurations" and not tagger["partial"]
+    assert (tmp_path / "tagger_quick.md").exists() and not (tmp_path / "tiny_quick.json").exists()
+    assert "tiny" not in out
+
+
 def test_compile_only_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fused_birnn.bench", "--suite", "tiny", "--compile-only", "--dtype", "fp16",
@@ -660,7 +692,7 @@ def test_compile_step_lists_every_lstm_gru_configuration(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_compile_case_fields", lambda: fields | {"cell", "proj_size"})
     payload = run_suite("nemo", tmp_path, Options(device="cpu", progress=False), compile_only=True, sizing="cuda",
                         dtypes=("fp16",))
-    assert [c["cell"] for c in seen] == ["lstm"] and seen[0]["proj_size"] == 320 and seen[0]["hidden_size"] == 2048
+    assert [c["cell"] for c in seen] == ["LSTM"] and seen[0]["proj_size"] == 320 and seen[0]["hidden_size"] == 2048
     assert payload["compile_error"] is None and len(payload["results"][0]["compile"]) == 2
     md = (tmp_path / "nemo_fp16_compile.md").read_text()
     assert "- LSTM L8 I640 H2048 P320 B16 T418 fp16: 2 kernel compile(s), 2 failed" in md

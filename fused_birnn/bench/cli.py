@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,15 @@ def _reexec(interpret: str) -> int:
     """Run this command again in a fresh process with TRITON_INTERPRET=`interpret` (it is read when
     fused_birnn.kernels is imported, which `python -m fused_birnn.bench` has already done)."""
     env = dict(os.environ, TRITON_INTERPRET=interpret, **{_CHILD: "1"})
-    return subprocess.run([sys.executable, "-m", "fused_birnn.bench", *sys.argv[1:]], env=env).returncode
+    child = subprocess.Popen([sys.executable, "-m", "fused_birnn.bench", *sys.argv[1:]], env=env)
+    # Ctrl-C or `timeout --signal=INT` reach the child with this process's group: it writes what it measured
+    # (run_suite keeps a suite's finished configurations); this process waits for that instead of killing it
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        rc = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128 + N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,6 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    compile=not args.no_compile, compile_jobs=args.jobs, plots=not args.no_plots, seed=args.seed,
                    interpreter_max_steps=args.interpreter_steps)
     dtypes = tuple(args.dtype) if args.dtype else None
+    try:
+        return _run_suites(suites, out, opts, dtypes, args, device)
+    except KeyboardInterrupt:  # between suites: each finished suite's files are complete
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_suites(suites: list[str], out: Path, opts: Options, dtypes, args, device: str) -> int:
     for suite in suites:
         payload = run_suite(suite, out, opts, dtypes=dtypes, compile_only=args.compile_only, sizing=device)
         print(f"\n== suite {suite}{' (quick)' if args.quick else ''}: {report.stamp_line(payload['env'])}")
@@ -153,4 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in report.run_warnings(payload):
             print(line, file=sys.stderr)
         print("wrote " + ", ".join(payload["files"]))
+        if payload.get("interrupted"):  # Ctrl-C / timeout: what was measured is written; run nothing more
+            rest = suites[suites.index(suite) + 1:]
+            if rest:
+                print(f"interrupted: not run: {', '.join(rest)}", file=sys.stderr)
+            return 130
     return 0

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import signal
 import statistics
+import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -345,8 +347,8 @@ def _compile_case_fields() -> set[str]:
 def compile_cases(configs: list[Config], allow_tf32: bool) -> dict[tuple, dict]:
     """The distinct recurrence compiles of `configs` (every layer of a configuration launches the same
     forward and backward kernel): key -> `fused_birnn.compile_report.CompileCase` fields. LSTM and GRU
-    configurations pass `cell` ("lstm" / "gru") and `proj_size` (LSTM with a projection), and are left
-    out while `CompileCase` has no such field."""
+    configurations pass `cell` ("LSTM" / "GRU") and `proj_size` (LSTM with a projection), and are left
+    out where `CompileCase` has no such field."""
     fields = _compile_case_fields()
     cases = {}
     for c in configs:
@@ -356,19 +358,19 @@ def compile_cases(configs: list[Config], allow_tf32: bool) -> dict[tuple, dict]:
         if c.cell != "RNN":
             if "cell" not in fields or (c.proj_size and "proj_size" not in fields):
                 continue  # this compile_report cannot compile the cell yet
-            extra["cell"] = c.cell.lower()
+            extra["cell"] = c.cell
             if c.proj_size:
                 extra["proj_size"] = c.proj_size
         prec = "tf32" if c.dtype == "fp32" and allow_tf32 else "ieee"
         key = (c.hidden_size, c.batch, COMPILE_DTYPES[c.dtype], prec, c.nonlinearity == "relu", c.packed,
-               extra.get("cell", "rnn"), extra.get("proj_size", 0))
+               c.cell.lower() if c.cell != "RNN" else "rnn", c.proj_size)
         cases[key] = dict(hidden_size=c.hidden_size, batch_size=c.batch, dtype=COMPILE_DTYPES[c.dtype],
                           input_precision=prec, relu=c.nonlinearity == "relu", lengths=c.packed, **extra)
     return cases
 
 
 def _case_key(row: dict) -> tuple:
-    cell = str(row.get("cell") or "rnn").lower()
+    cell = str(row.get("cell") or "rnn").lower()  # compile_report's rows: "RNN_TANH", "RNN_RELU", "LSTM", "GRU"
     return (row["hidden_size"], row["batch_size"], row["dtype"], row["input_precision"], row["relu"],
             row.get("lengths", False), cell if cell in ("lstm", "gru") else "rnn", row.get("proj_size") or 0)
 
@@ -442,7 +444,8 @@ def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[s
     out_dir.mkdir(parents=True, exist_ok=True)
     sizing = sizing or opts.device
     configs = configs if configs is not None else get_suite(suite, sizing, quick=opts.quick, dtypes=dtypes)
-    env = report.environment(opts.device if not compile_only else sizing)
+    with _interrupts_deferred() as early:  # a Ctrl-C here still leaves this suite's (empty) files behind
+        env = report.environment(opts.device if not compile_only else sizing)
     # the GPU kernels' fp32 dot follows cuDNN's TF32 switch: compile what a GPU run would launch
     allow_tf32 = bool(torch.backends.cudnn.allow_tf32)
     stem = file_stem(suite, dtypes, opts.quick) + ("_compile" if compile_only else "")
@@ -461,7 +464,9 @@ def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[s
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     t0 = time.perf_counter()
 
-    if compile_only:
+    if early:
+        payload["interrupted"] = f"after 0 of {len(configs)} configurations"
+    elif compile_only:
         payload["results"] = [{"config": c.to_dict(), "label": c.label} for c in configs]
         _compile_step(payload, suite, opts, allow_tf32)
     else:
@@ -482,7 +487,36 @@ def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[s
         bar.set_description_str(suite)
         bar.close()
         if opts.compile and not payload.get("interrupted"):
-            _compile_step(payload, suite, opts, allow_tf32)
+            try:
+                _compile_step(payload, suite, opts, allow_tf32)
+            except KeyboardInterrupt:
+                payload["interrupted"] = "during the compile table"
+    with _interrupts_deferred() as late:  # the files are written whole; a Ctrl-C now stops what follows
+        _write_reports(payload, out_dir, json_path, md_path, compile_only, opts, t0, stem)
+    if late and not payload.get("interrupted"):
+        payload["interrupted"] = "while its reports were written (all configurations measured)"
+    return payload
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT (Ctrl-C, `timeout --signal=INT`) is remembered, not raised, inside the block: yields a list
+    that is non-empty if one came. Only where Python delivers signals (the main thread)."""
+    got: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(True))
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _write_reports(payload: dict, out_dir: Path, json_path: Path, md_path: Path, compile_only: bool,
+                   opts: Options, t0: float, stem: str) -> None:
+    """The suite's final JSON, markdown and plots; `payload["files"]` lists them."""
+    env, suite = payload["env"], payload["suite"]
     payload["not_converged"] = [] if compile_only else not_converged(payload["results"])
     payload["partial"] = False
     payload["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -508,4 +542,3 @@ def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[s
                 payload["plots_error"] = f"no plots: {type(e).__name__}: {e}"
             report.write_json(json_path, payload)
     payload["files"] = [str(json_path), str(md_path)] + [str(out_dir / p) for p in payload.get("plots", [])]
-    return payload

@@ -5,18 +5,19 @@ reuse the previous call's input buffers; each candidate reads them through its o
 (`Rotating.cursor`), so that in every round all candidates get the same input set.
 
 CPU comparisons are symmetric (`cpu_compare_ms`): the candidates run interleaved, one call each per round,
-and the order flips every round (A B, B A, A B, ...), so a pair of rounds is an ABBA block. Why, measured
-on this project's CPU machine (2 shared cores, torch 2.13.0+cpu, 1 thread, forward, `backend='auto'`,
-which on a CPU runs ATen's own RNN, nn.RNN's kernel): timing one nn.RNN against a second nn.RNN with the
-same weights in the fixed order this module used before (always ours first) measured 0.994 [0.987-0.999]
-on the seed shape, i.e. the candidate in second place looked 0.6% faster; with ours against nn.RNN the
-fixed order gave 1.045 [1.035-1.054] and the reversed order 1.077 [1.071-1.084] on the same shape. Two
-fresh nn.RNN instances with identical weights differ by up to 1-2% on one machine (weights at other
-addresses), either sign: a forward ratio of two modules that run the same kernel is 1.00 within that.
-The Python before ATen's call costs fused_birnn.RNN less than nn.RNN (36 against 43 us a call on a
-1-step, H=8 layer; nn.RNN re-reads its 4 parameters per layer and direction through `getattr` to see
-whether they changed), so ours is never slower by its own doing; the forward shortfalls of 1-3% that
-earlier runs recorded were this placement and order error.
+the order flips every round (A B, B A, ...), and a ratio is taken per ABBA block (two rounds, one in each
+order), so whatever the place in a round costs or saves cancels. Why, measured on the project's CPU
+machine (2 shared cores, torch 2.13.0+cpu, 1 thread, forward, each shape's ratio run until its 95%
+interval was within ±0.5% or 6 s): `torch.nn.RNN` timed against a second `nn.RNN` with the same weights
+(an A/A test) in the fixed order used before (ours first, then nn.RNN) read 0.966-0.996 in 8 runs over 4
+shapes (seed; H=64 B=32 T=32; H=128 B=8 T=32; H=64 B=8 T=8): the first slot lost 0.4-3.4%, the size of
+the forward shortfalls (0.97-0.99x) that earlier CPU runs recorded for `fused_birnn.RNN`, which runs
+nn.RNN's own ATen kernel there. In ABBA order the same A/A runs read 0.995-1.012. What is left is real:
+with every candidate rotated through every place, `fused_birnn.RNN`'s Python before ATen's call cost
+1-2% at H=64 B=32 T=32 (nn.RNN / ours 0.983-0.990, intervals excluding 1; ATen's function called
+directly with our weights or nn.RNN's: the same time), and gained at tiny shapes (41 against 43 us a
+call at T=1, H=1). Two modules running one kernel still differ by about ±1% (where their tensors lie):
+read a forward ratio within 0.99-1.01 as parity.
 """
 
 from __future__ import annotations

@@ -3,8 +3,13 @@
 #
 #   bash bench/gpu_run.sh OUTDIR [STEP ...]
 #
-# STEP: setup | tests | sanitize | compile | quick | all | a suite (seed tagger latency scaling deepbench
-#       speech) | SUITE:DTYPE (e.g. speech:fp16, to split a long suite across commands).
+# STEP: setup | tests | sanitize | compile | quick | all | lstm-gru | a suite (seed tagger latency scaling
+#       deepbench speech; LSTM/GRU: pyannote tacotron2 openunmix espnet deepspeech deepspeech2 nemo) |
+#       SUITE:DTYPE (e.g. speech:fp16, to split a long suite across commands).
+# `lstm-gru` runs the seven LSTM/GRU suites (fused_birnn.LSTM/GRU against nn.LSTM/nn.GRU on cuDNN, fp32,
+# fp16, bf16, the workloads' real sizes), each bounded by BENCH_LSTM_GRU_SUITE_TIMEOUT seconds (default 75:
+# at most 7 x 75 s = 8.75 min, one GPU-tool command); a suite cut short keeps the configurations it
+# finished (fp32 first, then fp16, then bf16).
 # `tests` runs the CUDA tests (the split recurrence's among them) and then, where compute-sanitizer exists,
 # `sanitize`: the small split test under `compute-sanitizer --tool racecheck` and `--tool synccheck`.
 # Default (no STEP): setup tests seed tagger latency scaling deepbench speech compile -- longer than one
@@ -13,6 +18,7 @@
 #   bash bench/gpu_run.sh "$OUT" latency scaling
 #   bash bench/gpu_run.sh "$OUT" deepbench
 #   bash bench/gpu_run.sh "$OUT" speech:fp32 speech:fp16 speech:bf16
+#   bash bench/gpu_run.sh "$OUT" lstm-gru
 #   bash bench/gpu_run.sh "$OUT" compile          # needs no GPU: `--compile-only` runs on a CPU machine too
 # Every step is bounded by `timeout` (BENCH_STEP_TIMEOUT seconds, default 530) and a step that fails or
 # times out does not stop the next ones; a suite writes its JSON after every configuration, so a timed-out
@@ -28,6 +34,8 @@ OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-530}
+LSTM_GRU_SUITE_TIMEOUT=${BENCH_LSTM_GRU_SUITE_TIMEOUT:-75}
+LSTM_GRU_SUITES=(pyannote tacotron2 openunmix espnet deepspeech deepspeech2 nemo)
 DEVICE=${BENCH_DEVICE:-cuda}   # BENCH_DEVICE=cpu: a dry run of this script on a machine without a GPU
 PY=${PYTHON:-python}
 RESULTS="$OUT/results"
@@ -127,12 +135,12 @@ sanitize() {  # the small split forward+backward under compute-sanitizer's racec
     done
 }
 
-run_step() {  # name, command...: bounded by timeout; never aborts the script
+run_step() {  # name, command...: bounded by timeout (STEP_LIMIT, default STEP_TIMEOUT); never aborts the script
     local name=$1
     shift
     say "step $name: $*"
     local t0=$SECONDS rc=0
-    (cd "$RUN_DIR" && timeout --signal=INT --kill-after=20 "$STEP_TIMEOUT" "$@") 2>&1 | tee -a "$LOG" || rc=$?
+    (cd "$RUN_DIR" && timeout --signal=INT --kill-after=20 "${STEP_LIMIT:-$STEP_TIMEOUT}" "$@") 2>&1 | tee -a "$LOG" || rc=$?
     say "step $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo ' (TIMED OUT)')"
     return 0
 }
@@ -167,12 +175,16 @@ for step in "${STEPS[@]}"; do
                 -o cache_dir="$OUT/.pytest_cache" >"$OUT/tests.log" 2>&1
             sanitize
             for s in seed tagger latency scaling deepbench speech; do bench "$s"; done
+            for s in "${LSTM_GRU_SUITES[@]}"; do STEP_LIMIT=$LSTM_GRU_SUITE_TIMEOUT bench "$s"; done
             run_step compile "$PY" -m fused_birnn.bench --suite all --compile-only --device "$DEVICE" --out "$RESULTS" \
                 --jobs "$(( $(nproc) > 2 ? $(nproc) / 2 : 1 ))"
             ;;
+        lstm-gru)
+            for s in "${LSTM_GRU_SUITES[@]}"; do STEP_LIMIT=$LSTM_GRU_SUITE_TIMEOUT bench "$s"; done ;;
         *:*) bench "${step%%:*}" "${step#*:}" ;;
         seed | tagger | latency | scaling | deepbench | speech | tiny) bench "$step" ;;
-        *) say "unknown step $step (expected setup, tests, sanitize, compile, quick, all, a suite or SUITE:DTYPE)" ;;
+        pyannote | tacotron2 | openunmix | espnet | deepspeech | deepspeech2 | nemo) bench "$step" ;;
+        *) say "unknown step $step (expected setup, tests, sanitize, compile, quick, all, lstm-gru, a suite or SUITE:DTYPE)" ;;
     esac
 done
 

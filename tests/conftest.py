@@ -42,3 +42,34 @@ def _seed():
 def assert_close(actual, expected, dtype, msg=""):
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{msg}: {m}")
+
+
+def outcome(fn):
+    """`(result, None)` or `(None, exception)` of calling `fn`."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - the point is to compare whatever is raised
+        return None, e
+
+
+def assert_same_outcome(ours, theirs, what):
+    """Two `outcome`s, ours and torch's: where torch raises, ours raises the same type (a subclass is
+    fine) with a message; where torch accepts, ours accepts. Returns both results (None where raised)."""
+    (ours_result, ours_error), (ref_result, ref_error) = ours, theirs
+    if ref_error is None:
+        assert ours_error is None, f"{what}: torch accepts it, ours raised {ours_error!r}"
+        return ours_result, ref_result
+    assert ours_error is not None, f"{what}: torch raises {ref_error!r}, ours raised nothing"
+    assert isinstance(ours_error, type(ref_error)), (
+        f"{what}: torch raises {type(ref_error).__name__}, ours {type(ours_error).__name__}: {ours_error}")
+    assert str(ours_error), f"{what}: an error without a message"
+    return None, None
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 GPU tests compare exact fp32 (cuDNN's and our TF32 switch off)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old

@@ -27,14 +27,6 @@ def grads_of(model, x, h0, g_out, g_hn):
     return [out, hn, *torch.autograd.grad(loss, [x, h0, *model.parameters()])]
 
 
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "I{}-H{}-L{}-T{}-B{}".format(*s))
 def test_parity_against_cudnn(size, dtype, no_tf32):

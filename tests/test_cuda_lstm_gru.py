@@ -34,14 +34,6 @@ SIZES = [
 ]
 
 
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
-
-
 def make(cell, I, H, L, proj, dtype, **kw):
     """float64 reference, cuDNN in `dtype`, ours in `dtype`: the same weights."""
     extra = {"proj_size": proj} if proj else {}

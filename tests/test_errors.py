@@ -4,7 +4,7 @@ argument, ours accepts it too and gives nn.RNN's result."""
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, assert_same_outcome, outcome
 from torch.nn.utils.rnn import pack_sequence
 
 import fused_birnn
@@ -30,25 +30,6 @@ CONSTRUCTOR_CASES = [
     ("valid-positional", (3, 4, 2, "relu", False, True, 0.0, True, 0, None, torch.float64), {}),
     ("valid-keywords", (), dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True)),
 ]
-
-
-def outcome(fn):
-    try:
-        return fn(), None
-    except Exception as e:  # noqa: BLE001 - the point is to compare whatever is raised
-        return None, e
-
-
-def assert_same_outcome(ours, theirs, what):
-    (ours_result, ours_error), (ref_result, ref_error) = ours, theirs
-    if ref_error is None:
-        assert ours_error is None, f"{what}: nn.RNN accepts it, ours raised {ours_error!r}"
-        return ours_result, ref_result
-    assert ours_error is not None, f"{what}: nn.RNN raises {ref_error!r}, ours raised nothing"
-    assert isinstance(ours_error, type(ref_error)), (
-        f"{what}: nn.RNN raises {type(ref_error).__name__}, ours {type(ours_error).__name__}: {ours_error}")
-    assert str(ours_error), f"{what}: an error without a message"
-    return None, None
 
 
 @pytest.mark.parametrize("args, kwargs", [c[1:] for c in CONSTRUCTOR_CASES], ids=[c[0] for c in CONSTRUCTOR_CASES])

@@ -8,7 +8,7 @@ ATen's own kernels. The recurrence itself is tested against float64 in tests/tes
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, assert_close
+from conftest import CPU_BACKENDS, assert_close, assert_same_outcome, outcome
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 
@@ -87,25 +87,6 @@ CONSTRUCTOR_CASES = [  # (id, cell, args, kwargs): each passed to nn's class and
     ("gru-layers-float", "GRU", (3, 4, 1.5), {}),
     ("gru-valid-keywords", "GRU", (), dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True)),
 ]
-
-
-def outcome(fn):
-    try:
-        return fn(), None
-    except Exception as e:  # noqa: BLE001 - the point is to compare whatever is raised
-        return None, e
-
-
-def assert_same_outcome(ours, theirs, what):
-    (ours_result, ours_error), (ref_result, ref_error) = ours, theirs
-    if ref_error is None:
-        assert ours_error is None, f"{what}: torch accepts it, ours raised {ours_error!r}"
-        return ours_result, ref_result
-    assert ours_error is not None, f"{what}: torch raises {ref_error!r}, ours raised nothing"
-    assert isinstance(ours_error, type(ref_error)), (
-        f"{what}: torch raises {type(ref_error).__name__}, ours {type(ours_error).__name__}: {ours_error}")
-    assert str(ours_error), f"{what}: an error without a message"
-    return None, None
 
 
 @pytest.mark.parametrize("cell, args, kwargs", [c[1:] for c in CONSTRUCTOR_CASES], ids=[c[0] for c in CONSTRUCTOR_CASES])

@@ -452,8 +452,9 @@ def run_suite(suite: str, out_dir: Path | str, opts: Options, *, dtypes: tuple[s
     rule = CPU_QUICK_RULE if opts.quick else CPU_RULE
     payload: dict = {"suite": suite, "quick": opts.quick, "compile_only": compile_only, "sizing": sizing,
                      "env": env, "partial": True, "results": [], "compile_error": None,
-                     "flops_formula": "forward: 2*T*B*(I_l*H + H*H) per direction per layer "
-                                      "(I_l = I for layer 0, 2H above); forward+backward: 3x forward",
+                     "flops_formula": "forward: 2*T*B*G*H*(I_l + P) per direction per layer, + 2*T*B*H*P with "
+                                      "a projection (G = 1 RNN, 4 LSTM, 3 GRU; P = proj_size or H; I_l = I for "
+                                      "layer 0, 2P above); forward+backward: 3x forward",
                      "reference": report.suite_reference(configs),
                      "ratio_definition": report.ratio_definition(env["device"], report.suite_reference(configs)),
                      "noise_rule": dict(vars(rule), confidence=0.95,

@@ -136,6 +136,10 @@ class FusedRNNBase(nn.RNNBase):
         Returns:
             ``(output, h_n)``; LSTM ``(output, (h_n, c_n))``.
         """
+        if lengths is None and type(input) is Tensor:
+            result = self._aten_fast_path(input, hx)
+            if result is not None:
+                return result
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("pass either a PackedSequence or lengths=, not both")
@@ -253,6 +257,34 @@ class FusedRNNBase(nn.RNNBase):
             return True
         return not (x.requires_grad or any(s.requires_grad for s in states)
                     or any(p.requires_grad for p in self._current_weights()))
+
+    def _aten_fast_path(self, input: Tensor, hx):
+        """`forward` for the common call that `_aten_serves` hands to ATen (a batched fp32/fp64 CPU tensor,
+        states None or of the expected shape, dtype and device), with nothing else before the kernel: the
+        general path's checks and reshapes cost 1-2% of nn's time at mid-size shapes (measured, bench/).
+        None for anything else, which the general path then handles (and raises nn's errors for)."""
+        if (self.backend != "auto" or not input.is_cpu or functional.INTERPRETER or input.dim() != 3
+                or input.dtype not in (torch.float32, torch.float64) or input.size(-1) != self.input_size):
+            return None
+        steps, batch = (input.size(1), input.size(0)) if self.batch_first else (input.size(0), input.size(1))
+        if (steps == 0 or not (self.mode in ("LSTM", "GRU") or steps < ATEN_MAX_TRAINING_STEPS
+                               or not torch.is_grad_enabled())
+                or torch._C._is_any_autocast_enabled() or _functorch.maybe_current_level() is not None
+                or torch.compiler.is_compiling()):
+            return None
+        weights = [self._parameters[name] for name in self._flat_weights_names]
+        rows = self.num_layers * (2 if self.bidirectional else 1)
+        sizes = self._state_sizes()
+        states = (tuple(torch.zeros(rows, batch, size, dtype=input.dtype) for size in sizes) if hx is None
+                  else self._states(hx))
+        if not (weights[0].is_cpu and weights[0].dtype == input.dtype and all(
+                type(s) is Tensor and s.is_cpu and s.dtype == input.dtype and s.shape == (rows, batch, size)
+                for s, size in zip(states, sizes))):
+            return None
+        result = getattr(_VF, _ATEN[self.mode])(
+            input, states[0] if len(states) == 1 else states, weights, self.bias, self.num_layers, self.dropout,
+            self.training, self.bidirectional, self.batch_first)
+        return result[0], self._hx(tuple(result[1:]))
 
     def _aten(self, x: Tensor, states: tuple[Tensor, ...], batch_sizes: Tensor | None = None):
         """ATen's kernel for the cell on a time-major `x` (or packed data with `batch_sizes`):

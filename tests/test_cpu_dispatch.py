@@ -1,4 +1,4 @@
-"""`backend='auto'` on a CPU without the interpreter: which calls ATen's own RNN serves (nn.RNN's kernel,
+"""`backend='auto'` on a CPU without the interpreter: which calls ATen's own kernels serve (nn's kernel,
 where our path is not faster: inference and short training sequences) and which run our path, and that
 the results are nn.RNN's either way. The suite runs under TRITON_INTERPRET=1, so these tests switch the
 module's view of the interpreter off."""
@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from conftest import assert_same_outcome, outcome
 from torch.nn.utils.rnn import pack_sequence
 
 import fused_birnn
@@ -87,3 +88,30 @@ def test_our_path_where_aten_does_not_serve(aten_calls):
             ours(x)
     torch.func.vmap(ours)(torch.randn(2, 5, 2, 3))               # torch.func: our layer's rules
     assert aten_calls == []
+
+
+@pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("given_hx", [False, True])
+def test_fast_path_to_aten_equals_nn_and_keeps_nns_errors(cell, batch_first, given_hx, monkeypatch):
+    """The call `_aten_fast_path` hands straight to ATen (no interpreter, batched CPU input): bitwise nn's
+    outputs and gradients; a state of the wrong shape or dtype still raises what nn raises."""
+    monkeypatch.setattr(functional, "INTERPRETER", False)
+    ours_cls, ref_cls = getattr(fused_birnn, cell), getattr(torch.nn, cell)
+    ours = ours_cls(3, 4, 2, bidirectional=True, batch_first=batch_first)
+    ref = ref_cls(3, 4, 2, bidirectional=True, batch_first=batch_first)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 6, 3, requires_grad=True)
+    h = torch.randn(4, 5 if batch_first else 6, 4)
+    hx = ((h, torch.randn_like(h)) if cell == "LSTM" else h) if given_hx else None
+    (out, state), (ref_out, ref_state) = ours(x, hx), ref(x, hx)
+    states = state if isinstance(state, tuple) else (state,)
+    ref_states = ref_state if isinstance(ref_state, tuple) else (ref_state,)
+    assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(states, ref_states, strict=True))
+    grads = torch.autograd.grad(out.sum(), [x, *ours.parameters()])
+    ref_grads = torch.autograd.grad(ref_out.sum(), [x, *ref.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True))
+    for bad in (h[:, :1], h.double(), h[:2]):
+        bad_hx = (bad, torch.zeros_like(bad)) if cell == "LSTM" else bad
+        assert outcome(lambda: ref(x, bad_hx))[1] is not None
+        assert_same_outcome(outcome(lambda: ours(x, bad_hx)), outcome(lambda: ref(x, bad_hx)), f"{cell} bad hx")

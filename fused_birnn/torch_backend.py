@@ -162,7 +162,7 @@ def recurrence_forward(
         Elman `(out, h_n)`; LSTM `(out, h_n, c_n, saved)`; GRU `(out, h_n, saved)`.
     """
     mode = cell_mode(cell, relu)
-    _check_cell_arguments(mode, c0=c0, w_hr=w_hr, b_hn=b_hn)
+    check_cell_arguments(mode, c0=c0, w_hr=w_hr, b_hn=b_hn)
     T = x_proj.shape[0]
     D = w_hh.shape[0]
     if mode == "LSTM":
@@ -324,7 +324,7 @@ def recurrence_backward(
           and db_hr, db_hz come from grad_pre's r, z columns, its n rows and db_hn from grad_hn.
     """
     mode = cell_mode(cell, relu)
-    _check_cell_arguments(mode, c0=c0, w_hr=w_hr, saved=saved, h0=h0, grad_c_n=grad_c_n)
+    check_cell_arguments(mode, c0=c0, w_hr=w_hr, saved=saved, h0=h0, grad_c_n=grad_c_n)
     T = out.shape[0]
     D = w_hh.shape[0]
     g = to_processing_order(grad_out, D)  # gradient reaching each step's state, completed in place
@@ -485,7 +485,7 @@ class _GRUBackward:
         return to_time_order(self.dz), grad_h0, grad_hn
 
 
-def _check_cell_arguments(mode: str, **arguments: Tensor | None) -> None:
+def check_cell_arguments(mode: str, **arguments: Tensor | None) -> None:
     """Which optional tensors a cell takes (c0, w_hr: LSTM; b_hn: GRU) and needs (c0, saved, h0)."""
     takes = {"c0": mode == "LSTM", "w_hr": mode == "LSTM", "b_hn": mode == "GRU", "grad_c_n": mode == "LSTM",
              "saved": mode in _SAVED_WIDTH, "h0": True}
@@ -514,7 +514,7 @@ def differentiable_layer(
     kernels when a gradient is itself being differentiated (`create_graph=True`), batched
     (`is_grads_batched=True`) or transformed (`torch.func.jacrev`, `vjp`, `grad`)."""
     mode = cell_mode(cell, relu)
-    _check_cell_arguments(mode, c0=c0)
+    check_cell_arguments(mode, c0=c0)
     T, B, _ = x.shape
     D = h0.shape[0]
     per_direction = len(params) // D

@@ -85,6 +85,7 @@ import triton.language as tl
 from . import launch
 from .cell import cell_backward, gru_cell_backward, lstm_cell_backward
 from .config import RecurrenceConfig, device_limits, select_config
+from ..torch_backend import cell_mode, check_cell_arguments
 from .forward import acc_dtype, check_buffers, device_guard, input_precision
 from .indexing import sequence_lengths, step_time
 from .exchange import load_exchanged
@@ -349,29 +350,6 @@ def birnn_bwd_kernel(
 _CELL_IDS = {"RNN_TANH": (0, 1), "RNN_RELU": (0, 1), "LSTM": (1, 4), "GRU": (2, 3)}  # mode -> (CELL, G)
 
 
-def _cell_mode(cell: str | None, relu: bool) -> str:
-    """nn.RNNBase's mode name of the cell (as `torch_backend.cell_mode`)."""
-    if cell is None:
-        return "RNN_RELU" if relu else "RNN_TANH"
-    if cell not in _CELL_IDS:
-        raise ValueError(f"cell: expected one of {tuple(_CELL_IDS)}, got {cell!r}")
-    if relu and cell != "RNN_RELU":
-        raise ValueError(f"relu=True goes only with cell=None or 'RNN_RELU', got cell={cell!r}")
-    return cell
-
-
-def _check_cell_arguments(mode: str, **arguments: torch.Tensor | None) -> None:
-    """Which optional tensors a cell takes and needs (as `torch_backend.recurrence_backward`)."""
-    gated = mode in ("LSTM", "GRU")
-    takes = {"c0": mode == "LSTM", "w_hr": mode == "LSTM", "grad_c_n": mode == "LSTM", "saved": gated, "h0": True}
-    needs = {"c0": mode == "LSTM", "saved": gated, "h0": mode == "GRU"}
-    for name, value in arguments.items():
-        if value is not None and not takes[name]:
-            raise ValueError(f"{name}: the {mode} cell takes no {name}")
-        if value is None and needs.get(name, False):
-            raise ValueError(f"{name}: the {mode} cell needs {name}")
-
-
 def _gate_slices(w_hh: torch.Tensor, G: int, S: int, UP: int, block_p: int, block_k: int) -> torch.Tensor:
     """`[D, G*H, P]` -> `[D, S, G, block_p, block_k]`: [d, p, k, n, j] = W_hh[d][k*H + j, p*UP + n], zero
     padded: program p's on-chip operand of gate k (columns of W_hh, the transposed rows of each gate)."""
@@ -532,8 +510,8 @@ def recurrence_backward(
         `grad_c0 [D, B, H]`, `grad_w_hr [D, P, H]` or None; GRU `grad_h0`, `grad_hn [T, B, D*H]` (the
         hidden side's n block).
     """
-    mode = _cell_mode(cell, relu)
-    _check_cell_arguments(mode, c0=c0, w_hr=w_hr, saved=saved, h0=h0 if mode == "GRU" else None,
+    mode = cell_mode(cell, relu)
+    check_cell_arguments(mode, c0=c0, w_hr=w_hr, saved=saved, h0=h0 if mode == "GRU" else None,
                           grad_c_n=grad_c_n)
     cell_id, G = _CELL_IDS[mode]
     T, B, DP = out.shape

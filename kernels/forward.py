@@ -121,7 +121,7 @@ from .indexing import sequence_lengths, step_time
 from .launch import device_guard  # noqa: F401  (re-exported: the launchers' device guard)
 from .exchange import load_exchanged
 from .sync import group_barrier
-from ..torch_backend import _check_cell_arguments as check_cell_arguments, cell_mode, saved_shape
+from ..torch_backend import cell_mode, check_cell_arguments, saved_shape
 
 
 @triton.jit

@@ -17,7 +17,10 @@ the result back:
   exchange buffer (those located in `kernels/exchange.py`), flagging any that may allocate in L1.
 
 Each target is planned with its own limits (`DeviceLimits.for_arch`): the configuration compiled for
-sm_86 is the one an sm_86 device would launch.
+sm_86 is the one an sm_86 device would launch. A case names its cell (`cell="LSTM"` / `"GRU"`, an LSTM's
+`proj_size`): the plan is then `select_config(..., cell, proj_size)` and each kernel is specialised as
+its launcher does it (`forward.common_kwargs`, `backward.kernel_constants`), so the gated variants are
+checked the same way as the Elman ones.
 
 The kernels are specialised the way a real launch specialises them (`JITFunction.run`): pointers and
 integer arguments divisible by 16 carry `tt.divisibility=16`, integers equal to 1 become constexprs,
@@ -78,6 +81,10 @@ class CompileCase:
         num_stages: a Triton `num_stages` option to try; None: not passed (the launchers' default).
         split: S programs per group forced into the plan (what `FUSED_BIRNN_SPLIT=S` does); None: the
             plan's choice.
+        cell: None (Elman, `relu` picks the activation), "LSTM" or "GRU": the kernels' CELL
+            specialisation, planned with `select_config(..., cell, proj_size)`, each kernel specialised
+            as its launcher does (`forward.common_kwargs`, `backward.kernel_constants`).
+        proj_size: an LSTM's projection P (0: none).
     """
 
     hidden_size: int
@@ -95,6 +102,8 @@ class CompileCase:
     targets: tuple[int, ...] = (80, 86, 89, 90)
     num_stages: int | None = None
     split: int | None = None
+    cell: str | None = None
+    proj_size: int = 0
 
     @classmethod
     def make(cls, hidden_size: int, batch_size: int, dtype: Any, config: Any = None, **kw) -> "CompileCase":
@@ -170,6 +179,8 @@ def _resolve(case: CompileCase, arch: int = 90) -> dict:
             kw["limits"] = DeviceLimits.for_arch(arch)
         if "split" in params:
             kw["split"] = case.split
+        if case.cell is not None:
+            kw.update(cell=case.cell, proj_size=case.proj_size or None)
         cfg = select_config(case.hidden_size, case.batch_size, getattr(torch, case.dtype), **kw)
         source = "select_config"
     elif any(v is None for v in explicit):
@@ -192,14 +203,31 @@ def _resolve(case: CompileCase, arch: int = 90) -> dict:
                 num_stages=num_stages)
 
 
-def _int_args(kernel: str, H: int, B: int, D: int, cfg) -> dict[str, int]:
+def _int_args(kernel: str, H: int, B: int, D: int, cfg, cell: str | None = None, proj_size: int = 0,
+              params: Sequence[str] = ()) -> dict[str, int]:
     """Integer arguments (other than T and the step range) of a launch on contiguous buffers, as the
     launchers pass them."""
     seq = (B * D * H, D * H)  # [T, B, D*H] strides (t, b)
     state = (B * H, H)  # [D, B, H] strides (d, b)
     if kernel.startswith("birnn_fwd"):
-        names = ("stride_xt", "stride_xb", "stride_ot", "stride_ob", "stride_hnd", "stride_hnb")
-        vals = seq + seq + state
+        G = {None: 1, "LSTM": 4, "GRU": 3}[cell]
+        P = proj_size or H
+        names = ("stride_xt", "stride_xb", "stride_ot", "stride_ob", "stride_hnd", "stride_hnb",
+                 "P", "UP", "stride_wr", "stride_st")
+        vals = ((B * D * G * H, D * G * H), (B * D * P, D * P), (B * P, P),
+                (P, cfg.proj_units_per_program(H, P) if proj_size else cfg.units_per_program(H),
+                 -(-H // 16) * 16 if proj_size else 0, D * B * (G + 1) * H if cell else 0))
+        vals = sum(vals, ())
+        return dict(B=B, H=H, U=cfg.units_per_program(H), stride_w=-(-P // 16) * 16, **dict(zip(names, vals)))
+    elif "P" in params:  # the backward of every cell: out/grad_out [T, B, D*P], grad_pre [T, B, D*G*H]
+        G = {None: 1, "LSTM": 4, "GRU": 3}[cell]
+        P = proj_size or H
+        names = ("stride_ot", "stride_ob", "stride_got", "stride_gob", "stride_gpt", "stride_gpb",
+                 "stride_gh0d", "stride_gh0b", "P", "UP", "stride_wr", "stride_st")
+        vals = ((B * D * P, D * P) * 2 + (B * D * G * H, D * G * H) + (B * P, P)
+                + (P, cfg.proj_units_per_program(H, P) if proj_size else cfg.units_per_program(H),
+                   -(-H // 16) * 16 if proj_size else 0, D * B * (G + 1) * H if cell else 0))
+        return dict(B=B, H=H, U=cfg.units_per_program(H), stride_w=-(-P // 16) * 16, **dict(zip(names, vals)))
     else:
         names = ("stride_ot", "stride_ob", "stride_got", "stride_gob", "stride_gpt", "stride_gpb",
                  "stride_gh0d", "stride_gh0b")
@@ -213,11 +241,29 @@ def _specialise(fn, case: CompileCase, precision: str, cfg) -> tuple[dict, dict,
     import triton.language as tl
 
     H = case.hidden_size
-    ints = _int_args(fn.__name__, H, case.batch_size, case.directions, cfg)
+    ints = _int_args(fn.__name__, H, case.batch_size, case.directions, cfg, case.cell, case.proj_size,
+                     [p.name for p in fn.params])
     constexprs: dict[Any, Any] = dict(
         HAS_LENGTHS=case.lengths, RELU=case.relu, ACC_DTYPE=tl.float32, INPUT_PRECISION=precision,
         BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.k_block(H), SPLIT=cfg.programs_per_group(H),
         W_ON_CHIP=cfg.w_on_chip, BARRIER=cfg.runs_persistent(H, 1024))
+    if fn.__name__.startswith("birnn_fwd"):  # the forward's cell constexprs exactly as its launcher builds them
+        import torch
+
+        from fused_birnn.kernels.forward import common_kwargs
+
+        mode = case.cell or ("RNN_RELU" if case.relu else "RNN_TANH")
+        kw = common_kwargs(cfg, H, getattr(torch, case.dtype), precision == "tf32", case.relu, case.lengths,
+                           True, mode, case.proj_size)
+        constexprs.update({k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "ACC_DTYPE")})
+        constexprs["PHASE"] = 0
+    elif any(p.name == "CELL" for p in fn.params):  # the backward of any cell, as its launcher specialises it
+        from fused_birnn.kernels.backward import kernel_constants
+
+        mode = case.cell or ("RNN_RELU" if case.relu else "RNN_TANH")
+        shape = kernel_constants(cfg, H, case.proj_size or H, mode, bool(case.proj_size),
+                                 cfg.runs_persistent(H, 1024))
+        constexprs.update({k: v for k, v in shape.items() if k not in ("UP", "PHASES")})
     signature: dict[str, str] = {}
     attrs: dict[tuple, list] = {}
     for i, p in enumerate(fn.params):
@@ -225,9 +271,9 @@ def _specialise(fn, case: CompileCase, precision: str, cfg) -> tuple[dict, dict,
         if p.is_constexpr:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            # dh is fp32, the barrier counters and the error flag int32, lengths int64; every other
-            # buffer (the exchange buffer too) has the input dtype
-            signature[name] = ("*fp32" if name == "dh_ptr" else "*i64" if name == "lengths_ptr"
+            # dh and aux (the backward's carries) are fp32, the barrier counters and the error flag int32,
+            # lengths int64; every other buffer (the exchange buffers too) has the input dtype
+            signature[name] = ("*fp32" if name in ("dh_ptr", "aux_ptr") else "*i64" if name == "lengths_ptr"
                                else "*i32" if name in ("sync_ptr", "err_ptr") else TL_PTR[case.dtype])
             if not p.do_not_specialize_on_alignment:
                 attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
@@ -433,17 +479,20 @@ def _plan(cases: Sequence[CompileCase]) -> list[dict]:
             H = case.hidden_size
             progs = cfg.programs(H, case.batch_size, case.directions)
             est = estimate_step_us(cfg, H, case.batch_size, getattr(torch, case.dtype),
-                                   r["input_precision"] == "tf32", DeviceLimits.for_arch(arch), case.directions)
+                                   r["input_precision"] == "tf32", DeviceLimits.for_arch(arch), case.directions,
+                                   {None: 1, "LSTM": 4, "GRU": 3}[case.cell], case.proj_size)
             for kernel in r["kernels"]:
                 row = dict(kernel=kernel, target=f"sm_{arch}", arch=arch, hidden_size=case.hidden_size,
                            batch_size=case.batch_size, dtype=case.dtype, input_precision=r["input_precision"],
                            relu=case.relu, lengths=case.lengths, directions=case.directions,
+                           cell=case.cell or ("RNN_RELU" if case.relu else "RNN_TANH"), proj_size=case.proj_size,
                            config_source=r["config_source"],
                            block_b=cfg.block_b, block_h=cfg.block_h,
                            num_warps=cfg.warps(forward=kernel.startswith("birnn_fwd")),
                            w_hh_path="on-chip" if cfg.w_on_chip else "streamed", programs=progs,
                            split=cfg.programs_per_group(H), units=cfg.units_per_program(H), forced_split=case.split,
-                           block_k=cfg.k_block(H), persistent=cfg.runs_persistent(H, 1024),
+                           block_k=cfg.k_block(case.proj_size or H) if kernel.startswith("birnn_fwd") else cfg.k_block(H),
+                           persistent=cfg.runs_persistent(H, 1024),
                            sms=DeviceLimits.for_arch(arch).sm_count, estimate_us_per_step=est["us"],
                            estimate=est,
                            num_stages=r["num_stages"],
@@ -477,7 +526,8 @@ def format_table(rows: list[dict]) -> str:
         split = r.get("split", 1)
         mode = "" if split == 1 else (" persist" if r.get("persistent") else " per-step")
         est = r.get("estimate_us_per_step")
-        base = [r["kernel"].removeprefix("birnn_").removesuffix("_kernel"), r["target"], dt,
+        cell = {"LSTM": " lstm", "GRU": " gru"}.get(r.get("cell"), "") + (f"-p{r['proj_size']}" if r.get("proj_size") else "")
+        base = [r["kernel"].removeprefix("birnn_").removesuffix("_kernel") + cell, r["target"], dt,
                 str(r["hidden_size"]), str(r["batch_size"]), r["w_hh_path"], f"{split}{mode}", cfg,
                 f"{r['programs']}/{r.get('sms', '?')}", "-" if est is None or r["kernel"].startswith("birnn_bwd")
                 else f"~{est:.2f}"]
@@ -528,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--targets", type=int, nargs="+", default=[80, 86, 89, 90], help="compute capabilities")
     ap.add_argument("--relu", action="store_true", help="the relu cell (default tanh)")
     ap.add_argument("--lengths", action="store_true", help="the variable-length (PackedSequence) variant")
+    ap.add_argument("--cell", choices=("LSTM", "GRU"), help="a gated cell's forward (default: Elman, both passes)")
+    ap.add_argument("--proj-size", type=int, default=0, help="LSTM projection size (default none)")
     ap.add_argument("--directions", type=int, default=2)
     ap.add_argument("--cases", help="JSON list of CompileCase fields (replaces --hidden/--batch/--dtype)")
     ap.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
@@ -541,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cases = [_as_case(c) for c in json.load(f)]
     else:
         cases = [CompileCase.make(h, b, dt, input_precision=p, relu=args.relu, lengths=args.lengths,
-                                   directions=args.directions,
+                                   directions=args.directions, cell=args.cell, proj_size=args.proj_size,
                                   targets=args.targets)
                  for dt in args.dtype for h in args.hidden for b in args.batch
                  for p in (args.fp32_precision if dt == "float32" else ["ieee"])]

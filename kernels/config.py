@@ -445,13 +445,13 @@ def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: Dev
             if (not fma and max(block_k_full, block_kh if proj_size else 0) <= MAX_SPLIT_K and a_elems <= 16384
                     and block_n <= 128 and (aligned or block_k_full <= (64 if dtype == torch.float32 else 256))):
                 warps = 8 if a_elems >= 8192 or block_n * block_k_full >= 16384 else 4  # 16 x 128 x 256: spilled
-                if gates > 1 and (itemsize == 4 or not aligned or proj_size):
-                    # gated fp32 (TF32) 16 x 16 x 128 (254 registers, spilled on sm_90), the projected
-                    # LSTM at H=50/P=20 (255) at 4 warps
+                if gates > 1 and (itemsize == 4 or not aligned or proj_size or gates * block_n * block_k_full >= 16384):
+                    # at 4 warps: gated fp32 (TF32) 16 x 16 x 128 (254 registers, spilled on sm_90), the
+                    # projected LSTM at H=50/P=20 (255), the LSTM's 16 x 16 x 256 (stack on sm_90)
                     warps = 8
                 warps = gate_warps(block_b, block_n, gates, warps)
-                if gates > 1 and a_elems > 8192:  # 16 x 1024 with four gates spilled inside the loop (sm_90)
-                    warps = None
+                if gates > 1 and a_elems >= 8192:  # four gates at 16 x 512 (bf16, sm_90) and 16 x 1024 spilled
+                    warps = None  # inside the loop
                 if gates > 1 and itemsize == 4 and gates * block_k_full > 384:
                     warps = None  # TF32 LSTM 16 x 16 x 128: 255 registers and spills at 4 and 8 warps (sm_90)
                 proj_elems = block_p * block_kh if proj_size else 0

@@ -54,9 +54,30 @@ CASES = [
 ]
 
 
-def _key(h, b, dt, prec, lengths, split=None):
+# The gated cells' kernels (CELL specialisation, each planned with its cell) at the surveyed workloads'
+# shapes (shared/research/lstm-gru.md): (cell, proj_size, H, B, dtype, precision, lengths, forced S)
+GATED_CASES = [
+    ("LSTM", 0, 128, 32, "float16", "ieee", False, None),  # pyannote
+    ("LSTM", 0, 128, 32, "float32", "tf32", False, None),
+    ("LSTM", 0, 256, 16, "float16", "ieee", False, None),  # Open-Unmix
+    ("LSTM", 0, 1024, 32, "float16", "ieee", False, None),  # deepspeech.pytorch
+    ("LSTM", 320, 2048, 16, "float16", "ieee", False, None),  # NeMo LSTM-CTC
+    ("GRU", 0, 1024, 32, "float16", "ieee", False, None),  # DeepSpeech2
+    ("LSTM", 0, 320, 64, "float16", "ieee", True, None),  # ESPnet, packed
+    ("LSTM", 0, 512, 16, "bfloat16", "ieee", False, None),  # Demucs
+    ("LSTM", 20, 50, 15, "float16", "ieee", False, 2),  # odd sizes, the projection's two exchanges
+    ("GRU", 0, 50, 15, "float32", "tf32", False, 3),
+]
+
+
+def _key(h, b, dt, prec, lengths, split=None, cell=None, proj=0):
     return (f"{dt}{'-tf32' if prec == 'tf32' else ''}-H{h}-B{b}{'-lengths' if lengths else ''}"
-            f"{f'-S{split}' if split else ''}")
+            f"{f'-S{split}' if split else ''}{f'-{cell}' if cell in ('LSTM', 'GRU') else ''}"
+            f"{f'-P{proj}' if proj else ''}")
+
+
+def _gated_key(cell, proj, h, b, dt, prec, lengths, split):
+    return _key(h, b, dt, prec, lengths, split, cell, proj)
 
 
 pytestmark = pytest.mark.skipif(not os.path.exists(cuobjdump_path()),
@@ -68,17 +89,20 @@ def report() -> dict[str, list[dict]]:
     """All rows, grouped per case."""
     cases = [CompileCase.make(h, b, dt, input_precision=prec, lengths=lengths, targets=TARGETS, split=split)
              for h, b, dt, prec, lengths, split in CASES]
+    cases += [CompileCase.make(h, b, dt, input_precision=prec, lengths=lengths, targets=TARGETS, split=split,
+                               cell=cell, proj_size=proj)
+              for cell, proj, h, b, dt, prec, lengths, split in GATED_CASES]
     rows = compile_report(cases, jobs=2)
     out: dict[str, list[dict]] = {}
     for r in rows:
         key = _key(r["hidden_size"], r["batch_size"], r["dtype"], r["input_precision"], r["lengths"],
-                   r.get("forced_split"))
+                   r.get("forced_split"), r.get("cell"), r.get("proj_size"))
         out.setdefault(key, []).append(r)
     return out
 
 
 def _describe(r: dict) -> str:
-    return (f"{r['kernel']} {r['target']} {r['dtype']}/{r['input_precision']} H={r['hidden_size']} "
+    return (f"{r['kernel']} {r.get('cell', '')}{'-P' + str(r['proj_size']) if r.get('proj_size') else ''} {r['target']} {r['dtype']}/{r['input_precision']} H={r['hidden_size']} "
             f"B={r['batch_size']} config {r['block_b']}x{r['block_h']}x{r['block_k']} {r['w_hh_path']} "
             f"S={r['split']}{' persistent' if r['persistent'] else ' per-step'} "
             f"num_warps={r['num_warps']} num_stages={r.get('num_stages')}")
@@ -90,6 +114,29 @@ def test_compiles_fits_no_spills(report, h, b, dt, prec, lengths, split):
     # the forward and the backward kernel of the path select_config picks, for every target
     assert sorted((r["arch"], r["kernel"][:9]) for r in rows) == sorted(
         (a, k) for a in TARGETS for k in ("birnn_fwd", "birnn_bwd"))
+    _check_fits_no_spills(rows, b, split)
+
+
+@pytest.mark.parametrize("cell,proj,h,b,dt,prec,lengths,split", GATED_CASES,
+                         ids=[_gated_key(*c) for c in GATED_CASES])
+def test_gated_compiles_fits_no_spills(report, cell, proj, h, b, dt, prec, lengths, split):
+    """The LSTM (proj_size) and GRU forward and backward at every target, planned with the cell
+    (`select_config(..., cell, proj_size)`): fits, no spills, tensor cores in the time loop where they
+    should be, the barrier's release/acquire (two exchanges a step with a projection) and L1-bypassing
+    exchange loads."""
+    rows = report[_gated_key(cell, proj, h, b, dt, prec, lengths, split)]
+    assert sorted((r["arch"], r["kernel"]) for r in rows) == sorted(
+        (a, k) for a in TARGETS for k in ("birnn_fwd_kernel", "birnn_bwd_kernel"))
+    assert all(r["cell"] == cell and r["proj_size"] == proj for r in rows)
+    _check_fits_no_spills(rows, b, split)
+    _check_tensor_cores(rows, dt, prec)
+    _check_barrier_and_exchange(rows)
+    for r in rows:  # a projected forward step meets its group twice: m, then h (kernels/forward.py)
+        if proj and r["kernel"] == "birnn_fwd_kernel" and r["split"] > 1 and r["persistent"] and not r["error"]:
+            assert r["release_ops"] >= 4 and r["acquire_ops"] >= 4, _describe(r)
+
+
+def _check_fits_no_spills(rows, b, split):
     failures = []
     for r in rows:
         what = _describe(r)
@@ -113,7 +160,11 @@ def test_compiles_fits_no_spills(report, h, b, dt, prec, lengths, split):
 def test_tensor_cores(report, h, b, dt, prec, lengths, split):
     """fp16/bf16 and TF32 dots run on tensor cores, inside the time loop; exact fp32 ("ieee") must not
     (an HMMA there would be TF32 rounding: parity with fp32 nn.RNN would break)."""
-    for r in report[_key(h, b, dt, prec, lengths, split)]:
+    _check_tensor_cores(report[_key(h, b, dt, prec, lengths, split)], dt, prec)
+
+
+def _check_tensor_cores(rows, dt, prec):
+    for r in rows:
         if r["error"]:
             pytest.fail(f"{_describe(r)}: compile failed: {r['error']}")
         what = f"{_describe(r)}: tensor-core instructions {r['tensor_core_ops']}"
@@ -131,7 +182,11 @@ def test_split_barrier_and_exchange_in_the_ptx(report, h, b, dt, prec, lengths, 
     """Every split configuration (S > 1, in-kernel barrier) has GPU-scope release and acquire operations,
     and every load of the exchange buffer bypasses L1 (volatile or .cg): L1 is not coherent across SMs.
     No configuration reads the exchange buffer through an L1-allocating load."""
-    for r in report[_key(h, b, dt, prec, lengths, split)]:
+    _check_barrier_and_exchange(report[_key(h, b, dt, prec, lengths, split)])
+
+
+def _check_barrier_and_exchange(rows):
+    for r in rows:
         if r["error"]:
             pytest.fail(f"{_describe(r)}: compile failed: {r['error']}")
         what = (f"{_describe(r)}: release {r['release_ops']}, acquire {r['acquire_ops']}, exchange loads "

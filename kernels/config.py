@@ -470,9 +470,9 @@ def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: Dev
                        and gates * block_k * block_n <= 2048 and (aligned or block_n <= 32))
             if tile_ok:
                 shared = streamed_shared_bytes(block_b, block_n, block_k, itemsize, gates=gates)
-                # gated TF32: at 4 warps values kept across the time loop went to the stack (sm_80); exact
-                # fp32 (FMA) spilled at 8 warps and not at 4
-                warps = 8 if gates > 1 and itemsize == 4 and not fma else 4
+                # gated fp32 (TF32 and exact FMA dots): at 4 warps values kept across the time loop went to
+                # the stack (sm_80)
+                warps = 8 if gates > 1 and itemsize == 4 else 4
                 if shared <= limits.shared_per_block:
                     plans.append((RecurrenceConfig(block_b, block_n, False, warps, 1, split=S, block_k=block_k),
                                   shared, warps))

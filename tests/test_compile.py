@@ -59,6 +59,7 @@ CASES = [
 GATED_CASES = [
     ("LSTM", 0, 128, 32, "float16", "ieee", False, None),  # pyannote
     ("LSTM", 0, 128, 32, "float32", "tf32", False, None),
+    ("LSTM", 0, 128, 32, "float32", "ieee", False, None),  # exact fp32: FMA dots, no tensor cores
     ("LSTM", 0, 256, 16, "float16", "ieee", False, None),  # Open-Unmix
     ("LSTM", 0, 1024, 32, "float16", "ieee", False, None),  # deepspeech.pytorch
     ("LSTM", 320, 2048, 16, "float16", "ieee", False, None),  # NeMo LSTM-CTC

@@ -17,6 +17,13 @@ time per step (`estimate_step_us`). Where no split plan is resident, the launch-
 (`persistent=False`: the launch boundary is the barrier; correct on any device, a launch per step).
 `FUSED_BIRNN_SPLIT=S` (kernels/launch.py) forces S where a candidate with that S exists.
 
+Plans know the cell (`select_config(..., cell, proj_size)`): a gated cell's program holds G slices of
+W_hh (G = 4 LSTM, 3 GRU; K = P, the state width) and G accumulators, and with an LSTM projection also
+its rows of W_hr ([UP, H]) and a second dot over H; the bounds below (shared bytes, accumulators per
+thread, warps, streamed K chunks) take G and P into account, and the cost model counts the G dots, the
+projection and its second exchange. The forward and the backward of a layer use the same plan (same
+arguments). Elman plans are exactly what they were before the cells were added.
+
 Plans are device-aware: `DeviceLimits` carries shared memory per block and per SM, SM count and
 registers; sm_86/sm_89/sm_120 allow 101,376 B per block, sm_80 166,912 B, sm_90 232,448 B.
 `tests/test_compile.py` compiles every configuration this table returns at representative sizes for

@@ -23,11 +23,12 @@ length, so nothing is read from inactive rows, whose gates are garbage (never mu
 last valid step, mirroring the forward's activity mask; padded steps of `grad_pre` stay 0.
 
 The split mirrors kernels/forward.py. Program p of a group owns hidden units [p*U, p*U + U) (all G gates
-and, LSTM, c: dc stays in its registers) and state units [p*UP, p*UP + UP) (h, dh; the same units
-without a projection). Per step it computes dz for its units' G gates, writes `grad_pre[t]` (GRU also
-`grad_hn[t]`), publishes dz (G*U values a row) to `xch[r % 2]`, meets the group at the barrier (or the
-launch ends), reads the group's whole dz back and multiplies it by its columns of W_hh,
-`W_hh[:, p*UP:(p+1)*UP]`: on chip (`W_ON_CHIP`, one zero-padded [BLOCK_K, BLOCK_P] slice per gate,
+and, LSTM, c: dc stays in its registers) and state units [p*UP, p*UP + UP) (h, dh; without a projection
+the hidden units themselves, in the same index and mask registers: separate ones pushed Elman kernels
+past ptxas' register budget, stack spills at sm_80-90). Per step it computes dz for its units' G gates,
+writes `grad_pre[t]` (GRU also `grad_hn[t]`), publishes dz (G*U values a row) to `xch[r % 2]`, meets
+the group at the barrier (or the launch ends), reads the group's whole dz back and multiplies it by its
+columns of W_hh, `W_hh[:, p*UP:(p+1)*UP]`: on chip (`W_ON_CHIP`, one zero-padded [BLOCK_K, BLOCK_P] slice per gate,
 loaded once; G dots of K = next_pow2(H)) or streamed from L2 in BLOCK_K chunks over the G*H rows. With
 a projection g reaches m = o * tanh(c) through W_hr, which mixes every state unit into every hidden unit:
 a split step publishes g_s (`xg`), meets at a second barrier, and computes `dm = g_all @ W_hr[:, units]`
@@ -159,15 +160,21 @@ def birnn_bwd_kernel(
     D = tl.num_programs(2)
     offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_P)
     offs_k = tl.arange(0, BLOCK_K)
     units = p * U + offs_n  # hidden units (gates, c)
     mask_n = (offs_n < U) & (units < H)
-    punits = p * UP + offs_p  # state units (h, dh); == units without a projection
-    mask_p = (offs_p < UP) & (punits < P)
     mask_b = offs_b < B
     mask_bn = mask_b[:, None] & mask_n[None, :]
-    mask_bp = mask_b[:, None] & mask_p[None, :]
+    if PROJ:  # state units (h, dh): P of them
+        offs_p = tl.arange(0, BLOCK_P)
+        punits = p * UP + offs_p
+        mask_p = (offs_p < UP) & (punits < P)
+        mask_bp = mask_b[:, None] & mask_p[None, :]
+    else:  # the hidden units themselves, the same registers (P == H, UP == U, BLOCK_P == BLOCK_N): separate
+        offs_p = offs_n  # index/mask tensors pushed Elman kernels past ptxas' register budget (stack spills)
+        punits = units
+        mask_p = mask_n
+        mask_bp = mask_bn
     seq_len = sequence_lengths(lengths_ptr, offs_b, B, T, HAS_LENGTHS)
     n_steps = tl.max(seq_len, axis=0)
     # dz of the whole group in registers: one program, W on chip, dz's width is the dot's K
@@ -199,8 +206,10 @@ def birnn_bwd_kernel(
 
     half = D.to(tl.int64) * B * GH
     xch_rows = xch_ptr + direction.to(tl.int64) * B * GH + offs_b[:, None] * GH
-    p_state = direction.to(tl.int64) * B * P + offs_b[:, None] * P + punits[None, :]  # [D, B, P] buffers
     h_state = direction.to(tl.int64) * B * H + offs_b[:, None] * H + units[None, :]  # [D, B, H] buffers
+    p_state = h_state  # [D, B, P] buffers (P == H without a projection)
+    if PROJ:
+        p_state = direction.to(tl.int64) * B * P + offs_b[:, None] * P + punits[None, :]
     bar = sync_ptr + direction * tl.num_programs(1) + pid_b
     pcol = direction * P + punits
     o_ptrs = out_ptr + offs_b[:, None] * stride_ob + pcol[None, :]

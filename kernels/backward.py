@@ -177,8 +177,10 @@ def birnn_bwd_kernel(
         mask_bp = mask_bn
     seq_len = sequence_lengths(lengths_ptr, offs_b, B, T, HAS_LENGTHS)
     n_steps = tl.max(seq_len, axis=0)
-    # dz of the whole group in registers: one program, W on chip, dz's width is the dot's K
-    KEEP: tl.constexpr = SPLIT == 1 and BARRIER and W_ON_CHIP and BLOCK_N == BLOCK_K and BLOCK_P == BLOCK_KP
+    # dz of the whole group in registers: one program, W on chip, dz's width is the dot's K (and g's the
+    # projection's; without one BLOCK_KP is a placeholder)
+    KEEP: tl.constexpr = (SPLIT == 1 and BARRIER and W_ON_CHIP and BLOCK_N == BLOCK_K
+                          and (not PROJ or BLOCK_P == BLOCK_KP))
     PHASES: tl.constexpr = 2 if PROJ and not KEEP else 1  # a split projection: exchange g, then dz
     GH = G * H
 
@@ -382,7 +384,8 @@ def kernel_constants(cfg: RecurrenceConfig, hidden_size: int, state_size: int, c
     block_k = cfg.k_block(H)
     block_p = cfg.block_p(H, P) if proj else cfg.block_h
     block_kp = max(16, triton.next_power_of_2(P)) if proj else 16
-    keep = S == 1 and persistent and cfg.w_on_chip and cfg.block_h == block_k and block_p == block_kp
+    keep = (S == 1 and persistent and cfg.w_on_chip and cfg.block_h == block_k
+            and (not proj or block_p == block_kp))  # the kernel's KEEP
     return dict(BLOCK_N=cfg.block_h, BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_KP=block_kp, SPLIT=S,
                 W_ON_CHIP=cfg.w_on_chip, BARRIER=persistent, CELL=cell_id, G=G, PROJ=proj,
                 UP=cfg.proj_units_per_program(H, P) if proj else U, PHASES=2 if proj and not keep else 1)

@@ -240,10 +240,6 @@ def birnn_bwd_kernel(
     for q in range(r_begin, tl.minimum(r_end, PHASES * n_steps + LAST)):
         r = q // PHASES
         r_rows = tl.zeros_like(seq_len) + r  # per row: the interpreter mis-broadcasts 0-d & 1-d masks
-        t, active = step_time(n_steps - 1 - r, direction, n_steps, seq_len)
-        active = active & (r_rows < n_steps)
-        m_p = active[:, None] & mask_p[None, :]
-        m_n = active[:, None] & mask_n[None, :]
         if not KEEP:
             if q % PHASES == 0:  # finish step r - 1: dh of the program's state units from the group's dz
                 _, active_prev = step_time(n_steps - r, direction, n_steps, seq_len)
@@ -261,12 +257,19 @@ def birnn_bwd_kernel(
                     dh_own = tl.where(aborted != 0, float("nan"), dh_own)
                     aux = tl.where(aborted != 0, float("nan"), aux)
                 if PHASES == 2:  # g_r for the projection's exchange
+                    t, active = step_time(n_steps - 1 - r, direction, n_steps, seq_len)
+                    m_p = (active & (r_rows < n_steps))[:, None] & mask_p[None, :]
                     g = dh_own + tl.load(go_ptrs + t * stride_got, mask=m_p, other=0.0).to(ACC_DTYPE)
                     row = t + direction * (T - 1 - 2 * t)  # processing-order row of time t
                     tl.store(g_rows + row * D * B * P, g.to(g_ptr.dtype.element_ty), mask=m_p)
                     tl.store(xg_rows + punits[None, :], g.to(xg_ptr.dtype.element_ty),
                              mask=mask_bp & (r_rows < n_steps)[:, None])
         if q % PHASES == PHASES - 1:  # start step r: dz of the program's units, published
+            # step r's time and rows, here: live across the finishing dot they cost registers (spills)
+            t, active = step_time(n_steps - 1 - r, direction, n_steps, seq_len)
+            active = active & (r_rows < n_steps)
+            m_p = active[:, None] & mask_p[None, :]
+            m_n = active[:, None] & mask_n[None, :]
             row = t + direction * (T - 1 - 2 * t)  # processing-order row of time t (saved, g)
             if PROJ:  # dm = g_all @ W_hr[:, units]: g of the whole group
                 if PHASES == 1:  # one program: g in registers

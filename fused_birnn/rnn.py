@@ -136,7 +136,7 @@ class FusedRNNBase(nn.RNNBase):
         Returns:
             ``(output, h_n)``; LSTM ``(output, (h_n, c_n))``.
         """
-        if lengths is None and type(input) is Tensor:
+        if lengths is None:
             result = self._aten_fast_path(input, hx)
             if result is not None:
                 return result
@@ -258,15 +258,22 @@ class FusedRNNBase(nn.RNNBase):
         return not (x.requires_grad or any(s.requires_grad for s in states)
                     or any(p.requires_grad for p in self._current_weights()))
 
-    def _aten_fast_path(self, input: Tensor, hx):
-        """`forward` for the common call that `_aten_serves` hands to ATen (a batched fp32/fp64 CPU tensor,
-        states None or of the expected shape, dtype and device), with nothing else before the kernel: the
-        general path's checks and reshapes cost 1-2% of nn's time at mid-size shapes (measured, bench/).
-        None for anything else, which the general path then handles (and raises nn's errors for)."""
-        if (self.backend != "auto" or not input.is_cpu or functional.INTERPRETER or input.dim() != 3
-                or input.dtype not in (torch.float32, torch.float64) or input.size(-1) != self.input_size):
+    def _aten_fast_path(self, input: Tensor | PackedSequence, hx):
+        """`forward` for the common call that `_aten_serves` hands to ATen (a batched fp32/fp64 CPU tensor or
+        a PackedSequence of one, states None or of the expected shape, dtype and device), with nothing else
+        before the kernel: the general path's checks and reshapes cost 1-3% of nn's time at mid-size shapes
+        (measured, bench/). None for anything else, which the general path then handles (and raises nn's
+        errors for)."""
+        packed = type(input) is PackedSequence
+        data = input.data if packed else input
+        if (self.backend != "auto" or type(data) is not Tensor or not data.is_cpu or functional.INTERPRETER
+                or data.dim() != (2 if packed else 3) or data.dtype not in (torch.float32, torch.float64)
+                or data.size(-1) != self.input_size):
             return None
-        steps, batch = (input.size(1), input.size(0)) if self.batch_first else (input.size(0), input.size(1))
+        if packed:
+            steps, batch = input.batch_sizes.numel(), int(input.batch_sizes[0])
+        else:
+            steps, batch = (data.size(1), data.size(0)) if self.batch_first else (data.size(0), data.size(1))
         if (steps == 0 or not (self.mode in ("LSTM", "GRU") or steps < ATEN_MAX_TRAINING_STEPS
                                or not torch.is_grad_enabled())
                 or torch._C._is_any_autocast_enabled() or _functorch.maybe_current_level() is not None
@@ -275,16 +282,22 @@ class FusedRNNBase(nn.RNNBase):
         weights = [self._parameters[name] for name in self._flat_weights_names]
         rows = self.num_layers * (2 if self.bidirectional else 1)
         sizes = self._state_sizes()
-        states = (tuple(torch.zeros(rows, batch, size, dtype=input.dtype) for size in sizes) if hx is None
+        states = (tuple(torch.zeros(rows, batch, size, dtype=data.dtype) for size in sizes) if hx is None
                   else self._states(hx))
-        if not (weights[0].is_cpu and weights[0].dtype == input.dtype and all(
-                type(s) is Tensor and s.is_cpu and s.dtype == input.dtype and s.shape == (rows, batch, size)
+        if not (weights[0].is_cpu and weights[0].dtype == data.dtype and all(
+                type(s) is Tensor and s.is_cpu and s.dtype == data.dtype and s.shape == (rows, batch, size)
                 for s, size in zip(states, sizes))):
             return None
-        result = getattr(_VF, _ATEN[self.mode])(
-            input, states[0] if len(states) == 1 else states, weights, self.bias, self.num_layers, self.dropout,
-            self.training, self.bidirectional, self.batch_first)
-        return result[0], self._hx(tuple(result[1:]))
+        aten = getattr(_VF, _ATEN[self.mode])
+        common = (weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        if not packed:
+            result = aten(data, states[0] if len(states) == 1 else states, *common, self.batch_first)
+            return result[0], self._hx(tuple(result[1:]))
+        if hx is not None:  # the caller's order -> the packed (sorted) order
+            states = self._states(self.permute_hidden(self._hx(states), input.sorted_indices))
+        result = aten(data, input.batch_sizes, states[0] if len(states) == 1 else states, *common)
+        return (PackedSequence(result[0], input.batch_sizes, input.sorted_indices, input.unsorted_indices),
+                self.permute_hidden(self._hx(tuple(result[1:])), input.unsorted_indices))
 
     def _aten(self, x: Tensor, states: tuple[Tensor, ...], batch_sizes: Tensor | None = None):
         """ATen's kernel for the cell on a time-major `x` (or packed data with `batch_sizes`):

@@ -115,3 +115,24 @@ def test_fast_path_to_aten_equals_nn_and_keeps_nns_errors(cell, batch_first, giv
         bad_hx = (bad, torch.zeros_like(bad)) if cell == "LSTM" else bad
         assert outcome(lambda: ref(x, bad_hx))[1] is not None
         assert_same_outcome(outcome(lambda: ours(x, bad_hx)), outcome(lambda: ref(x, bad_hx)), f"{cell} bad hx")
+
+
+@pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
+@pytest.mark.parametrize("given_hx", [False, True])
+def test_fast_path_takes_packed_sequences_too(cell, given_hx, monkeypatch):
+    """A PackedSequence (unsorted, states in the caller's order) through the fast path: bitwise nn's
+    packed outputs, final states and gradients."""
+    monkeypatch.setattr(functional, "INTERPRETER", False)
+    ours = getattr(fused_birnn, cell)(3, 4, 2, bidirectional=True)
+    ref = getattr(torch.nn, cell)(3, 4, 2, bidirectional=True)
+    ref.load_state_dict(ours.state_dict())
+    seqs = [torch.randn(n, 3, requires_grad=True) for n in (2, 5, 3)]
+    h = torch.randn(4, 3, 4)
+    hx = ((h, torch.randn_like(h)) if cell == "LSTM" else h) if given_hx else None
+    results = []
+    for model in (ours, ref):
+        out, state = model(pack_sequence(seqs, enforce_sorted=False), hx)
+        states = state if isinstance(state, tuple) else (state,)
+        grads = torch.autograd.grad(out.data.sum() + sum(s.sum() for s in states), [*seqs, *model.parameters()])
+        results.append([out.data, *states, *grads])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

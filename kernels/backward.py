@@ -216,7 +216,10 @@ def birnn_bwd_kernel(
     pcol = direction * P + punits
     o_ptrs = out_ptr + offs_b[:, None] * stride_ob + pcol[None, :]
     go_ptrs = grad_out_ptr + offs_b[:, None] * stride_gob + pcol[None, :]
-    gp_ptrs = grad_pre_ptr + offs_b[:, None] * stride_gpb + (direction * GH + units)[None, :]
+    if G == 1:  # Elman: P == G*H == H, the same columns (one index tensor fewer held across the loop)
+        gp_ptrs = grad_pre_ptr + offs_b[:, None] * stride_gpb + pcol[None, :]
+    else:
+        gp_ptrs = grad_pre_ptr + offs_b[:, None] * stride_gpb + (direction * GH + units)[None, :]
     if CELL != 0:  # saved, processing order row s: [D, B, G, H] activations, then [D, B, H] (c or n)
         sv_ptrs = saved_ptr + (direction * B + offs_b[:, None]) * GH + units[None, :]
         sc_ptrs = saved_ptr + D.to(tl.int64) * B * GH + (direction * B + offs_b[:, None]) * H + units[None, :]

@@ -491,7 +491,7 @@ def _plan(cases: Sequence[CompileCase]) -> list[dict]:
                            num_warps=cfg.warps(forward=kernel.startswith("birnn_fwd")),
                            w_hh_path="on-chip" if cfg.w_on_chip else "streamed", programs=progs,
                            split=cfg.programs_per_group(H), units=cfg.units_per_program(H), forced_split=case.split,
-                           block_k=cfg.k_block(case.proj_size or H) if kernel.startswith("birnn_fwd") else cfg.k_block(H),
+                           block_k=cfg.k_block(case.proj_size or H) if kernel.startswith("birnn_fwd") else cfg.k_block(H, forward=False),
                            persistent=cfg.runs_persistent(H, 1024),
                            sms=DeviceLimits.for_arch(arch).sm_count, estimate_us_per_step=est["us"],
                            estimate=est,

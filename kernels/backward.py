@@ -387,7 +387,7 @@ def kernel_constants(cfg: RecurrenceConfig, hidden_size: int, state_size: int, c
     H, P = hidden_size, state_size
     cell_id, G = _CELL_IDS[cell]
     S, U = cfg.programs_per_group(H), cfg.units_per_program(H)
-    block_k = cfg.k_block(H)
+    block_k = cfg.k_block(H, forward=False)
     block_p = cfg.block_p(H, P) if proj else cfg.block_h
     block_kp = max(16, triton.next_power_of_2(P)) if proj else 16
     keep = (S == 1 and persistent and cfg.w_on_chip and cfg.block_h == block_k

@@ -22,7 +22,10 @@ W_hh (G = 4 LSTM, 3 GRU; K = P, the state width) and G accumulators, and with an
 its rows of W_hr ([UP, H]) and a second dot over H; the bounds below (shared bytes, accumulators per
 thread, warps, streamed K chunks) take G and P into account, and the cost model counts the G dots, the
 projection and its second exchange. The forward and the backward of a layer use the same plan (same
-arguments). Elman plans are exactly what they were before the cells were added.
+arguments, same split and tiles); the gated backward, which holds G dz tiles and the carried dc beside its
+slices, may take more warps (`num_warps` against `num_warps_forward`: 8 for 4 on chip) or, with a
+projection, a narrower streamed K chunk (`block_k_backward`), and one wave is then checked with the
+larger warp count. Elman plans are exactly what they were before the cells were added.
 
 Plans are device-aware: `DeviceLimits` carries shared memory per block and per SM, SM count and
 registers; sm_86/sm_89/sm_120 allow 101,376 B per block, sm_80 166,912 B, sm_90 232,448 B.
@@ -166,6 +169,7 @@ class RecurrenceConfig:
         num_warps_forward: the forward kernel's warps where they differ from the backward's.
         split: S, programs per group; None: `cdiv(H, block_h)`.
         block_k: streamed: the K chunk; None: `block_h`. (On chip K is `next_power_of_2(H)`.)
+        block_k_backward: streamed: the backward's K chunk where it differs from the forward's.
         persistent: one launch for all steps (in-kernel barrier when S > 1) or one launch per step;
             None: persistent, except S > 1 under the interpreter (whose programs run one after another).
         max_spins: polls of a barrier wait before the group aborts; None: `MAX_SPINS`.
@@ -181,6 +185,7 @@ class RecurrenceConfig:
     block_k: int | None = None
     persistent: bool | None = None
     max_spins: int | None = None
+    block_k_backward: int | None = None
 
     def warps(self, forward: bool) -> int:
         """Warps of the forward or the backward kernel."""
@@ -197,10 +202,13 @@ class RecurrenceConfig:
         """U = cdiv(H, S): units of program p are [p*U, p*U + U) (the last ones may be fewer)."""
         return triton.cdiv(hidden_size, self.programs_per_group(hidden_size))
 
-    def k_block(self, hidden_size: int) -> int:
-        """The dot's K block: the whole (padded) state on chip, a chunk when streamed."""
+    def k_block(self, hidden_size: int, forward: bool = True) -> int:
+        """The dot's K block: the whole (padded) state on chip, a chunk when streamed (the backward's own
+        chunk where the plan gives one, `block_k_backward`)."""
         if self.w_on_chip:
             return max(MIN_DOT, triton.next_power_of_2(hidden_size))
+        if not forward and self.block_k_backward:
+            return self.block_k_backward
         return self.block_k or self.block_h
 
     def proj_units_per_program(self, hidden_size: int, proj_size: int) -> int:
@@ -461,10 +469,15 @@ def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: Dev
                     warps = None  # inside the loop
                 if gates > 1 and itemsize == 4 and gates * block_k_full > 384:
                     warps = None  # TF32 LSTM 16 x 16 x 128: 255 registers and spills at 4 and 8 warps (sm_90)
+                # the gated backward holds G dz tiles and the carried dc beside the G slices: at 4 warps the
+                # fp16 LSTM 16 x 16 x 128 (S = 8) put 16 B on the stack (sm_86/89); 8 compiled clean
+                backward_warps = 8 if gates > 1 and warps == 4 else warps
                 proj_elems = block_p * block_kh if proj_size else 0
                 shared = onchip_shared_bytes(block_b, block_n, itemsize, 1, False, block_k_full, gates, proj_elems)
                 if warps is not None and shared <= limits.shared_per_block:
-                    plans.append((RecurrenceConfig(block_b, block_n, True, warps, 1, split=S), shared, warps))
+                    plans.append((RecurrenceConfig(block_b, block_n, True, backward_warps, 1,
+                                                   num_warps_forward=warps if backward_warps != warps else None,
+                                                   split=S), shared, max(warps, backward_warps)))
             # streamed: FMA dots hold a K row per thread (16 x 16 tiles; 32 x 16 spilled 8 B); tensor-core tiles
             # up to 16 x 64 / 32 x 32 (32 x 64 and 16 x 128 spilled in the backward)
             # the backward holds chunk k and k + 1 of W in registers: 64 x 64 chunks spilled, 64 x 32 did not;
@@ -480,9 +493,12 @@ def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: Dev
                 # gated fp32 (TF32 and exact FMA dots): at 4 warps values kept across the time loop went to
                 # the stack (sm_80)
                 warps = 8 if gates > 1 and itemsize == 4 else 4
+                # the projected LSTM's backward (g exchanged, then dz) at 16 x 16 x 32 chunks put 8-16 B on the
+                # stack (H=2048/P=320, sm_86/sm_90); 16-wide chunks compiled clean
+                block_k_backward = MIN_DOT if proj_size and block_k > MIN_DOT else None
                 if shared <= limits.shared_per_block:
-                    plans.append((RecurrenceConfig(block_b, block_n, False, warps, 1, split=S, block_k=block_k),
-                                  shared, warps))
+                    plans.append((RecurrenceConfig(block_b, block_n, False, warps, 1, split=S, block_k=block_k,
+                                                   block_k_backward=block_k_backward), shared, warps))
             for cfg, shared, warps in plans:
                 capacity = programs_per_sm(limits, shared, warps) * limits.sm_count
                 resident = S * tiles * 2 <= int(RESIDENT_FRACTION * capacity)

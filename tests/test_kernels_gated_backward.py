@@ -276,3 +276,12 @@ def test_with_the_forward_kernel(cell, P):
     torch.testing.assert_close(res[0], c.out, atol=1e-12, rtol=1e-12)
     c.out, c.saved = res[0], res[-1]
     assert_matches(c.kernel(), c.autograd(), cell, TOL[torch.float64], "kernel forward + backward")
+
+
+def test_backward_own_streamed_chunk():
+    """A plan whose backward streams W in its own K chunk (`block_k_backward`, the projected LSTM's GPU
+    plans): 16-wide chunks where the forward's are 32, against float64 autograd."""
+    c = Case("LSTM", 20, 4, 3, 40, 2, torch.float32, lengths=True)
+    cfg = RecurrenceConfig(16, 16, False, split=3, block_k=32, block_k_backward=16)
+    assert cfg.k_block(40, forward=False) == 16 and cfg.k_block(40) == 32
+    assert_matches(c.kernel(config=cfg), c.autograd(), "LSTM", TOL[torch.float32], "own chunk vs autograd")

@@ -467,11 +467,14 @@ def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: Dev
                 warps = gate_warps(block_b, block_n, gates, warps)
                 if gates > 1 and a_elems >= 8192:  # four gates at 16 x 512 (bf16, sm_90) and 16 x 1024 spilled
                     warps = None  # inside the loop
+                if gates > 1 and gates * block_n * block_k_full >= 32768:  # the LSTM 16 x 32 x 256, lengths: 8 B (sm_90)
+                    warps = None
                 if gates > 1 and itemsize == 4 and gates * block_k_full > 384:
                     warps = None  # TF32 LSTM 16 x 16 x 128: 255 registers and spills at 4 and 8 warps (sm_90)
                 # the gated backward holds G dz tiles and the carried dc beside the G slices: at 4 warps the
-                # fp16 LSTM 16 x 16 x 128 (S = 8) put 16 B on the stack (sm_86/89); 8 compiled clean
-                backward_warps = 8 if gates > 1 and warps == 4 else warps
+                # fp16 LSTM 16 x 16 x 128 (S = 8) put 16 B on the stack (sm_86/89); 8 compiled clean (at K = 256
+                # 4 warps compile clean, and 8 would cost the residency of S = 16 plans)
+                backward_warps = 8 if gates > 1 and warps == 4 and block_k_full <= 128 else warps
                 proj_elems = block_p * block_kh if proj_size else 0
                 shared = onchip_shared_bytes(block_b, block_n, itemsize, 1, False, block_k_full, gates, proj_elems)
                 if warps is not None and shared <= limits.shared_per_block:

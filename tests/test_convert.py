@@ -46,6 +46,15 @@ def run_with_grads(model, x):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_run(model, original, x):
+    """`model` gives `original`'s output and parameter gradients on `x`."""
+    out, grads = run_with_grads(model, x)
+    ref_out, ref_grads = run_with_grads(original, x)
+    assert_close(out, ref_out, torch.float64, "output")
+    for n, g in ref_grads.items():
+        assert_close(grads[n], g, torch.float64, n)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_round_trip_nested(backend):
     model = Encoder().double()
@@ -63,11 +72,7 @@ def test_round_trip_nested(backend):
     assert dict(model.named_parameters()) == params  # the same Parameter objects, same names
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert not frozen.requires_grad and frozen.data_ptr() == model.embed[1]._layer_buffers[1][1][1].data_ptr()
-    out, grads = run_with_grads(model, x)
-    ref_out, ref_grads = run_with_grads(original, x)
-    assert_close(out, ref_out, torch.float64, "output")
-    for n, g in ref_grads.items():
-        assert_close(grads[n], g, torch.float64, n)
+    assert_same_run(model, original, x)
 
     back = to_torch(model)
     assert back is model and all(type(m) is nn.RNN for m in rnns(back).values())
@@ -135,11 +140,7 @@ def test_round_trip_lstm_gru():
         assert m.backend == "torch"
         assert [getattr(m, a) for a in GATED_HYPER] == [getattr(rnns(original)[name], a) for a in GATED_HYPER]
     assert dict(model.named_parameters()) == params  # the same Parameter objects, same names
-    out, grads = run_with_grads(model, x)
-    ref_out, ref_grads = run_with_grads(original, x)
-    assert_close(out, ref_out, torch.float64, "output")
-    for n, g in ref_grads.items():
-        assert_close(grads[n], g, torch.float64, n)
+    assert_same_run(model, original, x)
 
     back = to_torch(model)
     assert back is model

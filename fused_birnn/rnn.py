@@ -271,7 +271,8 @@ class FusedRNNBase(nn.RNNBase):
                 or data.size(-1) != self.input_size):
             return None
         if packed:
-            steps, batch = input.batch_sizes.numel(), int(input.batch_sizes[0])
+            steps = input.batch_sizes.numel()
+            batch = int(input.batch_sizes[0]) if steps else 0
         else:
             steps, batch = (data.size(1), data.size(0)) if self.batch_first else (data.size(0), data.size(1))
         if (steps == 0 or not (self.mode in ("LSTM", "GRU") or steps < ATEN_MAX_TRAINING_STEPS

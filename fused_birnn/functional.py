@@ -206,7 +206,8 @@ def _layer_backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Opt
     T, B, I = x.shape
     D, _, P = h0.shape
     backend = resolve_backend(backend, x.device, x.dtype)
-    w_ih, w_hh, w_hr = _parameters(cell, params, D, x.dtype, "w_ih" if input_grad else "none", "w_hh", "w_hr")
+    w_hh, w_hr = _parameters(cell, params, D, x.dtype, "w_hh", "w_hr")
+    w_ih = _parameters(cell, params, D, x.dtype, "w_ih")[0] if input_grad else None
     GH = w_hh.shape[1]
     recurrence = torch_backend.recurrence_backward
     if backend == "triton":

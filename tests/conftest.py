@@ -73,3 +73,19 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32 = old
+
+
+# GPU tests' accuracy criterion: against float64, our error may be at most twice cuDNN's own error in the
+# same dtype plus this floor
+CUDNN_FLOOR = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def assert_no_worse_than_cudnn(expected, theirs, mine, dtype, names=None):
+    """`mine` and `theirs` (cuDNN) against `expected` (float64), tensor by tensor, scaled by the largest
+    expected value: ours within twice cuDNN's error plus `CUDNN_FLOOR[dtype]`."""
+    names = names or [f"tensor {i}" for i in range(len(expected))]
+    for name, e, t, m in zip(names, expected, theirs, mine, strict=True):
+        scale = e.abs().max().item() + 1e-30
+        err_ours = (m.double() - e).abs().max().item() / scale
+        err_cudnn = (t.double() - e).abs().max().item() / scale
+        assert err_ours <= 2 * err_cudnn + CUDNN_FLOOR[dtype], f"{name}: ours {err_ours:.2e}, cuDNN {err_cudnn:.2e}"

@@ -9,6 +9,7 @@ cuDNN in float64, our error is no worse than cuDNN's own error in the same dtype
 
 import pytest
 import torch
+from conftest import assert_no_worse_than_cudnn
 
 import fused_birnn
 
@@ -16,7 +17,17 @@ pytestmark = pytest.mark.cuda
 
 # (input_size, hidden_size, num_layers, T, B): on-chip W_hh (H <= 128 fp32, <= 256 fp16) and streamed
 SIZES = [(64, 128, 2, 256, 64), (128, 256, 2, 256, 64), (256, 512, 2, 256, 64), (25, 50, 4, 5, 15)]
-FLOOR = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def against_cudnn(I, H, L, dtype):
+    """A bidirectional float64 nn.RNN, cuDNN's nn.RNN in `dtype` and ours (the kernels) in `dtype`, all
+    holding the same weights."""
+    ref64 = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=torch.float64)
+    cudnn = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype)
+    ours = fused_birnn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype, backend="triton")
+    cudnn.load_state_dict(ref64.state_dict())
+    ours.load_state_dict(ref64.state_dict())
+    return ref64, cudnn, ours
 
 
 def grads_of(model, x, h0, g_out, g_hn):
@@ -31,15 +42,9 @@ def grads_of(model, x, h0, g_out, g_hn):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "I{}-H{}-L{}-T{}-B{}".format(*s))
 def test_parity_against_cudnn(size, dtype, no_tf32):
     I, H, L, T, B = size
-    ref64 = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=torch.float64)
-    cudnn = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype)
-    ours = fused_birnn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype, backend="triton")
-    cudnn.load_state_dict(ref64.state_dict())
-    ours.load_state_dict(ref64.state_dict())
-    x = torch.randn(T, B, I, device="cuda", dtype=torch.float64)
-    h0 = torch.randn(2 * L, B, H, device="cuda", dtype=torch.float64)
-    g_out = torch.randn(T, B, 2 * H, device="cuda", dtype=torch.float64)
-    g_hn = torch.randn(2 * L, B, H, device="cuda", dtype=torch.float64)
+    ref64, cudnn, ours = against_cudnn(I, H, L, dtype)
+    x, h0, g_out, g_hn = (torch.randn(*shape, device="cuda", dtype=torch.float64)
+                          for shape in ((T, B, I), (2 * L, B, H), (T, B, 2 * H), (2 * L, B, H)))
     expected = grads_of(ref64, x, h0, g_out, g_hn)
     try:
         theirs = grads_of(cudnn, x.to(dtype), h0.to(dtype), g_out, g_hn)
@@ -47,11 +52,7 @@ def test_parity_against_cudnn(size, dtype, no_tf32):
         pytest.skip(f"cuDNN cannot run {dtype}: {e}")
     mine = grads_of(ours, x.to(dtype), h0.to(dtype), g_out, g_hn)
     names = ["output", "h_n", "grad input", "grad h0"] + [n for n, _ in ours.named_parameters()]
-    for name, e, t, m in zip(names, expected, theirs, mine, strict=True):
-        scale = e.abs().max().item() + 1e-30
-        err_ours = (m.double() - e).abs().max().item() / scale
-        err_cudnn = (t.double() - e).abs().max().item() / scale
-        assert err_ours <= 2 * err_cudnn + FLOOR[dtype], f"{name}: ours {err_ours:.2e}, cuDNN {err_cudnn:.2e}"
+    assert_no_worse_than_cudnn(expected, theirs, mine, dtype, names)
 
 
 def test_fp32_follows_cudnn_tf32_switch():
@@ -128,11 +129,7 @@ def test_packed_parity_against_cudnn(dtype, no_tf32):
     from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     I, H, L, T, B = 64, 256, 2, 200, 32
-    ref64 = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=torch.float64)
-    cudnn = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype)
-    ours = fused_birnn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype, backend="triton")
-    cudnn.load_state_dict(ref64.state_dict())
-    ours.load_state_dict(ref64.state_dict())
+    ref64, cudnn, ours = against_cudnn(I, H, L, dtype)
     lengths = torch.randint(T // 2, T + 1, (B,))
     lengths[0] = T
     x = torch.randn(T, B, I, device="cuda", dtype=torch.float64)
@@ -146,11 +143,7 @@ def test_packed_parity_against_cudnn(dtype, no_tf32):
         return [padded, hn, *torch.autograd.grad(loss, [xx, *model.parameters()])]
 
     expected, theirs, mine = run(ref64, torch.float64), run(cudnn, dtype), run(ours, dtype)
-    for e, t, m in zip(expected, theirs, mine, strict=True):
-        scale = e.abs().max().item() + 1e-30
-        err_ours = (m.double() - e).abs().max().item() / scale
-        err_cudnn = (t.double() - e).abs().max().item() / scale
-        assert err_ours <= 2 * err_cudnn + FLOOR[dtype], f"ours {err_ours:.2e}, cuDNN {err_cudnn:.2e}"
+    assert_no_worse_than_cudnn(expected, theirs, mine, dtype)
 
 
 @pytest.mark.parametrize("split", [None, "2"], ids=["planned", "split2"])
@@ -223,24 +216,14 @@ def test_split_against_cudnn(H, B, dtype, split, no_tf32, monkeypatch):
     else:
         monkeypatch.setenv(launch.SPLIT_ENV, str(split))
     I, L, T = 64, 1, 64
-    ref64 = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=torch.float64)
-    cudnn = torch.nn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype)
-    ours = fused_birnn.RNN(I, H, L, bidirectional=True, device="cuda", dtype=dtype, backend="triton")
-    cudnn.load_state_dict(ref64.state_dict())
-    ours.load_state_dict(ref64.state_dict())
-    x = torch.randn(T, B, I, device="cuda", dtype=torch.float64)
-    h0 = torch.randn(2 * L, B, H, device="cuda", dtype=torch.float64)
-    g_out = torch.randn(T, B, 2 * H, device="cuda", dtype=torch.float64)
-    g_hn = torch.randn(2 * L, B, H, device="cuda", dtype=torch.float64)
+    ref64, cudnn, ours = against_cudnn(I, H, L, dtype)
+    x, h0, g_out, g_hn = (torch.randn(*shape, device="cuda", dtype=torch.float64)
+                          for shape in ((T, B, I), (2 * L, B, H), (T, B, 2 * H), (2 * L, B, H)))
     expected = grads_of(ref64, x, h0, g_out, g_hn)
     theirs = grads_of(cudnn, x.to(dtype), h0.to(dtype), g_out, g_hn)
     mine = grads_of(ours, x.to(dtype), h0.to(dtype), g_out, g_hn)
     launch.check_errors("cuda")
-    for e, t, m in zip(expected, theirs, mine, strict=True):
-        scale = e.abs().max().item() + 1e-30
-        err_ours = (m.double() - e).abs().max().item() / scale
-        err_cudnn = (t.double() - e).abs().max().item() / scale
-        assert err_ours <= 2 * err_cudnn + FLOOR[dtype], f"ours {err_ours:.2e}, cuDNN {err_cudnn:.2e}"
+    assert_no_worse_than_cudnn(expected, theirs, mine, dtype)
 
 
 @pytest.mark.parametrize("split", ["2", "4"])

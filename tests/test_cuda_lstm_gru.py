@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_no_worse_than_cudnn
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -19,7 +20,6 @@ import fused_birnn
 pytestmark = pytest.mark.cuda
 
 CLASSES = {"LSTM": (fused_birnn.LSTM, nn.LSTM), "GRU": (fused_birnn.GRU, nn.GRU)}
-FLOOR = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 # (cell, I, H, L, proj, T, B): pyannote-like, Open-Unmix-like, ESPnet-like, deepspeech-like, NeMo-like
 # (short T), an odd size
 SIZES = [
@@ -67,14 +67,6 @@ def inputs(cell, I, H, L, proj, T, B):
     return x, hx, upstream
 
 
-def assert_no_worse_than_cudnn(expected, theirs, mine, dtype, names):
-    for name, e, t, m in zip(names, expected, theirs, mine, strict=True):
-        scale = e.abs().max().item() + 1e-30
-        err_ours = (m.double() - e).abs().max().item() / scale
-        err_cudnn = (t.double() - e).abs().max().item() / scale
-        assert err_ours <= 2 * err_cudnn + FLOOR[dtype], f"{name}: ours {err_ours:.2e}, cuDNN {err_cudnn:.2e}"
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "{}-I{}-H{}-L{}-P{}-T{}-B{}".format(*s))
 def test_parity_against_cudnn(size, dtype, no_tf32):
@@ -103,7 +95,7 @@ def test_split_against_cudnn(cell, proj, split, no_tf32, monkeypatch):
     ref64, cudnn, ours = make(cell, 64, 256, 1, proj, torch.float32)
     x, hx, upstream = inputs(*size)
     expected, theirs, mine = (run(m, x, hx, upstream) for m in (ref64, cudnn, ours))
-    assert_no_worse_than_cudnn(expected, theirs, mine, torch.float32, [f"tensor {i}" for i in range(len(mine))])
+    assert_no_worse_than_cudnn(expected, theirs, mine, torch.float32)
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
@@ -118,7 +110,7 @@ def test_packed_parity_against_cudnn(cell, no_tf32):
         states = state if isinstance(state, tuple) else (state,)
         loss = out.data.double().square().sum() + sum(s.double().sum() for s in states)
         outs.append([out.data, *states, *torch.autograd.grad(loss, [xs, *model.parameters()])])
-    assert_no_worse_than_cudnn(*outs, torch.float32, [f"tensor {i}" for i in range(len(outs[0]))])
+    assert_no_worse_than_cudnn(*outs, torch.float32)
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])

@@ -65,6 +65,8 @@ MAX_PROGRAMS_PER_DIRECTION = 64  # above this, grow the batch tile instead of th
 FMA_ON_CHIP_MAX_TILE = 16 * 32  # block_b * block_h limit of the on-chip path without tensor cores
 SPLIT_BLOCK_N = (16, 32, 64, 128)  # units per program the split plans try
 MAX_SPLIT_K = 1024  # on-chip split: the group's state [block_b, next_pow2(H)] is the dot's A operand
+MIN_CHUNK = 64  # a product's K chunk when K > 64 (`chunk_size`)
+MAX_CHUNKS = 16  # chunks a product's K takes at most when the plan names no chunk
 RESIDENT_FRACTION = 0.9  # of the SMs' program capacity a persistent split grid may take (margin)
 REGISTERS_PER_THREAD_EST = 168  # plan-time estimate (the compile checks measure 72-170)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -154,25 +156,49 @@ def device_limits(device: torch.device | None) -> DeviceLimits:
     return INTERPRETER_LIMITS
 
 
+def chunk_size(K: int) -> int:
+    """The K chunk of a product reducing over K when the plan names none: K itself (a power of two >= 16)
+    up to 64, else the smallest power of two >= 64 that takes K in at most `MAX_CHUNKS` chunks (K is
+    then padded to a multiple of 64 at least: 320 stays 320, 1760 -> 1792, 2560 -> 2560, not the next
+    power of two)."""
+    if K <= MIN_CHUNK:
+        return max(MIN_DOT, triton.next_power_of_2(K))
+    return max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(K, MAX_CHUNKS)))
+
+
 @dataclass(frozen=True)
 class RecurrenceConfig:
     """How one recurrence launch tiles its work.
 
     Attributes:
         block_b: batch rows per program (the `M` of every `tl.dot`, >= 16).
-        block_h: hidden units one program owns, padded to a power of two (>= 16); for S = 1 on chip, H
-            padded.
-        w_on_chip: whether each program's slice of `W_hh` is loaded once and kept on chip (else streamed
-            from L2 every step in `block_k` chunks).
+        block_h: hidden units one program owns, padded to a power of two (>= 16); for S = 1, H padded.
+        w_on_chip: whether each program's slice of `W_hh` (and `W_hr`) stays on chip for the whole
+            launch (every chunk resident) or is streamed from L2 every step (none resident); 
+            `resident_chunks` sets a partial residency in between.
         num_warps: warps per program (the backward's).
         num_stages: Triton's software-pipelining stages; None: Triton's default.
         num_warps_forward: the forward kernel's warps where they differ from the backward's.
         split: S, programs per group; None: `cdiv(H, block_h)`.
-        block_k: streamed: the K chunk; None: `block_h`. (On chip K is `next_power_of_2(H)`.)
-        block_k_backward: streamed: the backward's K chunk where it differs from the forward's.
+        block_k: the K chunk of the forward's products (resident and streamed alike); None: `chunk_size`.
         persistent: one launch for all steps (in-kernel barrier when S > 1) or one launch per step;
             None: persistent, except S > 1 under the interpreter (whose programs run one after another).
         max_spins: polls of a barrier wait before the group aborts; None: `MAX_SPINS`.
+        block_k_backward: the backward's chunk (of K, or of the columns with `exchange="dh"`) where it
+            differs from the forward's.
+        single_chunk: every product is one chunk (K padded to a power of two): the one-program kernel,
+            whose state (forward) and dh (backward) then stay in its registers.
+        resident_chunks: how many chunks of the forward's slice stay on chip (counted over the gate
+            product's chunks, then the projection's); the rest stream from L2 each step. None: all if
+            `w_on_chip`, else none.
+        resident_chunks_backward: the same for the backward's slice (its main product's chunks, then the
+            projection's).
+        exchange: what the backward's programs exchange each step: "dz" (each program reads the group's
+            dz, G*H values a row, and multiplies it by its columns of W_hh) or "dh" (each program
+            publishes the partial sums of dh its own rows of W_hh give, and adds up the group's for its
+            state units); None: "dh" for one program (no exchange: dh stays in registers), else "dz".
+        cooperative: a persistent split launch asks CUDA for a cooperative launch (the whole grid
+            co-resident, or the launch fails and the launcher falls back to one launch per step); None: yes.
     """
 
     block_b: int
@@ -186,6 +212,11 @@ class RecurrenceConfig:
     persistent: bool | None = None
     max_spins: int | None = None
     block_k_backward: int | None = None
+    single_chunk: bool = False
+    resident_chunks: int | None = None
+    resident_chunks_backward: int | None = None
+    exchange: str | None = None
+    cooperative: bool | None = None
 
     def warps(self, forward: bool) -> int:
         """Warps of the forward or the backward kernel."""
@@ -202,14 +233,29 @@ class RecurrenceConfig:
         """U = cdiv(H, S): units of program p are [p*U, p*U + U) (the last ones may be fewer)."""
         return triton.cdiv(hidden_size, self.programs_per_group(hidden_size))
 
-    def k_block(self, hidden_size: int, forward: bool = True) -> int:
-        """The dot's K block: the whole (padded) state on chip, a chunk when streamed (the backward's own
-        chunk where the plan gives one, `block_k_backward`)."""
-        if self.w_on_chip:
-            return max(MIN_DOT, triton.next_power_of_2(hidden_size))
-        if not forward and self.block_k_backward:
-            return self.block_k_backward
-        return self.block_k or self.block_h
+    def k_block(self, K: int, forward: bool = True) -> int:
+        """The chunk of a product reducing over K (the backward's "dh" exchange: of its columns): the
+        plan's (`block_k`, `block_k_backward`), one power-of-two chunk with `single_chunk`, else
+        `chunk_size(K)`."""
+        explicit = self.block_k_backward if not forward and self.block_k_backward else self.block_k
+        if explicit:
+            return explicit
+        if self.single_chunk:
+            return max(MIN_DOT, triton.next_power_of_2(K))
+        return chunk_size(K)
+
+    def resident(self, chunks: int, forward: bool = True) -> int:
+        """Of a pass's `chunks` slice chunks, how many stay on chip (the first ones)."""
+        n = self.resident_chunks if forward else self.resident_chunks_backward
+        if n is None:
+            return chunks if self.w_on_chip else 0
+        return max(0, min(n, chunks))
+
+    def backward_exchange(self, hidden_size: int) -> str:
+        """What the backward's programs exchange: "dz" or "dh" (the attribute `exchange`)."""
+        if self.exchange is not None:
+            return self.exchange
+        return "dh" if self.programs_per_group(hidden_size) == 1 else "dz"
 
     def proj_units_per_program(self, hidden_size: int, proj_size: int) -> int:
         """UP = cdiv(P, S): with a projection (LSTM `proj_size` P) program p also owns the units
@@ -218,8 +264,8 @@ class RecurrenceConfig:
 
     def block_p(self, hidden_size: int, proj_size: int) -> int:
         """The padded width of a program's slice of the projected state: the whole state for one program
-        on chip (it is then the next step's dot operand, `k_block(P)` wide), else UP padded."""
-        if self.programs_per_group(hidden_size) == 1 and self.w_on_chip:
+        with `single_chunk` (it is then the next step's dot operand, `k_block(P)` wide), else UP padded."""
+        if self.programs_per_group(hidden_size) == 1 and self.single_chunk:
             return self.k_block(proj_size)
         return max(MIN_DOT, triton.next_power_of_2(self.proj_units_per_program(hidden_size, proj_size)))
 
@@ -237,11 +283,14 @@ class RecurrenceConfig:
         return self.persistent if self.persistent is not None else not INTERPRETER
 
     def stages(self, hidden_size: int) -> int | None:
-        """The `num_stages` a launch compiles with: 1 wherever the exchange buffer is read (S > 1, or
-        streamed slices): Triton's pipeliner turns even volatile loads into L1-allocating `cp.async.ca`
-        (seen in the PTX), which could read a stale line of another SM's state; those kernels prefetch the
-        next chunk by hand instead. Else `num_stages` (None: Triton's default)."""
-        if self.programs_per_group(hidden_size) > 1 or not self.w_on_chip:
+        """The `num_stages` a launch compiles with: 1 wherever the exchange buffer or a streamed chunk is
+        read (S > 1, or not every chunk resident): Triton's pipeliner turns even volatile loads into
+        L1-allocating `cp.async.ca` (seen in the PTX), which could read a stale line of another SM's
+        state; those kernels prefetch the next chunk by hand instead. Else `num_stages` (None: Triton's
+        default)."""
+        partial = (self.resident_chunks is not None or self.resident_chunks_backward is not None
+                   or not self.single_chunk)
+        if self.programs_per_group(hidden_size) > 1 or not self.w_on_chip or partial:
             return 1
         return self.num_stages
 
@@ -252,15 +301,21 @@ class RecurrenceConfig:
         """ValueError unless this configuration can run at this H."""
         S = self.programs_per_group(hidden_size)
         bad = []
-        for name in ("block_b", "block_h") + (("block_k",) if self.block_k else ()):
+        for name in ("block_b", "block_h", "block_k", "block_k_backward"):
             v = getattr(self, name)
-            if v < 1 or v & (v - 1):
+            if v is not None and (v < 1 or v & (v - 1)):
                 bad.append(f"{name}={v} (a power of two)")
         if S < 1 or self.units_per_program(hidden_size) > self.block_h:
             bad.append(f"split={S} with block_h={self.block_h} at H={hidden_size} "
                        f"(each of the S programs owns cdiv(H, S) <= block_h units)")
-        if self.w_on_chip and S == 1 and self.block_h < hidden_size:
-            bad.append(f"block_h={self.block_h} < H={hidden_size} on chip with one program")
+        if self.single_chunk and S == 1 and self.block_h < hidden_size:
+            bad.append(f"block_h={self.block_h} < H={hidden_size} with one program and one chunk")
+        if self.exchange not in (None, "dz", "dh"):
+            bad.append(f"exchange={self.exchange!r} ('dz' or 'dh')")
+        for name in ("resident_chunks", "resident_chunks_backward"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                bad.append(f"{name}={v} (>= 0)")
         if bad:
             raise ValueError("config: " + "; ".join(bad) + " expected")
 
@@ -531,7 +586,7 @@ def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype, allow_t
     if limits.unbounded:  # the interpreter: one program per group holds everything, unless told
         S = max(1, min(split or 1, H))
         block_h = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(H, S)))
-        return RecurrenceConfig(block_b, block_h, True, split=S if S > 1 else None)
+        return RecurrenceConfig(block_b, block_h, True, split=S if S > 1 else None, single_chunk=S == 1)
     one = _one_program(H, block_b, dtype, fma, limits, gates, P)
     candidates = ([one] if one else []) + _split_candidates(H, B, dtype, fma, limits, None, gates, P)
     if split is not None:  # FUSED_BIRNN_SPLIT: that S wherever a plan with it fits

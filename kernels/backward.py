@@ -85,15 +85,13 @@ import triton.language as tl
 
 from . import launch
 from .cell import cell_backward, gru_cell_backward, lstm_cell_backward
-from .config import MIN_DOT, RecurrenceConfig, device_limits, select_config
+from .config import RecurrenceConfig, device_limits, pass_shape, select_config
 from ..torch_backend import cell_mode, check_cell_arguments
 from .forward import acc_dtype, check_buffers, device_guard, input_precision
 from .indexing import sequence_lengths, step_time
 from .exchange import load_exchanged
 from .product import gate_tiles_dot, gather_product, resident, scatter_product
 from .sync import group_barrier
-
-REDUCE_BATCH = tl.constexpr(8)  # partial sums of dh read and added 8 programs at a time (registers)
 
 
 @triton.jit(do_not_specialize=["T", "r_begin", "r_end", "max_spins"])
@@ -111,6 +109,7 @@ def birnn_bwd_kernel(
     SPLIT: tl.constexpr, BARRIER: tl.constexpr,
     CELL: tl.constexpr = 0, G: tl.constexpr = 1, PROJ: tl.constexpr = False, BLOCK_P: tl.constexpr = 16,
     BLOCK_KP: tl.constexpr = 16, NKP: tl.constexpr = 1, NRP: tl.constexpr = 1, EXCHANGE_DH: tl.constexpr = False,
+    REDUCE: tl.constexpr = 1,
 ):
     """One program: hidden units [p*U, p*U + U) (their G gates and, LSTM, c) and state units
     [p*UP, p*UP + UP) (h, P wide; the same units without a projection) of BLOCK_B rows of one direction,
@@ -212,11 +211,13 @@ def birnn_bwd_kernel(
             if q % PHASES == 0:  # finish step r - 1: dh of the program's state units from the exchange
                 _, active_prev = step_time(n_steps - r, direction, n_steps, seq_len)
                 active_prev = active_prev & (r_rows > 0)
-                if EXCHANGE_DH:  # the sum of the group's partial sums over this program's state units
+                if EXCHANGE_DH:  # the sum of the group's partial sums over this program's state units,
+                    # REDUCE programs' [BLOCK_B, BLOCK_P] at a time (one load; summed within each thread
+                    # and then across the warps, which split the programs), batches in order
                     dh_new = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC_DTYPE)
                     prev = xch_group + ((r + 1) % 2) * half
-                    for q0 in tl.static_range(0, SPLIT, REDUCE_BATCH):
-                        offs_q = q0 + tl.arange(0, REDUCE_BATCH)
+                    for q0 in tl.static_range(0, SPLIT, REDUCE):
+                        offs_q = q0 + tl.arange(0, REDUCE)
                         part = load_exchanged(prev[None, :, :] + (offs_q * B * P)[:, None, None],
                                               (offs_q < SPLIT)[:, None, None] & mask_bp[None, :, :])
                         dh_new += tl.sum(part.to(ACC_DTYPE), axis=0)
@@ -346,31 +347,23 @@ _CELL_IDS = {"RNN_TANH": (0, 1), "RNN_RELU": (0, 1), "LSTM": (1, 4), "GRU": (2, 
 
 def kernel_constants(cfg: RecurrenceConfig, hidden_size: int, state_size: int, cell: str, proj: bool,
                      persistent: bool) -> dict:
-    """What a launch of `birnn_bwd_kernel` with plan `cfg` specialises on (also for compile checks): the
-    constexprs BLOCK_N, BLOCK_P (a program's hidden and state units, padded), EXCHANGE_DH, BLOCK_K / NK /
-    NR (the main product's chunk, chunk count and resident chunks: with EXCHANGE_DH column chunks of
-    W_hh's P columns, else K chunks of the group's dz, K = G*H), BLOCK_KP / NKP / NRP (the projection's
-    dm = g @ W_hr, K = P), SPLIT, CELL, G, PROJ, and the integers UP (state units per program) and PHASES
-    (barriers a step: 2 for a split projection). `state_size` is P (H without a projection), `cell`
-    nn.RNNBase's mode name. Residency counts the main product's chunks first. `persistent` is the
-    launch's BARRIER (the one-program kernel keeps dh in registers only in a persistent launch)."""
+    """What a launch of `birnn_bwd_kernel` with plan `cfg` specialises on (also for compile checks), from
+    `config.pass_shape`: the constexprs BLOCK_N, BLOCK_P (a program's hidden and state units, padded),
+    EXCHANGE_DH and REDUCE, BLOCK_K / NK / NR (the main product's chunk, chunk count and resident chunks:
+    with EXCHANGE_DH column chunks of W_hh's P columns, else K chunks of the group's dz within each gate),
+    BLOCK_KP / NKP / NRP (the projection's dm = g @ W_hr, K = P), SPLIT, CELL, G, PROJ, and the integers
+    UP (state units per program) and PHASES (barriers a step: 2 for a split projection). `state_size`
+    is P (H without a projection), `cell` nn.RNNBase's mode name, `persistent` the launch's BARRIER (the
+    one-program kernel keeps dh in registers only in a persistent launch)."""
     H, P = hidden_size, state_size
     cell_id, G = _CELL_IDS[cell]
-    S = cfg.programs_per_group(H)
-    dh = cfg.backward_exchange(H) == "dh"
-    block_p = cfg.block_p(H, P) if proj else cfg.block_h
-    block_k = cfg.k_block(P if dh else H, forward=False)  # dz: K chunks within each gate's H
-    nk = triton.cdiv(P, block_k) if dh else G * triton.cdiv(H, block_k)
-    block_kp = cfg.k_block(P, forward=False) if proj else MIN_DOT
-    nkp = triton.cdiv(P, block_kp) if proj else 0
-    nr = cfg.resident(nk + nkp, forward=False)
-    nrp = max(0, nr - nk)
-    keep = (S == 1 and persistent and dh and nk == 1 and nr >= 1 and block_k == block_p
-            and (not proj or (nkp == nrp == 1 and block_kp == block_p)))  # the kernel's KEEP
-    return dict(BLOCK_N=cfg.block_h, BLOCK_P=block_p, EXCHANGE_DH=dh, BLOCK_K=block_k, NK=nk, NR=min(nr, nk),
-                BLOCK_KP=block_kp, NKP=nkp, NRP=nrp, SPLIT=S, CELL=cell_id, G=G, PROJ=proj,
+    shape = pass_shape(cfg, H, P, G, proj, forward=False, persistent=persistent)
+    return dict(BLOCK_N=cfg.block_h, BLOCK_P=shape["block_p"], EXCHANGE_DH=shape["exchange"] == "dh",
+                REDUCE=shape["reduce"], BLOCK_K=shape["block_k"], NK=shape["chunks"], NR=shape["resident"],
+                BLOCK_KP=shape["block_k2"], NKP=shape["chunks2"], NRP=shape["resident2"],
+                SPLIT=cfg.programs_per_group(H), CELL=cell_id, G=G, PROJ=proj,
                 UP=cfg.proj_units_per_program(H, P) if proj else cfg.units_per_program(H),
-                PHASES=2 if proj and not keep else 1)
+                PHASES=shape["exchanges"] if not shape["keep"] else 1)
 
 
 def _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, *, mode, lengths, allow_tf32, config,
@@ -431,7 +424,8 @@ def _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, *, mode, len
                  grad_pre.stride(0), grad_pre.stride(1), grad_h0.stride(0), grad_h0.stride(1),
                  P, UP, saved.stride(0) if saved is not None else 0)
         launch.run_steps(birnn_bwd_kernel, (S, n_tiles, D), args, after, phases * T + 1, persistent,
-                         cfg.spin_limit(), kw)
+                         cfg.spin_limit(), kw, cooperative=launch.cooperative(cfg, S, device),
+                         what=f"the backward of a {mode} layer (H={H}, B={B}, T={T}, S={S}) on {device}")
         if persistent and S > 1:
             launch.after_launch(device)
 

@@ -116,7 +116,7 @@ import triton.language as tl
 
 from . import launch
 from .cell import cell_forward, gru_cell_forward, lstm_cell_forward
-from .config import MIN_DOT, RecurrenceConfig, device_limits, gate_count, select_config
+from .config import RecurrenceConfig, device_limits, gate_count, pass_shape, select_config
 from .exchange import load_exchanged
 from .indexing import sequence_lengths, step_time
 from .launch import device_guard  # noqa: F401  (re-exported: the launchers' device guard)
@@ -333,19 +333,15 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 def kernel_constants(cfg: RecurrenceConfig, hidden_size: int, state_size: int, cell: str, proj: bool) -> dict:
-    """The plan's shape constexprs of `birnn_fwd_kernel` (also for the compile checks): BLOCK_N, BLOCK_P
-    (a program's hidden and state units, padded), BLOCK_K / NK / NR (the gate product's K chunk over
-    P = `state_size`, its chunk count and how many stay resident), BLOCK_KH / NKH / NRH (the projection's,
-    K = H), SPLIT, CELL, GATES, PROJ. Residency counts the gate product's chunks first."""
-    H, P = hidden_size, state_size
-    block_k = cfg.k_block(P)
-    nk = triton.cdiv(P, block_k)
-    block_kh = cfg.k_block(H) if proj else MIN_DOT
-    nkh = triton.cdiv(H, block_kh) if proj else 0
-    nr = cfg.resident(nk + nkh)
-    return dict(BLOCK_N=cfg.block_h, BLOCK_P=cfg.block_p(H, P) if proj else cfg.block_h, BLOCK_K=block_k,
-                NK=nk, NR=min(nr, nk), BLOCK_KH=block_kh, NKH=nkh, NRH=max(0, nr - nk),
-                SPLIT=cfg.programs_per_group(H), CELL=CELL_CODES[cell], GATES=gate_count(cell), PROJ=proj)
+    """The plan's shape constexprs of `birnn_fwd_kernel` (also for the compile checks), from
+    `config.pass_shape`: BLOCK_N, BLOCK_P (a program's hidden and state units, padded), BLOCK_K / NK / NR
+    (the gate product's K chunk over P = `state_size`, its chunk count and how many stay resident),
+    BLOCK_KH / NKH / NRH (the projection's, K = H), SPLIT, CELL, GATES, PROJ."""
+    shape = pass_shape(cfg, hidden_size, state_size, gate_count(cell), proj, forward=True)
+    return dict(BLOCK_N=cfg.block_h, BLOCK_P=shape["block_p"], BLOCK_K=shape["block_k"], NK=shape["chunks"],
+                NR=shape["resident"], BLOCK_KH=shape["block_k2"], NKH=shape["chunks2"], NRH=shape["resident2"],
+                SPLIT=cfg.programs_per_group(hidden_size), CELL=CELL_CODES[cell], GATES=gate_count(cell),
+                PROJ=proj)
 
 
 def common_kwargs(cfg: RecurrenceConfig, H: int, dtype: torch.dtype, allow_tf32: bool, relu: bool,
@@ -421,8 +417,7 @@ def _forward(x_proj, w_hh, h0, out, h_n, mode, *, c0=None, c_n=None, w_hr=None, 
     persistent = cfg.runs_persistent(H, T)
     common = common_kwargs(cfg, H, x_proj.dtype, allow_tf32, mode == "RNN_RELU", lengths is not None,
                            forward=True, cell=mode, proj_size=proj)
-    keep = (S == 1 and common["NK"] == common["NR"] == 1
-            and (not proj or common["NKH"] == common["NRH"] == 1))  # one program: the state in registers
+    keep = pass_shape(cfg, H, P, G, bool(proj), True, persistent)["keep"]  # the state in registers: no mxch
     with device_guard(x_proj):  # Triton launches on the current device: make it the tensors' device
         launch.raise_pending(device)
         w = launch.product_slices(w_hh, G, S, U, cfg.block_h, common["BLOCK_K"], common["NK"])
@@ -440,7 +435,8 @@ def _forward(x_proj, w_hh, h0, out, h_n, mode, *, c0=None, c_n=None, w_hr=None, 
                  P, UP, 0 if saved is None else saved.stride(0))
         phases = (1, 2) if proj and S > 1 else ()  # launch per step: m, then h, each ends at a launch boundary
         launch.run_steps(birnn_fwd_kernel, (S, n_tiles, D), args, after, T, persistent, cfg.spin_limit(),
-                         common, phases)
+                         common, phases, cooperative=launch.cooperative(cfg, S, device),
+                         what=f"the forward of a {mode} layer (H={H}, B={B}, T={T}, S={S}) on {device}")
         if persistent and S > 1:
             launch.after_launch(device)
 

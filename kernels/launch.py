@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -87,25 +88,57 @@ def row_slices(w: torch.Tensor, blocks: int, split: int, units: int, block_n: in
     return unit_slices(w, blocks, split, units, block_n, block_c, chunks).contiguous()
 
 
+def cooperative(cfg, split: int, device: torch.device) -> bool:
+    """Whether a persistent launch of plan `cfg` with `split` programs per group asks for a cooperative
+    launch: on a CUDA device, S > 1 (programs wait for each other), unless the plan says no."""
+    return device.type == "cuda" and split > 1 and cfg.cooperative is not False
+
+
 def _launch(kernel, grid, *args, **kwargs):
     """One launch (tests replace it to run a grid's programs as threads)."""
     kernel[grid](*args, **kwargs)
 
 
 def run_steps(kernel, grid, args: tuple, ints_after: tuple, n_steps: int, persistent: bool,
-              max_spins: int, common: dict, phases: tuple[int, ...] = ()) -> None:
+              max_spins: int, common: dict, phases: tuple[int, ...] = (), cooperative: bool = False,
+              what: str = "") -> None:
     """Launch `kernel` over `n_steps` processing steps: once (persistent) or once per step. `args` are
     the arguments before (begin, end, max_spins); `ints_after` the ones after them. `phases`: a step that
     needs more than one exchange (a projected LSTM split across programs: m, then h) runs, in the
     launch-per-step mode, as one launch per phase (`PHASE=` each of them: the launch boundary is then
-    every barrier); empty: one launch per step, no PHASE argument."""
+    every barrier); empty: one launch per step, no PHASE argument.
+
+    `cooperative` (a persistent split launch on a GPU): ask CUDA for a cooperative launch
+    (`launch_cooperative_grid`, Triton 3.6 and 3.9: `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`), which either
+    makes every program of the grid resident at once or refuses to start; when it refuses (the grid does
+    not fit the device as the plan estimated, MPS or MIG, another kernel holding SMs), the steps run one
+    launch each instead (correct on any device, slower) and a warning naming `what` (the layer's shape)
+    says so, once per shape. An error that the launch-per-step mode raises as well propagates."""
     if persistent:
-        _launch(kernel, grid, *args, 0, n_steps, max_spins, *ints_after, BARRIER=True, **common)
-    else:
-        for s in range(n_steps):
-            for ph in phases or (None,):
-                extra = {} if ph is None else {"PHASE": ph}
-                _launch(kernel, grid, *args, s, s + 1, max_spins, *ints_after, BARRIER=False, **extra, **common)
+        if not cooperative:
+            _launch(kernel, grid, *args, 0, n_steps, max_spins, *ints_after, BARRIER=True, **common)
+            return
+        try:
+            _launch(kernel, grid, *args, 0, n_steps, max_spins, *ints_after, BARRIER=True,
+                    launch_cooperative_grid=True, **common)
+            return
+        except RuntimeError as e:  # refused at launch: nothing ran
+            _warn_once(what, f"fused_birnn: the cooperative launch of {what} was refused ({e}); running it "
+                             f"as one launch per step (slower). The grid needs every program resident at once: "
+                             f"is the GPU shared (MPS, MIG, other kernels)?")
+    for s in range(n_steps):
+        for ph in phases or (None,):
+            extra = {} if ph is None else {"PHASE": ph}
+            _launch(kernel, grid, *args, s, s + 1, max_spins, *ints_after, BARRIER=False, **extra, **common)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 class _ErrorFlag:

@@ -148,6 +148,9 @@ def scatter_product(dst, mask_b, cols, w_ptr, ws, dz0, dz1, dz2, dz3,
         acc = gate_tiles_dot(dz0, dz1, dz2, dz3, w0, w1, w2, w3, G, ACC_DTYPE, INPUT_PRECISION)
         js = c * BC + offs_c
         tl.store(dst + js[None, :], acc.to(dst.dtype.element_ty), mask=m & (js < cols)[None, :])
+        # a fence for ptxas' scheduler: without it every chunk's operand reads from shared memory are
+        # hoisted to the top (256 registers of fragments at 4 warps, spilled)
+        tl.debug_barrier()
     if NR < NC:
         n0, n1, n2, n3 = _streamed_gate_tiles(w_ptr, NR, NC, G, BN, BC)
         for c in range(NR, NC):

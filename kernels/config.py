@@ -332,7 +332,8 @@ def pass_shape(cfg: RecurrenceConfig, hidden_size: int, state_size: int, gates: 
     column chunks of W_hh with the "dh" exchange, else K chunks of dz within each gate), `block_k2` /
     `chunks2` / `resident2` (the projection's product, 0 chunks without one), `exchange` (the backward's
     "dz" or "dh"; None forward), `keep` (one program whose state, or dh, stays in its registers: no
-    exchange), `products` (M, N, K of each product, per step), `chunk_bytes` / `chunk_bytes2` (one chunk
+    exchange), `products` (M, N, K and layout group of each product, per step: the dots Triton lays
+    out together, `mma_replication`), `chunk_bytes` / `chunk_bytes2` (one chunk
     of each slice at `itemsize` 1), `exchange_read` / `exchange_write` (exchanged elements a step, read
     and written by the program), `exchanges` (barriers a step with S > 1), `reduce` (the backward's
     partial sums of dh added this many programs at a time)."""
@@ -351,8 +352,10 @@ def pass_shape(cfg: RecurrenceConfig, hidden_size: int, state_size: int, gates: 
         keep = (S == 1 and persistent and nk == 1 and min(nr, nk) == 1 and bk == (bp if proj else bn)
                 and (not proj or (nk2 == 1 and nr == 2 and bk2 == bn)))
         main_n = (2 if G == 3 else G) * bn
-        products = [(bb, main_n, nk * bk)] + ([(bb, bn, nk * bk)] if G == 3 else []) + (
-            [(bb, bp, nk2 * bk2)] if proj else [])
+        # the projection reads m back from the exchange buffer: a chain of its own for Triton's layouts,
+        # unless one program keeps m in registers
+        products = [(bb, main_n, nk * bk, 0)] + ([(bb, bn, nk * bk, 0)] if G == 3 else []) + (
+            [(bb, bp, nk2 * bk2, 0 if keep else 1)] if proj else [])
         chunk, chunk2 = bk * G * bn, bk2 * bp
         read = 0 if keep else bb * P + (bb * H if proj else 0)
         write = 0 if keep else bb * UP + (bb * U if proj else 0)
@@ -367,15 +370,15 @@ def pass_shape(cfg: RecurrenceConfig, hidden_size: int, state_size: int, gates: 
         keep = (S == 1 and persistent and dh and nk == 1 and min(nr, nk) == 1 and bk == bp
                 and (not proj or (nk2 == 1 and nr == 2 and bk2 == bp)))  # (the kernel's KEEP)
         if dh:  # each program's rows of W_hh times its dz: G dots of K = block_n per column chunk
-            products = [(bb, nk * bk, G * bn)]
+            products = [(bb, nk * bk, G * bn, 0)]
             chunk = G * bn * bk
             read, write = (0, 0) if keep else (S * bb * bp, bb * P)
         else:  # the group's dz (K = G*H) times each program's columns of W_hh
-            products = [(bb, bp, nk * bk)]
+            products = [(bb, bp, nk * bk, 0)]
             chunk = bk * bp
             read, write = bb * G * H, bb * G * U
         if proj:  # dm = g @ W_hr[:, units]: g exchanged (P values a row) unless kept
-            products.append((bb, bn, nk2 * bk2))
+            products.append((bb, bn, nk2 * bk2, 0 if keep else 1))
             read, write = read + (0 if keep else bb * P), write + (0 if keep else bb * UP)
         chunk2 = bk2 * bn
         exchange = "dh" if dh else "dz"
@@ -390,21 +393,31 @@ def pass_shape(cfg: RecurrenceConfig, hidden_size: int, state_size: int, gates: 
 
 
 def mma_replication(products: list, num_warps: int) -> list[int]:
-    """How many times each product's MMAs are executed over the useful work, for `tl.dot`s of (M, N)
-    products that Triton treats as one chain (every dot of a loop body: their warps share one layout).
-    Triton 3.6-3.9 (`warpsPerTileV2`) lays such dots out with every warp along N when N > M, else along M,
-    taken from the first dot it converts: a warp needs 8 columns (16 rows) of its own, the rest repeat.
-    We assume the first product decides (checked by the compile checks against the SASS)."""
-    M, N = products[0][0], products[0][1]
-    along_n = N > M
-    return [max(1, num_warps // max(1, (n // 8 if along_n else m // 16))) for m, n, _ in products]
+    """How many times each product's MMAs are executed over the useful work. Triton 3.6-3.9 lays out the
+    dots of one chain (connected through their operands and results: `warpsPerTileV2`'s slice) alike,
+    every warp along N when N > M, else along M: a warp needs 8 columns (or 16 rows) of its own, the rest
+    repeat. A product is (M, N, K, group); a group is one such chain (a product read back from the
+    exchange buffer starts its own). Where a group's products disagree on the direction, the first dot
+    Triton converts decides: both are counted (the worse). Checked by the compile checks against the
+    SASS (`fused_birnn.compile_report`)."""
+    def rep(m, n, along_n):
+        return max(1, num_warps // max(1, (n // 8 if along_n else m // 16)))
+
+    out = []
+    for m, n, _, group in products:
+        ways = {pn > pm for pm, pn, _, g in products if g == group}
+        out.append(max(rep(m, n, along_n) for along_n in ways))
+    return out
 
 
-def fits_warps(products: list, least: int = 1, most: int = MAX_WARPS) -> int:
-    """The most warps (a power of two in [least, most]) at which no product repeats an MMA; `least`
-    when even that repeats."""
+def fits_warps(products: list, least: int = 1, most: int = MAX_WARPS, main_only: bool = False) -> int:
+    """The most warps (a power of two in [least, most]) at which no product (`main_only`: no product of
+    the first one's group) repeats an MMA; `least` when even that repeats."""
     w = most
-    while w > least and max(mma_replication(products, w)) > 1:
+    while w > least:
+        reps = mma_replication(products, w)
+        if max(r for r, p in zip(reps, products) if not main_only or p[3] == products[0][3]) == 1:
+            break
         w //= 2
     return w
 
@@ -419,7 +432,7 @@ def pass_shared_bytes(shape: dict, itemsize: int, block_b: int, forward: bool, g
     "dh" slice (16 x 16, 4 gates) 133,120."""
     res = shape["resident"] * shape["chunk_bytes"] + shape["resident2"] * shape["chunk_bytes2"]
     staged = [block_b * max(shape["block_k"], shape["block_k2"]) * itemsize]
-    main_m, main_n, _ = shape["products"][0]
+    main_m, main_n, _, _ = shape["products"][0]
     if forward and gates > 1:
         staged.append(main_m * main_n * 4)  # the accumulator split into gates
     if not forward and shape["exchange"] == "dh":
@@ -480,12 +493,12 @@ def estimate_step_us(cfg: RecurrenceConfig, hidden_size: int, batch_size: int, d
     resident = shape["resident"] * shape["chunk_bytes"] + shape["resident2"] * shape["chunk_bytes2"]
     streamed = ((shape["chunks"] - shape["resident"]) * shape["chunk_bytes"]
                 + (shape["chunks2"] - shape["resident2"]) * shape["chunk_bytes2"])
-    a_bytes = sum(m * k * (1 + (warps if n > m else 1)) for m, n, k in products)
+    a_bytes = sum(m * k * (1 + (warps if n > m else 1)) for m, n, k, _ in products)
     smem = (resident * max(rep) + streamed + a_bytes) * isz * per_sm / c["smem_bytes_per_clk"]
     io = cfg.block_b * (gates + 2) * cfg.block_h  # x_proj in, out (and saved / grad_pre) out
     l2_bytes = (streamed + shape["exchange_read"] + shape["exchange_write"] + io) * isz
     l2 = max(l2_bytes * per_sm / c["l2_bytes_per_clk_sm"], progs * l2_bytes / (c["l2_total_tb_s"] * 1e6) * clk)
-    fmas = sum(m * n * k * r for (m, n, k), r in zip(products, rep))
+    fmas = sum(m * n * k * r for (m, n, k, _), r in zip(products, rep))
     fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
     if fma:
         mma = fmas / c["fma_per_clk_sm"] * per_sm
@@ -494,7 +507,7 @@ def estimate_step_us(cfg: RecurrenceConfig, hidden_size: int, batch_size: int, d
         rate = c["mma_fma_per_clk_sm"] / (1 if isz == 2 else 2)
         issue = 16 * 8 * kstep / (rate / 4)  # one m16n8k MMA on one of the SM's four tensor cores
         chain = 0.0
-        for i, ((m, n, k), r) in enumerate(zip(products, rep)):
+        for i, ((m, n, k, _), r) in enumerate(zip(products, rep)):
             tiles = max(1, (m // 16) * (n // 8) * r // warps)  # independent MMA tiles of one warp
             t = (k / kstep) * max(c["mma_clk"][1], tiles * issue)
             # the GRU's n gate is a second output of the gate product's chunks: its MMAs interleave with
@@ -602,50 +615,70 @@ def _split_plans(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLi
                 candidates = [RecurrenceConfig(block_b, block_n, True, 4, 1, split=S, exchange=ex)
                               for ex in (("dz", "dh") if gates > 1 or proj_size else ("dz",))]
             for cfg in candidates:
-                plan = _fit(cfg, H, P, gates, proj_size, isz, limits, tiles, fma)
+                plan = _fit(cfg, H, P, gates, proj_size, isz, limits, tiles, fma, dtype, not fma, B)
                 if plan is not None:
                     out.append(plan)
     return out
 
 
+# resident slice bytes one thread may hold before the time loop: ptxas issues a pass's resident chunk loads
+# ahead of their stores to shared memory and holds them in registers (Elman H=1760 at 2 warps, 1.75 KiB a
+# thread: 255 registers and 1,256 B of stack; LSTM H=1024 at 4 warps, 1 KiB: 128 registers, clean); the
+# "dh" backward's tiles all share dz as their other operand and their fragments are read together inside
+# the loop (the LSTM's 128 KiB slice spilled at 4 warps, 0.5 KiB at 8 compiled clean)
+RESIDENT_BYTES_PER_THREAD = 2048
+DH_RESIDENT_BYTES_PER_THREAD = 512
+
+
 def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz: int, limits: DeviceLimits,
-         tiles: int, fma: bool) -> RecurrenceConfig | None:
-    """`cfg` with its warps, its residency and its launch mode for the device, or None when it cannot
-    run well there (the gate product would repeat MMAs, or nothing fits)."""
+         tiles: int, fma: bool, dtype: torch.dtype = torch.float16, allow_tf32: bool = False,
+         B: int = 16) -> RecurrenceConfig | None:
+    """`cfg` with, per pass, the warps and resident chunks of lowest estimated step time (warps at which
+    the gate product repeats no MMA; as many chunks on chip as the shared memory and the per-thread bound
+    hold, the rest streamed), and its launch mode for the device; None when nothing fits."""
     proj = bool(proj_size)
-    fwd = pass_shape(cfg, H, P, gates, proj, True)
-    bwd = pass_shape(cfg, H, P, gates, proj, False)
-    if fma:
-        wf = wb = cfg.num_warps
-    else:
-        wf = fits_warps(fwd["products"], 2, 4)
-        wb = fits_warps(bwd["products"], 2, 8 if bwd["exchange"] == "dh" else 4)
-        if max(mma_replication(fwd["products"][:1], wf)) > 1:
-            return None  # the gate product itself would repeat
-    cfg = replace(cfg, num_warps=wb, num_warps_forward=wf if wf != wb else None)
-    # residency per pass: as many chunks as the shared memory holds (the main product's first); the "dh"
-    # backward's resident tiles all share dz as their other operand, and ptxas reads their fragments from
-    # shared memory together: at most 512 B of them a thread (the LSTM's 128 KiB slice spilled at 4 warps
-    # and compiled clean at 8)
     limit = limits.shared_per_block
-    resident = {}
+    chosen = {}
     for forward in (True, False):
-        shape = fwd if forward else bwd
         key = "resident_chunks" if forward else "resident_chunks_backward"
-        nr = 0 if fma else shape["chunks"] + shape["chunks2"]
-        while nr > 0:
-            trial = pass_shape(replace(cfg, **{key: nr}), H, P, gates, proj, forward)
-            fragments = trial["resident"] * trial["chunk_bytes"] * isz
-            if (pass_shared_bytes(trial, isz, cfg.block_b, forward, gates) <= limit
-                    and (forward or trial["exchange"] != "dh" or fragments <= 512 * 32 * wb)):
-                break
-            nr -= 1
-        resident[key] = nr
-    cfg = replace(cfg, w_on_chip=resident["resident_chunks"] > 0, **resident)
+        shape = pass_shape(cfg, H, P, gates, proj, forward)
+        if fma:
+            options = [(cfg.num_warps, 0)]
+        else:
+            most = fits_warps(shape["products"], 1, MAX_WARPS, main_only=True)
+            if max(mma_replication(shape["products"], most)[:1]) > 1:
+                return None  # the gate (main) product would repeat at every warp count
+            per_thread = DH_RESIDENT_BYTES_PER_THREAD if shape["exchange"] == "dh" else RESIDENT_BYTES_PER_THREAD
+            options = []
+            for w in (2, 4, 8):
+                if w > most:
+                    continue
+                nr = shape["chunks"] + shape["chunks2"]
+                while nr > 0:
+                    trial = pass_shape(replace(cfg, **{key: nr}), H, P, gates, proj, forward)
+                    held = (trial["resident"] * trial["chunk_bytes"] + trial["resident2"] * trial["chunk_bytes2"]) * isz
+                    if (pass_shared_bytes(trial, isz, cfg.block_b, forward, gates) <= limit
+                            and held <= per_thread * 32 * w):
+                        break
+                    nr -= 1
+                options.append((w, nr))
+        best = None
+        for w, nr in options:
+            trial = replace(cfg, num_warps=w, num_warps_forward=None, **{key: nr})
+            shape = pass_shape(trial, H, P, gates, proj, forward)
+            if pass_shared_bytes(shape, isz, cfg.block_b, forward, gates) > limit:
+                continue
+            est = estimate_step_us(trial, H, B, dtype, allow_tf32, limits, 2, gates, proj_size, forward)["us"]
+            if best is None or est < best[0]:
+                best = (est, w, nr)
+        if best is None:
+            return None
+        chosen[forward] = best[1:]
+    (wf, nrf), (wb, nrb) = chosen[True], chosen[False]
+    cfg = replace(cfg, num_warps=wb, num_warps_forward=wf if wf != wb else None, resident_chunks=nrf,
+                  resident_chunks_backward=nrb, w_on_chip=nrf > 0)
     shared = max(pass_shared_bytes(pass_shape(cfg, H, P, gates, proj, f), isz, cfg.block_b, f, gates)
                  for f in (True, False))
-    if shared > limit:
-        return None
     S = cfg.programs_per_group(H)
     capacity = programs_per_sm(limits, shared, max(wf, wb)) * limits.sm_count
     return replace(cfg, persistent=S * tiles * 2 <= capacity, cooperative=True)

@@ -116,8 +116,11 @@ class FusedRNNBase(nn.RNNBase):
             return [params[name] for name in self._flat_weights_names]
         except KeyError:  # not a registered Parameter
             pass
-        self._update_flat_weights()
-        weights = list(self._flat_weights)
+        if torch.compiler.is_compiling():  # torch.compile / export trace each weight once; writing the module's
+            weights = [getattr(self, name, None) for name in self._flat_weights_names]  # lists would recompile
+        else:
+            self._update_flat_weights()
+            weights = list(self._flat_weights)
         self._check_set(weights)
         return weights
 

@@ -56,14 +56,16 @@ class FusedRNNBase(nn.RNNBase):
         """Make each layer's parameters views of one contiguous buffer per kind, so the kernels read
         them with no per-call copy: `[D*G*H, I]` input weights (one GEMM for all directions and gates),
         `[D, G*H, P]` recurrent weights, `[D*G*H]` biases, `[D, P, H]` projections. Called on construction,
-        after `.to()`/`.half()`, after unpickling, and by nn's weight refresh (`_weights`). The layer op
-        itself checks, per call, whether a layer's weights still lie back to back (`functional._joined`):
+        after `.to()`/`.half()` and after unpickling (not by nn's per-call weight refresh in `_weights`). The
+        layer op itself checks, per call, whether a layer's weights still lie back to back (`functional._joined`):
         a parameter replaced later (`rnn.weight_hh_l0 = Parameter(...)`) is concatenated per call instead,
         so results never go stale. Only registered Parameters move: a kind (say both directions' `w_hh`)
         with a weight that is parametrized, pruned, set by a hook or deleted (`_weights`) stays as it is
         and is packed per call, and a layer holding one Parameter under two names is never flattened."""
-        if torch.compiler.is_compiling():
-            return  # a layout change, not traceable (storage pointers); the layer op packs per call instead
+        if torch.compiler.is_compiling() or self.__dict__.get("_refreshing"):
+            # under torch.compile a layout change is not traceable (storage pointers), and nn's per-call weight
+            # refresh (`_weights`) changes no Parameter: the layer op packs per call whatever is not flat
+            return
         previous = getattr(self, "_layer_buffers", [])
         self._layer_buffers: list[list[Tensor | None]] = []
         if len(getattr(self, "_flat_weights", ())) != len(getattr(self, "_flat_weights_names", (None,))):
@@ -119,7 +121,11 @@ class FusedRNNBase(nn.RNNBase):
         if torch.compiler.is_compiling():  # torch.compile / export trace each weight once; writing the module's
             weights = [getattr(self, name, None) for name in self._flat_weights_names]  # lists would recompile
         else:
-            self._update_flat_weights()
+            self.__dict__["_refreshing"] = True  # no flatten_parameters per call (its checks cost 5-10% of a
+            try:                                 # small LSTM's forward, measured)
+                self._update_flat_weights()
+            finally:
+                del self.__dict__["_refreshing"]
             weights = list(self._flat_weights)
         self._check_set(weights)
         return weights

@@ -25,32 +25,56 @@ last valid step, mirroring the forward's activity mask; padded steps of `grad_pr
 The split mirrors kernels/forward.py. Program p of a group owns hidden units [p*U, p*U + U) (all G gates
 and, LSTM, c: dc stays in its registers) and state units [p*UP, p*UP + UP) (h, dh; without a projection
 the hidden units themselves, in the same index and mask registers: separate ones pushed Elman kernels
-past ptxas' register budget, stack spills at sm_80-90). Per step it computes dz for its units' G gates,
-writes `grad_pre[t]` (GRU also `grad_hn[t]`), publishes dz (G*U values a row) to `xch[r % 2]`, meets
-the group at the barrier (or the launch ends), reads the group's whole dz back and multiplies it by its
-columns of W_hh, `W_hh[:, p*UP:(p+1)*UP]`: on chip (`W_ON_CHIP`, one zero-padded [BLOCK_K, BLOCK_P] slice per gate,
-loaded once; G dots of K = next_pow2(H)) or streamed from L2 in BLOCK_K chunks over the G*H rows. With
-a projection g reaches m = o * tanh(c) through W_hr, which mixes every state unit into every hidden unit:
-a split step publishes g_s (`xg`), meets at a second barrier, and computes `dm = g_all @ W_hr[:, units]`
-(two phases a step; the launch-per-step mode runs 2 n_steps + 1 launches). g_s is also written per step
-(`g`, processing order, P values a row: the cheapest way to the weight gradient) and the launcher forms
-`grad_w_hr = sum_s g_s^T m_s` as one GEMM after the loop, m recomputed from `saved` off the loop (0 at
-inactive steps). SPLIT = 1 with `BARRIER=True` and W on chip keeps dz (and g) in registers: the
-one-program-per-group kernel, one phase a step. Errors as in kernels/forward.py: `grad_pre`, `grad_h0`,
-`grad_c0` are NaN from the failed step on and the error flag is set.
+past ptxas' register budget, stack spills at sm_80-90). Per step it computes dz for its units' G gates
+and writes `grad_pre[t]` (GRU also `grad_hn[t]`); what the group then exchanges is the plan's choice
+(`EXCHANGE_DH`, `config.RecurrenceConfig.exchange`):
+
+* "dz": each program publishes its dz (G*U values a row) to `xch[r % 2]`, meets the group at the
+  barrier (or the launch ends), reads the group's whole dz back and multiplies it by its columns of
+  W_hh, `dh[:, own] = dz_all @ W_hh[:, p*UP:(p+1)*UP]` (a gather product, kernels/product.py: K = G*H in
+  chunks within each gate, resident or streamed as in the forward);
+* "dh": each program multiplies its own dz by its own rows of W_hh, `partial_p = sum_g dz_g @
+  W_hh[g*H + own units, :]` (G dots of K = U per column chunk of P, `product.scatter_product`: the rows
+  it holds are the forward's slice, transposed), publishes the partial sums of dh for every state unit,
+  meets the group, and adds up the group's partial sums of its own state units, programs q = 0 .. SPLIT-1
+  in order (`REDUCE` of them per load).
+
+Why both (bytes a step and a program, B_b rows, input dtype e bytes; the forward reads its group's state,
+B_b * P * e): "dz" reads the group's dz, B_b * G*H * e, and writes B_b * G*U * e; "dh" writes B_b * P * e
+and reads SPLIT * B_b * UP * e = B_b * P * e. So "dh" moves 2 P e a row against "dz"'s G H e: for the
+LSTM (G = 4) and the GRU (G = 3) half and two thirds, for the Elman cell (G = 1) twice as much, and
+summed over the chip the same ratios (SPLIT programs each). The partial sums are rounded to the input
+dtype once each (an error like one rounding of dh, as the dz exchange's rounding of dz); their sum's
+order depends on SPLIT, so "dh" results are bitwise repeatable but not bitwise equal across SPLIT (the
+"dz" exchange's are, for plans with the same chunk). The planner (kernels/config.py) picks the exchange
+by the cost model's estimate, which follows these bytes: "dh" for the gated cells at large H (deepspeech's
+LSTM, H = 1024, B = 32, fp16 on an H100, estimates: a backward step 4.6 us with "dh" against 3.4 forward;
+with "dz", 256 KiB read a program and step, 7.7 us, 2.2x), "dz" for Elman.
+
+With a projection g reaches m = o * tanh(c) through W_hr, which mixes every state unit into every hidden
+unit: a split step publishes g_s (`xg`), meets at a second barrier, and computes `dm = g_all @ W_hr[:,
+units]` (a gather product over K = P; two phases a step; the launch-per-step mode runs 2 n_steps + 1
+launches). g_s is also written per step (`g`, processing order, P values a row: the cheapest way to the
+weight gradient) and the launcher forms `grad_w_hr = sum_s g_s^T m_s` as one GEMM after the loop, m
+recomputed from `saved` off the loop (0 at inactive steps). KEEP (one program, persistent, the "dh" form
+with every product one resident chunk) keeps dz, dh (and g) in registers: `dh = sum_g dz_g @ W_g`, no
+exchange, one phase a step. Errors as in kernels/forward.py: `grad_pre`, `grad_h0`, `grad_c0` are NaN
+from the failed step on and the error flag is set.
 
 Every other gradient is matrix products the caller does on `grad_pre` / `grad_hn` (dW_ih, dW_hh, biases,
-grad_input): no reduction happens across programs here, so there are no atomics on data and the result is
-bitwise deterministic; each program reduces over K in the same order whatever SPLIT is, so on the CPU the
-results are bitwise equal for every SPLIT.
+grad_input). No float atomics anywhere: every sum is in a fixed order, so the result is bitwise
+deterministic for a given plan; with the "dz" exchange each program reduces over K in the same chunk
+order whatever SPLIT is, so on the CPU plans with the same chunk give bitwise equal results.
 
 Buffers (last dimension contiguous; index math in int64; internal buffers contiguous):
     out       [T, B, D*P]  forward states h_t (read; the GRU's h_{s-1})
     grad_out  [T, B, D*P]  gradient of the layer output (read)
-    w         on chip: [D, SPLIT, G, BLOCK_P, BLOCK_K] zero-padded slices, [d, p, k, n, j] =
-              W_hh[d][k*H + j, p*UP + n]; streamed: W_hh [D, G*H, stride_w] (rows padded as in forward.py)
-    w_hr      LSTM projection: on chip [D, SPLIT, BLOCK_N, BLOCK_KP], [d, p, n, k] = W_hr[d][k, p*U + n];
-              streamed: W_hr [D, P, stride_wr]
+    w         "dz": [D, SPLIT, NK, BLOCK_K, BLOCK_P], [d, p, c, k, q] = W_hh[d][g*H + j, p*UP + q] for chunk c
+              = g*(NK/G) + i, j = i*BLOCK_K + k (chunks within each gate, `launch.product_slices`); "dh":
+              [D, SPLIT, NK, G, BLOCK_N, BLOCK_K], [d, p, c, g, n, j] = W_hh[d][g*H + p*U + n, c*BLOCK_K + j]
+              (`launch.row_slices`); zero where the row or column does not exist
+    w_hr      LSTM projection: [D, SPLIT, NKP, BLOCK_KP, BLOCK_N], [d, p, c, k, n] =
+              W_hr[d][c*BLOCK_KP + k, p*U + n]
     saved     [T, D*B*(G+1)*H]  the forward's activations (above), row stride stride_st
     h0        [D, B, H]    GRU initial state (its first step's h_{s-1});  c0 [D, B, H] LSTM
     grad_pre  [T, B, D*G*H] input-side gradient of the gates' pre-activations (written)
@@ -61,20 +85,24 @@ Buffers (last dimension contiguous; index math in int64; internal buffers contig
     dh        [D, B, P]    running dh (fp32; fp64 for fp64): the launcher writes grad_h_n into it, each
                            launch reads its programs' units at its start and writes them at its end
     aux       [D, B, H]    same dtype, the per-unit carry across launches: LSTM dc (from grad_c_n), GRU g*z
-    xch       [2, D, B, G*H] exchange buffer of dz (input dtype: dz is rounded to it for the dot anyway)
+    xch       "dz": [2, D, B, G*H] the group's dz; "dh": [2, D, SPLIT, B, P] each program's partial sums of
+              dh (input dtype: rounded to it for the dot, or once each)
     xg        [D, B, P]    exchange buffer of g (projection, split)
     sync, err              as in forward.py
 
 Grid: (SPLIT, cdiv(B, BLOCK_B), D); a launch runs iterations [r_begin, min(r_end, PHASES * n_steps + 1)),
-iteration r finishing step r - 1 (dh from the exchanged dz) and starting step r (dz, published): the
-exchange sits inside the iteration, so the launch-per-step mode needs PHASES * n_steps + 1 launches.
+iteration r finishing step r - 1 (dh from the exchange) and starting step r (dz, its exchange
+published): the exchange sits inside the iteration, so the launch-per-step mode needs PHASES * n_steps + 1
+launches. A persistent split launch is a cooperative launch on a GPU (kernels/launch.py).
 
-Verified (CPU, TRITON_INTERPRET=1): against `torch_backend.recurrence_backward` and float64 autograd of
-`torch_backend.differentiable_layer` for LSTM (with and without proj_size), GRU and Elman, with lengths,
-S forced to 1/2/3 (bitwise equal) on chip and streamed, fp64/fp32/fp16, odd sizes, NaN guard regions
-(tests/test_kernels_gated_backward.py; Elman also tests/test_kernels.py, tests/test_split.py,
-`gradcheck` in tests/test_gradients.py). Compiled with `triton.compile` for sm_90 (no GPU run) for
-Elman/LSTM/LSTM+proj/GRU, one program and split, on chip and streamed. Not run on a GPU.
+Verified (CPU, TRITON_INTERPRET=1, triton 3.9 and 3.6 with numpy 2.4): against
+`torch_backend.recurrence_backward` and float64 autograd of `torch_backend.differentiable_layer` for LSTM
+(with and without proj_size), GRU and Elman, with lengths, S forced to 1/2/3 (bitwise equal with "dz"),
+both exchanges, resident, partially resident and streamed, a K split among warps, fp64/fp32/fp16, odd
+sizes, NaN guard regions (tests/test_kernels_gated_backward.py, tests/test_plan_kinds.py; Elman also
+tests/test_kernels.py, tests/test_split.py, `gradcheck` in tests/test_gradients.py). Compiled for
+sm_80/86/89/90 under triton 3.6 and 3.9 with the forward's checks (tests/test_compile.py). Not run on a
+GPU.
 """
 
 from __future__ import annotations
@@ -109,7 +137,7 @@ def birnn_bwd_kernel(
     SPLIT: tl.constexpr, BARRIER: tl.constexpr,
     CELL: tl.constexpr = 0, G: tl.constexpr = 1, PROJ: tl.constexpr = False, BLOCK_P: tl.constexpr = 16,
     BLOCK_KP: tl.constexpr = 16, NKP: tl.constexpr = 1, NRP: tl.constexpr = 1, EXCHANGE_DH: tl.constexpr = False,
-    REDUCE: tl.constexpr = 1,
+    REDUCE: tl.constexpr = 1, KS: tl.constexpr = 1, KSP: tl.constexpr = 1,
 ):
     """One program: hidden units [p*U, p*U + U) (their G gates and, LSTM, c) and state units
     [p*UP, p*UP + UP) (h, P wide; the same units without a projection) of BLOCK_B rows of one direction,
@@ -155,10 +183,10 @@ def birnn_bwd_kernel(
         ws = resident(w_prog, NR * G, BLOCK_N, BLOCK_K, BLOCK_K, 0)
     else:
         w_prog = w_ptr + ((direction * SPLIT + p) * NK * BLOCK_K).to(tl.int64) * BLOCK_P
-        ws = resident(w_prog, NR, BLOCK_K, BLOCK_P, BLOCK_P, 0)
+        ws = resident(w_prog, NR, BLOCK_K, BLOCK_P, BLOCK_P, 0, KS)
     if PROJ:  # W_hr[d][k, p*U + n] as chunks of wr[k, n]: dm = g @ W_hr[:, units]
         wr_prog = w_hr_ptr + ((direction * SPLIT + p) * NKP * BLOCK_KP).to(tl.int64) * BLOCK_N
-        wrs = resident(wr_prog, NRP, BLOCK_KP, BLOCK_N, BLOCK_N, 0)
+        wrs = resident(wr_prog, NRP, BLOCK_KP, BLOCK_N, BLOCK_N, 0, KSP)
         xg_rows = xg_ptr + direction.to(tl.int64) * B * P + offs_b[:, None] * P
         g_rows = g_ptr + direction.to(tl.int64) * B * P + offs_b[:, None] * P + punits[None, :]
 
@@ -223,9 +251,8 @@ def birnn_bwd_kernel(
                         dh_new += tl.sum(part.to(ACC_DTYPE), axis=0)
                 else:  # the group's dz of step r - 1 times this program's columns of W_hh
                     dh_new = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC_DTYPE)
-                    dh_new, _ = gather_product(xch_rows + ((r + 1) % 2) * half, mask_b, H, w_prog, ws, dh_new,
-                                               ws, dh_new, NK, NK // G, NR, BLOCK_K, BLOCK_P, BLOCK_P, BLOCK_P, 0,
-                                               False, ACC_DTYPE, INPUT_PRECISION)
+                    dh_new = gather_product(xch_rows + ((r + 1) % 2) * half, mask_b, H, w_prog, ws, dh_new,
+                                            NK, NK // G, NR, BLOCK_K, BLOCK_P, ACC_DTYPE, INPUT_PRECISION, KS)
                 if CELL == 2:
                     dh_new += aux  # GRU: the direct path through h_s = n + z * (h_{s-1} - n)
                 dh_own = tl.where(active_prev[:, None], dh_new, dh_own)
@@ -255,8 +282,8 @@ def birnn_bwd_kernel(
                     dm = tl.dot(g.to(wrs[0].dtype), wrs[0], acc=dm, input_precision=INPUT_PRECISION,
                                 out_dtype=ACC_DTYPE)
                 else:
-                    dm, _ = gather_product(xg_rows, mask_b, P, wr_prog, wrs, dm, wrs, dm, NKP, NKP, NRP, BLOCK_KP,
-                                           BLOCK_N, BLOCK_N, BLOCK_N, 0, False, ACC_DTYPE, INPUT_PRECISION)
+                    dm = gather_product(xg_rows, mask_b, P, wr_prog, wrs, dm, NKP, NKP, NRP, BLOCK_KP, BLOCK_N,
+                                        ACC_DTYPE, INPUT_PRECISION, KSP)
             else:
                 g = dh_own + tl.load(go_ptrs + t * stride_got, mask=m_p, other=0.0).to(ACC_DTYPE)
                 dm = g
@@ -361,7 +388,8 @@ def kernel_constants(cfg: RecurrenceConfig, hidden_size: int, state_size: int, c
     return dict(BLOCK_N=cfg.block_h, BLOCK_P=shape["block_p"], EXCHANGE_DH=shape["exchange"] == "dh",
                 REDUCE=shape["reduce"], BLOCK_K=shape["block_k"], NK=shape["chunks"], NR=shape["resident"],
                 BLOCK_KP=shape["block_k2"], NKP=shape["chunks2"], NRP=shape["resident2"],
-                SPLIT=cfg.programs_per_group(H), CELL=cell_id, G=G, PROJ=proj,
+                SPLIT=cfg.programs_per_group(H), CELL=cell_id, G=G, PROJ=proj, KS=shape["ks"],
+                KSP=shape["ks2"] if proj else 1,
                 UP=cfg.proj_units_per_program(H, P) if proj else cfg.units_per_program(H),
                 PHASES=shape["exchanges"] if not shape["keep"] else 1)
 

@@ -1,37 +1,41 @@
-"""Launch plans of the recurrence kernels: S cooperating programs per group, tiles and warps, from the
-device's limits and a per-step cost estimate.
+"""Launch plans of the recurrence kernels: S cooperating programs per group, tiles, warps, K chunks and
+residency, from the device's limits and a per-step cost estimate.
 
 A group is (direction, batch tile of `block_b` rows); its H hidden units are divided among S programs
-(kernels/forward.py). Two ways to hold a program's slice of `W_hh`:
+(kernels/forward.py). Each program's slice of `W_hh` (and of `W_hr`) is a sequence of K chunks
+(`k_block`; `chunk_size`: up to 64 rows, K padded to the chunk, not to a power of two); the first
+`resident_chunks` of a pass stay on chip for the whole launch (loaded once before the time loop: Triton
+keeps a loop-invariant `tl.dot` operand in shared memory), the rest stream from L2 every step: fully
+resident, partially resident (the slice does not fit) or streamed are one plan parameter. The gate
+product is one dot per chunk with the gates side by side; the backward exchanges dz or the partial sums
+of dh (`exchange`, kernels/backward.py); S = 1 with one chunk per product (`single_chunk`) keeps the
+state in registers (no exchange, no barrier).
 
-* on chip (`w_on_chip=True`): loaded once before the time loop ([H, U] padded to
-  `k_block x block_h`); Triton keeps it in shared memory as the `tl.dot` operand. The state of the whole
-  group is the dot's other operand, so `k_block = next_power_of_2(H)` bounds this to moderate H.
-  S = 1 is the one-program-per-group kernel (the state stays in registers, no barrier).
-* streamed (`w_on_chip=False`): every step walks the slice in `block_k` chunks from L2; any H.
+The plan (`select_config`) lists candidates (one program per group; for each batch tile and S, each
+exchange) and fits each to the device (`_fit`): per pass the warps at which the gate product repeats no
+MMA across warps (Triton lays out chained dots along N when N > M, else along M: `mma_replication`; a
+narrower gathered product splits its K among the warps instead, `split_k`), as many resident chunks as
+the shared memory holds (`pass_shared_bytes`, calibrated on compiles) within the registers a thread may
+spend on them before the time loop (`RESIDENT_BYTES_PER_THREAD`), whichever of these is estimated
+fastest; a persistent launch where every program of the grid is resident at once (a cooperative launch
+on a GPU: kernels/launch.py; no margin), else one launch per step (the launch boundary is the barrier;
+correct on any device). The lowest estimated forward + backward step wins. `FUSED_BIRNN_SPLIT=S`
+(kernels/launch.py) forces S where a plan with that S fits.
 
-The plan (`select_config`) lists the candidates that fit the device, keeps those whose grid is resident
-in one wave with margin (`RESIDENT_FRACTION` of the SMs' capacity: no cooperative launch in Triton, so
-an in-kernel barrier needs every program of a launch running at once), and picks the lowest estimated
-time per step (`estimate_step_us`). Where no split plan is resident, the launch-per-step mode runs
-(`persistent=False`: the launch boundary is the barrier; correct on any device, a launch per step).
-`FUSED_BIRNN_SPLIT=S` (kernels/launch.py) forces S where a candidate with that S exists.
-
-Plans know the cell (`select_config(..., cell, proj_size)`): a gated cell's program holds G slices of
-W_hh (G = 4 LSTM, 3 GRU; K = P, the state width) and G accumulators, and with an LSTM projection also
-its rows of W_hr ([UP, H]) and a second dot over H; the bounds below (shared bytes, accumulators per
-thread, warps, streamed K chunks) take G and P into account, and the cost model counts the G dots, the
-projection and its second exchange. The forward and the backward of a layer use the same plan (same
-arguments, same split and tiles); the gated backward, which holds G dz tiles and the carried dc beside its
-slices, may take more warps (`num_warps` against `num_warps_forward`: 8 for 4 on chip) or, with a
-projection, a narrower streamed K chunk (`block_k_backward`), and one wave is then checked with the
-larger warp count. Elman plans are exactly what they were before the cells were added.
+Plans know the cell (`select_config(..., cell, proj_size)`): G gates per unit (the GRU's three padded to
+four blocks in the forward's product), with an LSTM projection the W_hr slice and its own product after
+the gate product's (its chunks counted after them for residency). The forward and the backward of a layer
+use the same plan (same split and tiles; each pass its own warps, chunk and residency: `num_warps` /
+`num_warps_forward`, `block_k` / `block_k_backward`, `resident_chunks` / `resident_chunks_backward`).
+`pass_shape` is what one pass of a plan holds, multiplies and exchanges; the launchers specialise the
+kernels on it and the compile checks read it.
 
 Plans are device-aware: `DeviceLimits` carries shared memory per block and per SM, SM count and
 registers; sm_86/sm_89/sm_120 allow 101,376 B per block, sm_80 166,912 B, sm_90 232,448 B.
-`tests/test_compile.py` compiles every configuration this table returns at representative sizes for
-sm_80, sm_86, sm_89 and sm_90, each planned with its own limits, and checks shared memory, spills,
-tensor-core use and, for split plans, the barrier's release/acquire and L1-bypassing exchange loads.
+`tests/test_compile.py` and `python -m fused_birnn.bench --suite rnn lstm-gru --compile-only` compile the
+plans for sm_80, sm_86, sm_89 and sm_90, each planned with its own limits, and check shared memory,
+spills, resident weights never loaded in the time loop, tensor-core MMAs per step against the useful
+work, and for split plans the barrier's release/acquire and L1-bypassing exchange loads.
 
 The cost model (`estimate_step_us`) is an estimate from stated assumptions, not a measurement: no GPU has
 run these kernels. Its constants are in `COST`; a GPU run of the benchmark prints the estimate next to
@@ -53,21 +57,19 @@ from .sync import ABORT_COUNT, MAX_SPINS
 # capability; the launchers read the real device instead (`device_limits`).
 SHARED_PER_BLOCK = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 SHARED_PER_SM = {80: 167936, 86: 102400, 87: 167936, 89: 102400, 90: 233472, 100: 233472, 120: 102400}
-TYPICAL_SMS = {80: 108, 86: 84, 87: 16, 89: 128, 90: 132, 100: 148, 120: 170}
+TYPICAL_SMS = {80: 108, 86: 84, 87: 16, 89: 142, 90: 132, 100: 148, 120: 170}  # A100, A10, Orin, L40, H100 SXM
 
 # Padded W_hh bytes allowed on chip in one program (S = 1). fp16 H=256 (128 KiB of operand, ~139 KiB with
 # Triton's scratch) fits an A100 (163 KiB per block) and an H100 (227 KiB), not sm_86 (99 KiB).
 ON_CHIP_MAX_BYTES = 128 * 1024
-# Tile edge of the streamed path on tensor cores (the K chunk); FMA dots use MIN_DOT.
-STREAMED_BLOCK_H = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32, torch.float64: 32}
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16 on a GPU
 MAX_PROGRAMS_PER_DIRECTION = 64  # above this, grow the batch tile instead of the grid
 FMA_ON_CHIP_MAX_TILE = 16 * 32  # block_b * block_h limit of the on-chip path without tensor cores
 SPLIT_BLOCK_N = (16, 32, 64, 128)  # units per program the split plans try
-MAX_SPLIT_K = 1024  # on-chip split: the group's state [block_b, next_pow2(H)] is the dot's A operand
 MIN_CHUNK = 64  # a product's K chunk when K > 64 (`chunk_size`)
 MAX_CHUNKS = 16  # chunks a product's K takes at most when the plan names no chunk
-RESIDENT_FRACTION = 0.9  # of the SMs' program capacity a persistent split grid may take (margin)
+SPLIT_CHUNK = 64  # the split plans' K chunk at most
+STREAMED_CHUNK = 8192  # elements of one chunk of a split plan's slice at most
 REGISTERS_PER_THREAD_EST = 168  # plan-time estimate (the compile checks measure 72-255)
 REDUCE_ELEMENTS = 64  # exchanged partial sums of dh one thread holds at a time (`pass_shape`)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -200,6 +202,8 @@ class RecurrenceConfig:
             state units); None: "dh" for one program (no exchange: dh stays in registers), else "dz".
         cooperative: a persistent split launch asks CUDA for a cooperative launch (the whole grid
             co-resident, or the launch fails and the launcher falls back to one launch per step); None: yes.
+        split_k: a gathered product too narrow for every warp to own columns of it splits its K among the
+            warps instead (one batched dot, the partial products summed: `pass_shape`'s `ks`).
     """
 
     block_b: int
@@ -218,6 +222,7 @@ class RecurrenceConfig:
     resident_chunks_backward: int | None = None
     exchange: str | None = None
     cooperative: bool | None = None
+    split_k: bool = True
 
     def warps(self, forward: bool) -> int:
         """Warps of the forward or the backward kernel."""
@@ -351,12 +356,11 @@ def pass_shape(cfg: RecurrenceConfig, hidden_size: int, state_size: int, gates: 
         # (the kernel's KEEP: every product one resident chunk, the state operand as wide as the chunk)
         keep = (S == 1 and persistent and nk == 1 and min(nr, nk) == 1 and bk == (bp if proj else bn)
                 and (not proj or (nk2 == 1 and nr == 2 and bk2 == bn)))
-        main_n = (2 if G == 3 else G) * bn
+        GP = 4 if G == 3 else G  # the GRU's gate blocks padded to four (the fourth zero)
         # the projection reads m back from the exchange buffer: a chain of its own for Triton's layouts,
         # unless one program keeps m in registers
-        products = [(bb, main_n, nk * bk, 0)] + ([(bb, bn, nk * bk, 0)] if G == 3 else []) + (
-            [(bb, bp, nk2 * bk2, 0 if keep else 1)] if proj else [])
-        chunk, chunk2 = bk * G * bn, bk2 * bp
+        products = [(bb, GP * bn, nk * bk, 0)] + ([(bb, bp, nk2 * bk2, 0 if keep else 1)] if proj else [])
+        chunk, chunk2 = bk * GP * bn, bk2 * bp
         read = 0 if keep else bb * P + (bb * H if proj else 0)
         write = 0 if keep else bb * UP + (bb * U if proj else 0)
         exchange, reduce = None, 1
@@ -386,26 +390,49 @@ def pass_shape(cfg: RecurrenceConfig, hidden_size: int, state_size: int, gates: 
         if dh:  # at most REDUCE_ELEMENTS a thread per load of [reduce, block_b, block_p]
             reduce = max(1, min(triton.next_power_of_2(S),
                                 REDUCE_ELEMENTS * 32 * cfg.warps(forward=False) // (bb * bp)))
+    # a gathered product (not the one program's dots from registers, not the "dh" scatter) that Triton's
+    # layout would repeat on every warp splits its K among the warps (KS row blocks of each chunk)
+    warps = cfg.warps(forward)
+    gathered = [not keep and (forward or i > 0 or exchange == "dz") for i in range(len(products))]
+    reps = mma_replication(products, warps)
+    chunk_k = [bk, bk2]
+    out = []
+    for i, (m, n, k, group) in enumerate(products):
+        ks = 1
+        # (the KS partial products, fp32, at most 16 a thread: Elman's 32 x 32 split four ways at 4 warps,
+        # 32 a thread, spilled inside the loop on sm_80)
+        if cfg.split_k and gathered[i] and reps[i] > 1:
+            ks = min(warps, chunk_k[min(i, 1)] // MIN_DOT)
+            while ks > 1 and ks * m * n > 16 * 32 * warps:
+                ks //= 2
+        out.append((m, n, k, group, ks))
     return dict(block_p=bp, block_k=bk, chunks=nk, resident=min(nr, nk), block_k2=bk2, chunks2=nk2,
-                resident2=max(0, nr - nk), exchange=exchange, keep=keep, products=products, chunk_bytes=chunk,
+                resident2=max(0, nr - nk), exchange=exchange, keep=keep, products=out, chunk_bytes=chunk,
                 chunk_bytes2=chunk2, exchange_read=read, exchange_write=write,
-                exchanges=2 if proj and not keep else 1, reduce=reduce)
+                exchanges=2 if proj and not keep else 1, reduce=reduce,
+                ks=out[0][4], ks2=out[-1][4] if len(out) > 1 else 1)
 
 
 def mma_replication(products: list, num_warps: int) -> list[int]:
     """How many times each product's MMAs are executed over the useful work. Triton 3.6-3.9 lays out the
-    dots of one chain (connected through their operands and results: `warpsPerTileV2`'s slice) alike,
+    2-D dots of one chain (connected through their operands and results: `warpsPerTileV2`'s slice) alike,
     every warp along N when N > M, else along M: a warp needs 8 columns (or 16 rows) of its own, the rest
-    repeat. A product is (M, N, K, group); a group is one such chain (a product read back from the
+    repeat. A product is (M, N, K, group[, ks]); a group is one such chain (a product read back from the
     exchange buffer starts its own). Where a group's products disagree on the direction, the first dot
-    Triton converts decides: both are counted (the worse). Checked by the compile checks against the
-    SASS (`fused_birnn.compile_report`)."""
+    Triton converts decides: both are counted (the worse). A product whose K is split among the warps
+    (ks > 1: one batched dot) takes no part in its group's layout; its warps go to its ks x M/16 x N/8
+    MMA tiles and repeat only beyond them. Checked by the compile checks against the SASS (`fused_birnn.compile_report`)."""
     def rep(m, n, along_n):
         return max(1, num_warps // max(1, (n // 8 if along_n else m // 16)))
 
     out = []
-    for m, n, _, group in products:
-        ways = {pn > pm for pm, pn, _, g in products if g == group}
+    for p in products:
+        m, n, _, group = p[:4]
+        ks = p[4] if len(p) > 4 else 1
+        if ks > 1:  # the batched dot's warps go to its KS x M/16 x N/8 tiles (seen: ks 4, 8 warps, [16, 16])
+            out.append(max(1, num_warps // (ks * max(1, m // 16) * max(1, n // 8))))
+            continue
+        ways = {q[1] > q[0] for q in products if q[3] == group and (len(q) < 5 or q[4] == 1)}
         out.append(max(rep(m, n, along_n) for along_n in ways))
     return out
 
@@ -425,22 +452,21 @@ def fits_warps(products: list, least: int = 1, most: int = MAX_WARPS, main_only:
 def pass_shared_bytes(shape: dict, itemsize: int, block_b: int, forward: bool, gates: int = 1) -> int:
     """Estimated shared memory of a pass: its resident chunks, plus the largest buffer Triton stages
     through shared memory besides them (it reuses one region for buffers whose lives do not overlap): a
-    chunk's A operand, the gate product's accumulator on its way to the gate split (fp32), a streamed W
-    chunk, the backward's dz tiles; and 1 KiB. Calibrated on compiles with Triton 3.9 (sm_80, sm_90), to
+    chunk's A operand (with a streamed W chunk where chunks stream: both at once), the gate product's
+    accumulator on its way to the gate split (fp32), the backward's dz tiles; and 1 KiB. Calibrated on compiles with Triton 3.9 (sm_80, sm_90), to
     the byte: LSTM H=1024 16 x 64 x 1024 fp16 forward 135,168 B, 32 x 64: 139,264, GRU 32 x 48: 102,400,
     Elman H=1760 32 x 32: 122,880, the LSTM 32 x 128 with 10 of 16 chunks resident 180,224, the backward's
     "dh" slice (16 x 16, 4 gates) 133,120."""
     res = shape["resident"] * shape["chunk_bytes"] + shape["resident2"] * shape["chunk_bytes2"]
-    staged = [block_b * max(shape["block_k"], shape["block_k2"]) * itemsize]
-    main_m, main_n, _, _ = shape["products"][0]
+    a = block_b * max(shape["block_k"], shape["block_k2"]) * itemsize  # a chunk's A operand
+    streamed = max([shape["chunk_bytes"]] * (shape["resident"] < shape["chunks"])
+                   + [shape["chunk_bytes2"]] * (shape["resident2"] < shape["chunks2"]), default=0) * itemsize
+    staged = [a + streamed]  # a streamed chunk's dot stages both at once (Elman 1760, 27 of 28 resident)
+    main_m, main_n = shape["products"][0][:2]
     if forward and gates > 1:
         staged.append(main_m * main_n * 4)  # the accumulator split into gates
     if not forward and shape["exchange"] == "dh":
         staged.append(gates * block_b * shape["block_k"] * itemsize)
-    if shape["resident"] < shape["chunks"]:
-        staged.append(shape["chunk_bytes"] * itemsize)
-    if shape["resident2"] < shape["chunks2"]:
-        staged.append(shape["chunk_bytes2"] * itemsize)
     return res * itemsize + max(staged) + 1024
 
 
@@ -493,12 +519,16 @@ def estimate_step_us(cfg: RecurrenceConfig, hidden_size: int, batch_size: int, d
     resident = shape["resident"] * shape["chunk_bytes"] + shape["resident2"] * shape["chunk_bytes2"]
     streamed = ((shape["chunks"] - shape["resident"]) * shape["chunk_bytes"]
                 + (shape["chunks2"] - shape["resident2"]) * shape["chunk_bytes2"])
-    a_bytes = sum(m * k * (1 + (warps if n > m else 1)) for m, n, k, _ in products)
+    # the A operand: staged once, then read by every warp that owns columns of the product (all of them
+    # along N), by one warp per row block along M or with K split; a split K's partial sums meet in shared
+    # memory (fp32, written and read)
+    a_bytes = sum(m * k * (1 + (warps if n > m and ks == 1 else 1)) for m, n, k, _, ks in products)
+    a_bytes += sum(2 * ks * m * n * 4 // isz for m, n, _, _, ks in products if ks > 1)
     smem = (resident * max(rep) + streamed + a_bytes) * isz * per_sm / c["smem_bytes_per_clk"]
     io = cfg.block_b * (gates + 2) * cfg.block_h  # x_proj in, out (and saved / grad_pre) out
     l2_bytes = (streamed + shape["exchange_read"] + shape["exchange_write"] + io) * isz
     l2 = max(l2_bytes * per_sm / c["l2_bytes_per_clk_sm"], progs * l2_bytes / (c["l2_total_tb_s"] * 1e6) * clk)
-    fmas = sum(m * n * k * r for (m, n, k, _), r in zip(products, rep))
+    fmas = sum(m * n * k * r for (m, n, k, _, _), r in zip(products, rep))
     fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
     if fma:
         mma = fmas / c["fma_per_clk_sm"] * per_sm
@@ -507,13 +537,11 @@ def estimate_step_us(cfg: RecurrenceConfig, hidden_size: int, batch_size: int, d
         rate = c["mma_fma_per_clk_sm"] / (1 if isz == 2 else 2)
         issue = 16 * 8 * kstep / (rate / 4)  # one m16n8k MMA on one of the SM's four tensor cores
         chain = 0.0
-        for i, ((m, n, k, _), r) in enumerate(zip(products, rep)):
-            tiles = max(1, (m // 16) * (n // 8) * r // warps)  # independent MMA tiles of one warp
-            t = (k / kstep) * max(c["mma_clk"][1], tiles * issue)
-            # the GRU's n gate is a second output of the gate product's chunks: its MMAs interleave with
-            # the gate product's (same A operand, independent accumulators); every other product waits
-            # for the one before it
-            chain = max(chain, t) if i == 1 and forward and gates == 3 else chain + t
+        for (m, n, k, _, ks), r in zip(products, rep):
+            # independent MMA tiles of one warp; a split K: each warp's chain covers k / ks
+            tiles = max(1, (m // 16) * (n // 8) * r * ks // warps)
+            t = (k / ks / kstep) * max(c["mma_clk"][1], tiles * issue)
+            chain += t  # each product waits for the one before it
         mma = max(chain, fmas / rate * per_sm)
     # a streamed chunk is in flight while the one before it multiplies: it costs the part of an L2 round
     # trip that its predecessor's dependent MMAs do not cover (those are in `mma` already)
@@ -561,7 +589,8 @@ def _one_program(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLi
             # 16 x 32 tile they spilled (fp32 H=50 and H=128 on sm_80/sm_90); G gates hold G such tiles
             if block_b > MIN_DOT or gates * max(block_h, block_k) > FMA_ON_CHIP_MAX_TILE // MIN_DOT:
                 continue
-        elif (gates * block_h * block_k + (block_k * block_h if proj_size else 0)) * dtype.itemsize > ON_CHIP_MAX_BYTES:
+        elif ((4 if gates == 3 else gates) * block_h * block_k + (block_k * block_h if proj_size else 0)
+              ) * dtype.itemsize > ON_CHIP_MAX_BYTES:
             continue
         cfg = RecurrenceConfig(block_b, block_h, True, 4, None, single_chunk=True, exchange="dh")
         fwd = pass_shape(cfg, H, P, gates, bool(proj_size), True)
@@ -612,7 +641,16 @@ def _split_plans(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLi
                                         block_k=MIN_DOT, block_k_backward=MIN_DOT, exchange="dz")
                 candidates = [base]
             else:
-                candidates = [RecurrenceConfig(block_b, block_n, True, 4, 1, split=S, exchange=ex)
+                # chunks of at most SPLIT_CHUNK rows, and of at most STREAMED_CHUNK elements (a streamed
+                # chunk's pointers are registers: 32 a thread at 8 warps)
+                def chunk(K, cols):
+                    fit = max(MIN_DOT, 1 << (max(1, STREAMED_CHUNK // cols).bit_length() - 1))
+                    return min(chunk_size(K), SPLIT_CHUNK, fit)
+                GP = 4 if gates == 3 else gates
+                BP = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(P, S))) if proj_size else block_n
+                candidates = [RecurrenceConfig(block_b, block_n, True, 4, 1, split=S, exchange=ex,
+                                               block_k=chunk(P, GP * block_n),
+                                               block_k_backward=chunk(P, gates * block_n) if ex == "dh" else chunk(H, BP))
                               for ex in (("dz", "dh") if gates > 1 or proj_size else ("dz",))]
             for cfg in candidates:
                 plan = _fit(cfg, H, P, gates, proj_size, isz, limits, tiles, fma, dtype, not fma, B)
@@ -626,7 +664,7 @@ def _split_plans(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLi
 # thread: 255 registers and 1,256 B of stack; LSTM H=1024 at 4 warps, 1 KiB: 128 registers, clean); the
 # "dh" backward's tiles all share dz as their other operand and their fragments are read together inside
 # the loop (the LSTM's 128 KiB slice spilled at 4 warps, 0.5 KiB at 8 compiled clean)
-RESIDENT_BYTES_PER_THREAD = 2048
+RESIDENT_BYTES_PER_THREAD = 1024
 DH_RESIDENT_BYTES_PER_THREAD = 512
 
 
@@ -645,22 +683,32 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
         if fma:
             options = [(cfg.num_warps, 0)]
         else:
-            most = fits_warps(shape["products"], 1, MAX_WARPS, main_only=True)
-            if max(mma_replication(shape["products"], most)[:1]) > 1:
-                return None  # the gate (main) product would repeat at every warp count
             per_thread = DH_RESIDENT_BYTES_PER_THREAD if shape["exchange"] == "dh" else RESIDENT_BYTES_PER_THREAD
             options = []
+            held_max = (shape["chunks"] * shape["chunk_bytes"] + shape["chunks2"] * shape["chunk_bytes2"]) * isz
             for w in (2, 4, 8):
-                if w > most:
+                wcfg = replace(cfg, num_warps=w, num_warps_forward=None)
+                wshape = pass_shape(wcfg, H, P, gates, proj, forward)
+                # the gate (main) product must not repeat its MMAs on several warps; 2 warps only for small
+                # slices (at 2 warps a 96-112 KiB slice spilled inside the loop); a state chunk at most 32
+                # elements a thread and a streamed chunk 16 (two in flight; their pointers are registers
+                # too: 128-wide chunks at 2 warps spilled kilobytes, 64 x 64 at 4 warps a few values)
+                if (mma_replication(wshape["products"], w)[0] > 1 or (w == 2 and held_max > 32 * 1024)
+                        or cfg.block_b * shape["block_k"] > 32 * 32 * w):
                     continue
                 nr = shape["chunks"] + shape["chunks2"]
                 while nr > 0:
-                    trial = pass_shape(replace(cfg, **{key: nr}), H, P, gates, proj, forward)
+                    trial = pass_shape(replace(wcfg, **{key: nr}), H, P, gates, proj, forward)
                     held = (trial["resident"] * trial["chunk_bytes"] + trial["resident2"] * trial["chunk_bytes2"]) * isz
                     if (pass_shared_bytes(trial, isz, cfg.block_b, forward, gates) <= limit
                             and held <= per_thread * 32 * w):
                         break
                     nr -= 1
+                streams = [b for n_all, n_res, b in ((shape["chunks"], min(nr, shape["chunks"]), shape["chunk_bytes"]),
+                                                     (shape["chunks2"], max(0, nr - shape["chunks"]),
+                                                      shape["chunk_bytes2"])) if n_res < n_all]
+                if max(streams, default=0) > 16 * 32 * w:  # two in flight (prefetch): 32 a thread
+                    continue
                 options.append((w, nr))
         best = None
         for w, nr in options:

@@ -29,17 +29,25 @@ a group owns
 
 Per step, program p
 
-    1. takes the group's whole previous state h_{t-1} [BLOCK_B, P] (SPLIT = 1, persistent, on chip: its
-       own registers; else the exchange buffer `xch[s % 2]`, read with `exchange.load_exchanged`),
-    2. multiplies it by its slice of each gate's W_hh^T (G independent dots, K = P): on chip (`W_ON_CHIP`,
-       the G slices [P, U] padded to [BLOCK_K, BLOCK_N] loaded once before the time loop), or streamed
-       from L2 in BLOCK_K chunks (`_gate_dots_streamed`, chunk k + 1 prefetched by hand),
+    1. takes the group's whole previous state h_{t-1} [BLOCK_B, P] (KEEP, one program whose products are
+       one resident chunk each: its own registers; else the exchange buffer `xch[s % 2]`, read one chunk
+       at a time with `exchange.load_exchanged`),
+    2. multiplies it by its slice of W_hh^T in ONE gate product (kernels/product.py, `gather_product`):
+       the G gates of its units side by side, gate-major, as the N = G*BLOCK_N columns of one dot per K
+       chunk (the GRU's three gates padded to four blocks, the fourth zero: a power of two the warps can
+       split; a second product for the n gate made its narrow dot repeat MMAs across warps), so the
+       warps split the columns and no warp repeats another's MMAs; the accumulator is split into the
+       gate tiles afterwards (`product.split_gates`). The slice is NK chunks of BLOCK_K rows (K = P padded
+       to the chunk, not to a power of two): the first NR resident (loaded once before the time loop;
+       Triton keeps them in shared memory), the rest streamed from L2 each step, chunk c + 1 in flight
+       while chunk c multiplies. NR = NK: fully resident; 0 < NR < NK: partially (the slice does not fit
+       the device's shared memory); NR = 0: streamed. One code path, one plan parameter;
     3. adds x_proj's gate columns, applies the cell (`cell.cell_forward`, `lstm_cell_forward`,
        `gru_cell_forward`) and writes `saved` (gated cells) for its units,
     4. with a projection (the projection mixes all hidden units): publishes m to `mxch`, meets the group
-       (barrier 1), reads the whole m [BLOCK_B, H] and computes its state units of h = m @ W_hr^T (one
-       dot, K = H: W_hr's rows on chip as [BLOCK_KH, BLOCK_P], or streamed in BLOCK_KH chunks). With
-       SPLIT = 1 on chip m is already in the program's registers: a second dot, no exchange;
+       (barrier 1), reads the whole m [BLOCK_B, H] and computes its state units of h = m @ W_hr^T (a
+       gather product over K = H: NKH chunks of BLOCK_KH, NRH of them resident, counted after the gate
+       product's). With KEEP m is already in the program's registers: a second dot, no exchange;
     5. writes `out[t]` for its state units, publishes them to `xch[(s + 1) % 2]` and meets the other
        SPLIT - 1 programs of its group at the barrier (`sync.group_barrier`, `BARRIER=True`), or the
        launch ends there (`BARRIER=False`, one launch per step, kernels/launch.py; with a projection one
@@ -47,9 +55,11 @@ Per step, program p
 
 The ping-pong halves of `xch` make one barrier per exchange enough: step s + 1 writes the half that step s
 did not read; `mxch` is written after the previous step's last barrier and read before the next.
-SPLIT = 1 with `BARRIER=True` and W on chip is the one-program-per-group kernel: no exchange, no barrier
-(a streamed SPLIT = 1 program exchanges through global memory within itself: `tl.debug_barrier` orders
-its threads). Groups never wait for each other. The fusion of the directions is legal because they share
+KEEP (SPLIT = 1, `BARRIER=True`, one resident chunk per product) is the one-program-per-group kernel: no
+exchange, no barrier (any other SPLIT = 1 program exchanges through global memory within itself:
+`tl.debug_barrier` orders its threads). A persistent split launch is a cooperative launch on a GPU
+(kernels/launch.py): every program of the grid resident at once, or the launch is refused and runs per
+step. Groups never wait for each other. The fusion of the directions is legal because they share
 no state: only the read-only input projection, and disjoint halves of every output.
 
 In the launch-per-step mode a launch restarts from memory: h from `xch`, the LSTM's c from `saved` of
@@ -65,12 +75,13 @@ device (no host sync on the fast path) or at `check_errors()`.
 Buffers (last dimension contiguous; other strides are arguments; index math in int64; G, H, P as above):
     x_proj  [T, B, D*G*H]     input projection, foldable biases in (Elman/LSTM b_ih + b_hh; GRU b_ih +
                               [b_hr, b_hz, 0]); input dtype
-    w       on chip: [D, SPLIT, G, BLOCK_N, BLOCK_K] zero-padded row slices of each gate of W_hh
-            (`launch.gate_slices`); streamed: W_hh [D, G*H, stride_w >= P] (rows padded to a multiple of
-            16 elements where P is not, `launch.row_padded`). W_hh[d][k*H + j, q]: gate k of unit j on
-            state unit q (nn's weight_hh layout).
-    w_hr    LSTM with a projection: on chip [D, SPLIT, BLOCK_P, BLOCK_KH] row slices of W_hr [D, P, H];
-            streamed: W_hr [D, P, stride_wr >= H]
+    w       [D, SPLIT, NK, BLOCK_K, GP*BLOCK_N]  each program's slice of W_hh^T in K chunks
+            (`launch.product_slices`): [d, p, c, k, g*BLOCK_N + n] = W_hh[d][g*H + p*U + n, c*BLOCK_K + k]
+            (W_hh[d][g*H + j, q]: gate g of unit j on state unit q, nn's weight_hh layout), zero where that
+            unit or column does not exist (GP = G, 4 for the GRU: its fourth block zero); resident and
+            streamed chunks alike
+    w_hr    LSTM with a projection: [D, SPLIT, NKH, BLOCK_KH, BLOCK_P], [d, p, c, k, q] =
+            W_hr[d][p*UP + q, c*BLOCK_KH + k]
     b_hn    [D, H]            GRU: b_hn (zeros without biases)
     h0      [D, B, P]         initial states (copied into xch[0] by the launcher)
     c0, c_n [D, B, H]         LSTM: initial / final cell state (contiguous)
@@ -91,21 +102,27 @@ Buffers (last dimension contiguous; other strides are arguments; index math in i
 Grid: (SPLIT, cdiv(B, BLOCK_B), D). Steps run are [s_begin, min(s_end, n_steps)): all of them in a
 persistent launch, one per launch otherwise. T is a runtime argument (not specialised). Accumulation is
 fp32 (fp64 for fp64 inputs); `tl.dot` takes the input dtype, TF32 for fp32 only when asked (cuDNN's
-switch). Each program reduces over K in the same order whatever SPLIT is.
+switch). Each program reduces over K in the same chunk order whatever SPLIT and residency are, so plans
+with the same BLOCK_K give bitwise equal results on the CPU (fp32/fp64).
 
 Launchers: `birnn_forward` (Elman into given buffers, the original signature) and `recurrence_forward`
 (every cell, `fused_birnn.torch_backend.recurrence_forward`'s contract: same arguments and return tuple,
 it allocates out/h_n/c_n/saved), both through `_forward`; plans from `config.select_config(H, B, dtype,
 allow_tf32, limits, split, cell, proj_size)`, which the backward must be given the same way.
 
-Verified: Elman parity with nn.RNN and float64 references under TRITON_INTERPRET=1 with SPLIT forced to
-1, 2 and 3 (tests/test_split.py, tests/test_kernels.py, tests/test_parity.py, tests/test_packed.py); the
-gated cells against fused_birnn.reference (float64) and torch_backend (out, h_n, c_n, saved) with SPLIT
-1, 2, 3, on-chip and streamed, lengths, odd sizes, guard regions (tests/test_kernels_gated.py); the
-barrier protocol with programs running as threads, the projection's two barriers included
-(tests/test_split.py, tests/test_kernels_gated.py); compiled for sm_80/86/89/90 with shared memory,
-spill, tensor-core and release/acquire/L1-bypass checks, Elman and the gated forward at the surveyed
-workloads' shapes (tests/test_compile.py). Not run on a GPU yet: no timing or GPU parity exists.
+Verified: under TRITON_INTERPRET=1 (triton 3.9 with numpy 2.4, and triton 3.6 with numpy 2.4): Elman
+parity with nn.RNN and float64 references with SPLIT forced to 1, 2 and 3 (tests/test_split.py,
+tests/test_kernels.py, tests/test_parity.py, tests/test_packed.py); the gated cells against
+fused_birnn.reference (float64) and torch_backend (out, h_n, c_n, saved) with SPLIT 1, 2, 3, lengths,
+odd sizes, guard regions (tests/test_kernels_gated.py); every plan kind (one program in registers or
+over chunks, split, partially resident, streamed), bitwise equal across plans with the same chunk, H =
+7, 33, 50, 320, fp64/fp32/fp16, the modules with PackedSequence (tests/test_plan_kinds.py); the barrier
+protocol with programs running as threads, the projection's two barriers included (tests/test_split.py,
+tests/test_kernels_gated.py); a refused cooperative launch (tests/test_plans.py). Compiled for
+sm_80/86/89/90 under triton 3.6 and 3.9 (tests/test_compile.py, `python -m fused_birnn.bench --suite rnn
+lstm-gru --compile-only`): shared memory, no spill in the time loop, no load of a resident slice in the
+time loop, tensor-core MMAs per step equal to the useful work, release/acquire and L1-bypassing
+exchange loads. Not run on a GPU yet: no timing or GPU parity exists (tests/test_cuda_plans.py waits).
 """
 
 from __future__ import annotations
@@ -139,6 +156,7 @@ def birnn_fwd_kernel(
     SPLIT: tl.constexpr, BARRIER: tl.constexpr,
     CELL: tl.constexpr = 0, GATES: tl.constexpr = 1, PROJ: tl.constexpr = False, BLOCK_P: tl.constexpr = 16,
     BLOCK_KH: tl.constexpr = 16, NKH: tl.constexpr = 1, NRH: tl.constexpr = 1, PHASE: tl.constexpr = 0,
+    KS: tl.constexpr = 1, KSH: tl.constexpr = 1,
 ):
     """One program: hidden units [p*U, p*U + U) (all G gates, and c for an LSTM) and state units
     [p*UP, p*UP + UP) (= the hidden units unless PROJ) of BLOCK_B rows of one direction, for steps
@@ -171,18 +189,15 @@ def birnn_fwd_kernel(
                           and BLOCK_K == (BLOCK_P if PROJ else BLOCK_N)
                           and (not PROJ or (NKH == 1 and NRH == 1 and BLOCK_KH == BLOCK_N)))
     NB: tl.constexpr = 2 if PROJ else 1  # barriers per step (SPLIT > 1, persistent): m, then h
-    # the gate product: GA gates side by side in one dot (gate-major columns k*BLOCK_N + n); the GRU's
-    # n gate is a second output of the same chunks (product.py)
-    GA: tl.constexpr = 2 if CELL == 2 else GATES
-    GN: tl.constexpr = GATES * BLOCK_N  # a chunk row of the slice
+    # the gate product: the gates side by side in one dot (gate-major columns k*BLOCK_N + n), the GRU's
+    # three padded to four blocks (the fourth zero): GP blocks, a power of two the warps can split
+    GP: tl.constexpr = 4 if CELL == 2 else GATES
+    GN: tl.constexpr = GP * BLOCK_N  # a chunk row of the slice
     w_prog = w_ptr + ((direction * SPLIT + p) * NK * BLOCK_K).to(tl.int64) * GN
-    ws = resident(w_prog, NR, BLOCK_K, GA * BLOCK_N, GN, 0)
-    ws_n = ws
-    if CELL == 2:
-        ws_n = resident(w_prog, NR, BLOCK_K, BLOCK_N, GN, 2 * BLOCK_N)
+    ws = resident(w_prog, NR, BLOCK_K, GN, GN, 0, KS)
     if PROJ:  # W_hr[d][p*UP + q, :] as chunks of wr[:, q]: the projection's right operand
         wr_prog = w_hr_ptr + ((direction * SPLIT + p) * NKH * BLOCK_KH).to(tl.int64) * BLOCK_P
-        wrs = resident(wr_prog, NRH, BLOCK_KH, BLOCK_P, BLOCK_P, 0)
+        wrs = resident(wr_prog, NRH, BLOCK_KH, BLOCK_P, BLOCK_P, 0, KSH)
 
     half = D.to(tl.int64) * B * P  # one ping-pong half of xch
     xch_rows = xch_ptr + direction.to(tl.int64) * B * P + offs_b[:, None] * P
@@ -224,18 +239,14 @@ def birnn_fwd_kernel(
                 x2 = tl.load(x_ptrs + t * stride_xt + 2 * H, mask=m, other=0.0).to(ACC_DTYPE)
             if GATES > 3:
                 x3 = tl.load(x_ptrs + t * stride_xt + 3 * H, mask=m, other=0.0).to(ACC_DTYPE)
-            acc = tl.zeros((BLOCK_B, GA * BLOCK_N), dtype=ACC_DTYPE)
-            acc_n = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)  # GRU: h @ W_hn^T
+            acc = tl.zeros((BLOCK_B, GN), dtype=ACC_DTYPE)
             if KEEP:
-                a = h_own.to(ws[0].dtype)
-                acc = tl.dot(a, ws[0], acc=acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                if CELL == 2:
-                    acc_n = tl.dot(a, ws_n[0], acc=acc_n, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                acc = tl.dot(h_own.to(ws[0].dtype), ws[0], acc=acc, input_precision=INPUT_PRECISION,
+                             out_dtype=ACC_DTYPE)
             else:
-                acc, acc_n = gather_product(xch_rows + (s % 2) * half, mask_b, P, w_prog, ws, acc, ws_n, acc_n,
-                                            NK, NK, NR, BLOCK_K, GA * BLOCK_N, GN, BLOCK_N, 2 * BLOCK_N,
-                                            CELL == 2, ACC_DTYPE, INPUT_PRECISION)
-            z0, z1, z2, z3 = split_gates(acc, GA, BLOCK_B, BLOCK_N)
+                acc = gather_product(xch_rows + (s % 2) * half, mask_b, P, w_prog, ws, acc, NK, NK, NR, BLOCK_K,
+                                     GN, ACC_DTYPE, INPUT_PRECISION, KS)
+            z0, z1, z2, z3 = split_gates(acc, GP, BLOCK_B, BLOCK_N)  # GRU: r, z, W_hn h, the padding
             if CELL == 0:
                 h_new = cell_forward(z0 + x0, RELU)
             elif CELL == 1:
@@ -254,7 +265,7 @@ def birnn_fwd_kernel(
                 tl.store(sv + 3 * H, g_o.to(dt), mask=mask_bn)
                 tl.store(sv_state + row * stride_st, c_own.to(dt), mask=mask_bn)  # kept c where inactive
             else:
-                hn = acc_n + b_hn
+                hn = z2 + b_hn
                 g_r, g_z, g_n, h_new = gru_cell_forward(z0 + x0, z1 + x1, hn, x2, h_own)
                 sv = sv_gates + row * stride_st
                 dt = saved_ptr.dtype.element_ty
@@ -276,9 +287,8 @@ def birnn_fwd_kernel(
                     elif SPLIT == 1:
                         tl.debug_barrier()  # other threads of this program read what this one wrote
                 if PHASE != 1:
-                    h_new, _ = gather_product(m_rows, mask_b, H, wr_prog, wrs, acc_h, wrs, acc_h, NKH, NKH,
-                                              NRH, BLOCK_KH, BLOCK_P, BLOCK_P, BLOCK_P, 0, False, ACC_DTYPE,
-                                              INPUT_PRECISION)
+                    h_new = gather_product(m_rows, mask_b, H, wr_prog, wrs, acc_h, NKH, NKH, NRH, BLOCK_KH,
+                                           BLOCK_P, ACC_DTYPE, INPUT_PRECISION, KSH)
         if PHASE != 1:
             if HAS_LENGTHS:  # a row outside its valid steps keeps its state
                 h_own = tl.where(active[:, None], h_new, h_own)
@@ -336,12 +346,13 @@ def kernel_constants(cfg: RecurrenceConfig, hidden_size: int, state_size: int, c
     """The plan's shape constexprs of `birnn_fwd_kernel` (also for the compile checks), from
     `config.pass_shape`: BLOCK_N, BLOCK_P (a program's hidden and state units, padded), BLOCK_K / NK / NR
     (the gate product's K chunk over P = `state_size`, its chunk count and how many stay resident),
-    BLOCK_KH / NKH / NRH (the projection's, K = H), SPLIT, CELL, GATES, PROJ."""
+    BLOCK_KH / NKH / NRH (the projection's, K = H), SPLIT, CELL, GATES, PROJ, KS / KSH (the warps that
+    split the gate product's / the projection's K, 1: none)."""
     shape = pass_shape(cfg, hidden_size, state_size, gate_count(cell), proj, forward=True)
     return dict(BLOCK_N=cfg.block_h, BLOCK_P=shape["block_p"], BLOCK_K=shape["block_k"], NK=shape["chunks"],
                 NR=shape["resident"], BLOCK_KH=shape["block_k2"], NKH=shape["chunks2"], NRH=shape["resident2"],
                 SPLIT=cfg.programs_per_group(hidden_size), CELL=CELL_CODES[cell], GATES=gate_count(cell),
-                PROJ=proj)
+                PROJ=proj, KS=shape["ks"], KSH=shape["ks2"] if proj else 1)
 
 
 def common_kwargs(cfg: RecurrenceConfig, H: int, dtype: torch.dtype, allow_tf32: bool, relu: bool,
@@ -420,7 +431,9 @@ def _forward(x_proj, w_hh, h0, out, h_n, mode, *, c0=None, c_n=None, w_hr=None, 
     keep = pass_shape(cfg, H, P, G, bool(proj), True, persistent)["keep"]  # the state in registers: no mxch
     with device_guard(x_proj):  # Triton launches on the current device: make it the tensors' device
         launch.raise_pending(device)
-        w = launch.product_slices(w_hh, G, S, U, cfg.block_h, common["BLOCK_K"], common["NK"])
+        if G == 3:  # the GRU's gate blocks padded to four (the fourth zero): one power-of-two product
+            w_hh = torch.cat([w_hh, w_hh.new_zeros((D, H, P))], 1)
+        w = launch.product_slices(w_hh, 4 if G == 3 else G, S, U, cfg.block_h, common["BLOCK_K"], common["NK"])
         wr = None if w_hr is None else launch.product_slices(w_hr, 1, S, UP, common["BLOCK_P"], common["BLOCK_KH"],
                                                              common["NKH"])
         xch = x_proj.new_empty((2, D, B, P))

@@ -15,10 +15,9 @@ Two products:
 * `gather_product`: `acc += A @ W` with A [BLOCK_B, K] the group's exchanged state (or dz), read chunk by
   chunk from the exchange buffer (`exchange.load_exchanged`) as W's chunks come; the forward's gate
   product (K = P, N = G*BLOCK_N gate-major columns: one dot per chunk for every gate, the accumulator
-  split into gates afterwards), the projection (K = H), the backward's dz gather (K = G*H) and its
-  projection (K = P). `TWO` adds a second output over other columns of the same rows (the GRU's n gate:
-  three gates are not a power of two, and padding them to four would spend a quarter of the resident
-  shared memory on zeros).
+  split into gates afterwards; the GRU's three gates padded to four blocks, the fourth zero: a power of
+  two that the warps can split, its MMAs wasted), the projection (K = H), the backward's dz gather
+  (K = G*H) and its projection (K = P).
 * `scatter_product`: `partial[:, cols] = sum_g dz_g @ W_g[:, cols]` for every column chunk of the
   program's own rows, stored to the exchange buffer: the backward's partial sums of dh (kernels/backward.py).
 
@@ -33,11 +32,24 @@ from .exchange import load_exchanged
 
 
 @triton.jit
-def resident(w_ptr, NR: tl.constexpr, BK: tl.constexpr, N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr):
+def _tile(BK: tl.constexpr, N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr, KS: tl.constexpr):
+    """Offsets of one chunk's [BK, N] tile (rows `ROW` apart, columns from COL); with KS > 1 the same
+    elements as [KS, BK // KS, N] (row block j of the chunk first: the warps' split of K)."""
+    if KS == 1:
+        return tl.arange(0, BK)[:, None] * ROW + COL + tl.arange(0, N)[None, :]
+    else:
+        KC: tl.constexpr = BK // KS
+        rows = tl.arange(0, KS)[:, None, None] * KC + tl.arange(0, KC)[None, :, None]
+        return rows * ROW + COL + tl.arange(0, N)[None, None, :]
+
+
+@triton.jit
+def resident(w_ptr, NR: tl.constexpr, BK: tl.constexpr, N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
+             KS: tl.constexpr = 1):
     """Chunks 0 .. NR-1 of the slice at `w_ptr` (chunk c: rows [c*BK, (c+1)*BK), `ROW` elements a row),
-    columns [COL, COL + N) of each: a tuple of NR [BK, N] tiles, loaded once (before the time loop)."""
-    offs_k = tl.arange(0, BK)
-    tile = offs_k[:, None] * ROW + COL + tl.arange(0, N)[None, :]
+    columns [COL, COL + N) of each: a tuple of NR [BK, N] tiles ([KS, BK // KS, N] with KS > 1), loaded
+    once (before the time loop)."""
+    tile = _tile(BK, N, ROW, COL, KS)
     ws = ()
     for c in tl.static_range(NR):
         ws = ws + (tl.load(w_ptr + c * BK * ROW + tile),)
@@ -45,55 +57,64 @@ def resident(w_ptr, NR: tl.constexpr, BK: tl.constexpr, N: tl.constexpr, ROW: tl
 
 
 @triton.jit
-def streamed(w_ptr, c, n, BK: tl.constexpr, N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr):
+def streamed(w_ptr, c, n, BK: tl.constexpr, N: tl.constexpr, ROW: tl.constexpr, COL: tl.constexpr,
+             KS: tl.constexpr = 1):
     """Chunk c of the slice (as `resident`), read now from global memory; zeros unless c < n."""
-    offs_k = tl.arange(0, BK)
-    tile = offs_k[:, None] * ROW + COL + tl.arange(0, N)[None, :]
-    return tl.load(w_ptr + c * BK * ROW + tile, mask=(offs_k * 0 + c < n)[:, None], other=0.0)
+    tile = _tile(BK, N, ROW, COL, KS)
+    return tl.load(w_ptr + c * BK * ROW + tile, mask=tile * 0 + c < n, other=0.0)
 
 
 @triton.jit
-def gather_product(src, mask_b, KB, w_ptr, ws, acc, ws2, acc2,
+def _state_chunk(src, mask_b, KB, i, NK, NKB: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr):
+    """Chunk i of the exchanged operand A (`gather_product`): [BLOCK_B, BK], or [KS, BLOCK_B, BK // KS]
+    with KS > 1 (row block j of the chunk's columns first); 0 past KB within the block, past chunk NK,
+    and in rows outside `mask_b`."""
+    if KS == 1:
+        ks = (i % NKB) * BK + tl.arange(0, BK)
+        return load_exchanged(src + (i // NKB) * KB + ks[None, :],
+                              mask_b[:, None] & ((ks < KB) & (ks * 0 + i < NK))[None, :])
+    else:
+        KC: tl.constexpr = BK // KS
+        ks = (i % NKB) * BK + tl.arange(0, KS)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]
+        return load_exchanged(src[None, :, :] + (i // NKB) * KB + ks,
+                              mask_b[None, :, None] & (ks < KB) & (ks * 0 + i < NK))
+
+
+@triton.jit
+def gather_product(src, mask_b, KB, w_ptr, ws, acc,
                    NK: tl.constexpr, NKB: tl.constexpr, NR: tl.constexpr, BK: tl.constexpr, N: tl.constexpr,
-                   ROW: tl.constexpr, N2: tl.constexpr, COL2: tl.constexpr, TWO: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """`acc += A @ W[:, :N]` (and, `TWO`, `acc2 += A @ W[:, COL2:COL2 + N2]`) over the NK chunks of the
-    program's slice at `w_ptr`. A [BLOCK_B, K] is read from the exchange rows `src` (row b's element k at
-    `src[b] + k`; rows outside `mask_b` read as 0) one [BLOCK_B, BK] chunk at a time, as K blocks of KB
-    elements (the backward's dz: one block per gate), each in NKB chunks (columns past KB read as 0):
-    chunk i is block i // NKB, elements (i % NKB)*BK .. of it. Chunks < NR come from the resident tuples
-    `ws` (`ws2`), the others from global memory. Chunks are multiplied in order 0 .. NK-1 whatever the
-    split, so every program reduces in the same order."""
-    offs_k = tl.arange(0, BK)
+                   ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, KS: tl.constexpr = 1):
+    """`acc += A @ W` over the NK chunks [BK, N] of the program's slice at `w_ptr`. A [BLOCK_B, K] is read
+    from the exchange rows `src` (row b's element k at `src[b] + k`; rows outside `mask_b` read as 0) one
+    [BLOCK_B, BK] chunk at a time, as K blocks of KB elements (the backward's dz: one block per gate),
+    each in NKB chunks (columns past KB read as 0): chunk i is block i // NKB, elements (i % NKB)*BK .. of
+    it. Chunks < NR come from the resident tuple `ws`, the others from global memory. Chunks are
+    multiplied in order 0 .. NK-1 whatever the split, so every program reduces in the same order.
+
+    KS > 1 splits K among the warps (a narrow product, N too small for every warp to own 8 columns of
+    it, where Triton would otherwise repeat the MMAs on every warp and run one long dependent chain):
+    each chunk is KS row blocks, one batched dot gives KS partial products, summed at the end (`ws` then
+    holds [KS, BK // KS, N] tiles)."""
+    if KS == 1:
+        part = acc
+    else:
+        part = tl.zeros((KS, acc.shape[0], N), dtype=ACC_DTYPE)
     for i in tl.static_range(NR):
-        ks = (i % NKB) * BK + offs_k
-        a = load_exchanged(src + (i // NKB) * KB + ks[None, :], mask_b[:, None] & (ks < KB)[None, :])
-        acc = tl.dot(a.to(ws[i].dtype), ws[i], acc=acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if TWO:
-            acc2 = tl.dot(a.to(ws2[i].dtype), ws2[i], acc=acc2, input_precision=INPUT_PRECISION,
-                          out_dtype=ACC_DTYPE)
+        a = _state_chunk(src, mask_b, KB, i, NK, NKB, BK, KS)
+        part = tl.dot(a.to(ws[i].dtype), ws[i], acc=part, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     if NR < NK:  # the streamed chunks: i + 1 is in flight while i multiplies
-        ks = (NR % NKB) * BK + offs_k
-        a_next = load_exchanged(src + (NR // NKB) * KB + ks[None, :], mask_b[:, None] & (ks < KB)[None, :])
-        w_next = streamed(w_ptr, NR, NK, BK, N, ROW, 0)
-        w2_next = w_next
-        if TWO:
-            w2_next = streamed(w_ptr, NR, NK, BK, N2, ROW, COL2)
+        a_next = _state_chunk(src, mask_b, KB, NR, NK, NKB, BK, KS)
+        w_next = streamed(w_ptr, NR, NK, BK, N, N, 0, KS)
         for i in range(NR, NK):
             a = a_next
             w = w_next
-            w2 = w2_next
-            j = i + 1
-            ks = (j % NKB) * BK + offs_k
-            a_next = load_exchanged(src + (j // NKB) * KB + ks[None, :],
-                                    mask_b[:, None] & ((ks < KB) & (offs_k * 0 + j < NK))[None, :])
-            w_next = streamed(w_ptr, j, NK, BK, N, ROW, 0)
-            if TWO:
-                w2_next = streamed(w_ptr, j, NK, BK, N2, ROW, COL2)
-            acc = tl.dot(a.to(w.dtype), w, acc=acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if TWO:
-                acc2 = tl.dot(a.to(w2.dtype), w2, acc=acc2, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    return acc, acc2
+            a_next = _state_chunk(src, mask_b, KB, i + 1, NK, NKB, BK, KS)
+            w_next = streamed(w_ptr, i + 1, NK, BK, N, N, 0, KS)
+            part = tl.dot(a.to(w.dtype), w, acc=part, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    if KS == 1:
+        return part
+    else:
+        return acc + tl.sum(part, axis=0)
 
 
 @triton.jit
@@ -165,19 +186,15 @@ def scatter_product(dst, mask_b, cols, w_ptr, ws, dz0, dz1, dz2, dz3,
 
 
 @triton.jit
-def split_gates(acc, GA: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The gate tiles [BLOCK_B, BLOCK_N] of a gate product's accumulator [BLOCK_B, GA*BLOCK_N] whose
-    columns are gate-major (gate k's unit n at column k*BLOCK_N + n), GA in {1, 2, 4}; tiles past GA
-    repeat the first."""
-    if GA == 4:
+def split_gates(acc, GP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The gate tiles [BLOCK_B, BLOCK_N] of a gate product's accumulator [BLOCK_B, GP*BLOCK_N] whose
+    columns are gate-major (gate k's unit n at column k*BLOCK_N + n), GP 1 or 4; with one gate every
+    tile is the accumulator."""
+    if GP == 4:
         a = tl.permute(tl.reshape(acc, (BLOCK_B, 2, 2, BLOCK_N)), (0, 3, 1, 2))  # [b, n, k // 2, k % 2]
         even, odd = tl.split(a)
         g0, g2 = tl.split(even)
         g1, g3 = tl.split(odd)
-    elif GA == 2:
-        g0, g1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_B, 2, BLOCK_N)), (0, 2, 1)))
-        g2 = g0
-        g3 = g0
     else:
         g0 = acc
         g1 = acc

@@ -283,7 +283,10 @@ def test_split_plan_larger_than_the_device_ends_in_the_error():
     from fused_birnn.kernels.forward import birnn_forward
 
     T, B, H, D = 8, 256, 4096, 2
-    cfg = RecurrenceConfig(16, 16, False, split=256, block_k=64, persistent=True, max_spins=20_000)
+    # not cooperative: a cooperative launch of this grid is refused and runs per step instead
+    # (tests/test_cuda_plans.py); here the bounded barrier wait is what is checked
+    cfg = RecurrenceConfig(16, 16, False, split=256, block_k=64, persistent=True, max_spins=20_000,
+                           cooperative=False)
     x_proj = torch.randn(T, B, D * H, device="cuda", dtype=torch.float16)
     w_hh = (torch.randn(D, H, H, device="cuda") / H ** 0.5).half()
     h0 = torch.zeros(D, B, H, device="cuda", dtype=torch.float16)

@@ -612,7 +612,7 @@ def run_jobs(jobs: list[dict], workers: int = 2) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("kernel", "target", "dtype", "H", "B", "path", "S", "BBxBNxBK/w", "progs/SMs", "est us/step",
+    head = ("kernel", "target", "dtype", "H", "B", "path", "res", "S", "BBxBNxBK/w", "progs/SMs", "est us/step",
             "regs", "spill", "shared KiB", "fits", "TC (in loop, depth)", "rel/acq", "s")
     lines = []
     for r in rows:
@@ -623,10 +623,11 @@ def format_table(rows: list[dict]) -> str:
         mode = "" if split == 1 else (" persist" if r.get("persistent") else " per-step")
         est = r.get("estimate_us_per_step")
         cell = {"LSTM": " lstm", "GRU": " gru"}.get(r.get("cell"), "") + (f"-p{r['proj_size']}" if r.get("proj_size") else "")
+        path = r["w_hh_path"] + (f" {r['exchange']}" if r.get("exchange") else "")
         base = [r["kernel"].removeprefix("birnn_").removesuffix("_kernel") + cell, r["target"], dt,
-                str(r["hidden_size"]), str(r["batch_size"]), r["w_hh_path"], f"{split}{mode}", cfg,
-                f"{r['programs']}/{r.get('sms', '?')}", "-" if est is None or r["kernel"].startswith("birnn_bwd")
-                else f"~{est:.2f}"]
+                str(r["hidden_size"]), str(r["batch_size"]), path,
+                f"{r.get('resident_chunks', '?')}/{r.get('chunks', '?')}", f"{split}{mode}", cfg,
+                f"{r['programs']}/{r.get('sms', '?')}", "-" if est is None else f"~{est:.2f}"]
         if r.get("error"):
             lines.append(base + ["ERROR: " + r["error"].splitlines()[0][:80]])
             continue
@@ -646,10 +647,12 @@ def format_table(rows: list[dict]) -> str:
                + ("" if not bad else ":\n" + "\n".join(
                    f"  {r['kernel']} {r['target']} {r['dtype']}/{r['input_precision']} H={r['hidden_size']} "
                    f"B={r['batch_size']}: {'; '.join(r['problems'])}" for r in bad)))
-    out.append("regs with '!' are at the 255-register cap; TC = tensor-core instructions in the SASS; S = programs "
-               "per group (persist: in-kernel barrier, per-step: a launch per step); rel/acq = GPU-scope "
-               "release/acquire atomics in the PTX.\n'est us/step' is an ESTIMATE of one forward step on the "
-               "target (the cost model of kernels/config.py with a typical SM count), not a measurement.")
+    out.append("regs with '!' are at the 255-register cap; spill = stack bytes (outside the loops unless a problem "
+               "says otherwise); path = the weights' (resident, partial, streamed) and the backward's exchange; res "
+               "= resident / all chunks; TC = tensor-core instructions in the SASS; S = programs per group "
+               "(persist: in-kernel barrier, per-step: a launch per step); rel/acq = GPU-scope release/acquire "
+               "atomics in the PTX.\n'est us/step' is an ESTIMATE of one step of that kernel's pass on the target "
+               "(the cost model of kernels/config.py with a typical SM count), not a measurement.")
     return "\n".join(out)
 
 

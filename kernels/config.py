@@ -69,9 +69,10 @@ SPLIT_BLOCK_N = (16, 32, 64, 128)  # units per program the split plans try
 MIN_CHUNK = 64  # a product's K chunk when K > 64 (`chunk_size`)
 MAX_CHUNKS = 16  # chunks a product's K takes at most when the plan names no chunk
 SPLIT_CHUNK = 64  # the split plans' K chunk at most
-STREAMED_CHUNK = 8192  # elements of one chunk of a split plan's slice at most
+STREAMED_CHUNK = 4096  # elements of one chunk of a split plan's slice at most (16 a thread at 8 warps)
 REGISTERS_PER_THREAD_EST = 168  # plan-time estimate (the compile checks measure 72-255)
-REDUCE_ELEMENTS = 64  # exchanged partial sums of dh one thread holds at a time (`pass_shape`)
+REDUCE_ELEMENTS = 32  # exchanged partial sums of dh one thread holds at a time (`pass_shape`)
+SPLIT_K_OUTPUTS = {90: 1024}  # outputs (M x N) up to which a product splits its K among the warps; else 512
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # G, the gates per hidden unit, of each cell (nn.RNNBase's mode names; None: the Elman cell)
 GATES = {None: 1, "RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -115,6 +116,7 @@ class DeviceLimits:
         name: what the limits describe (device name or `sm_XX`).
         unbounded: the interpreter: no limits, one program per group holds everything unless a split is
             forced.
+        arch: the compute capability (e.g. 90; 0: unknown): ptxas' register allocation differs by target.
     """
 
     shared_per_block: int
@@ -123,6 +125,7 @@ class DeviceLimits:
     shared_per_sm: int = 233472
     name: str = ""
     unbounded: bool = False
+    arch: int = 0
 
     @staticmethod
     def for_arch(arch: int, sm_count: int | None = None) -> "DeviceLimits":
@@ -130,7 +133,7 @@ class DeviceLimits:
         if arch not in SHARED_PER_BLOCK:
             raise ValueError(f"arch: no shared-memory limit known for sm_{arch} ({sorted(SHARED_PER_BLOCK)})")
         return DeviceLimits(SHARED_PER_BLOCK[arch], sm_count or TYPICAL_SMS[arch], 65536, SHARED_PER_SM[arch],
-                            f"sm_{arch}")
+                            f"sm_{arch}", arch=arch)
 
 
 DEFAULT_LIMITS = DeviceLimits.for_arch(80)  # a caller that names no device: an A100
@@ -146,7 +149,7 @@ def _cuda_limits(index: int) -> DeviceLimits:
     return DeviceLimits(per_block, int(p.multi_processor_count),
                         int(getattr(p, "regs_per_multiprocessor", 0) or 65536),
                         int(getattr(p, "shared_memory_per_multiprocessor", 0) or per_block + 1024),
-                        f"{p.name} (sm_{arch})")
+                        f"{p.name} (sm_{arch})", arch=arch)
 
 
 def device_limits(device: torch.device | None) -> DeviceLimits:
@@ -202,8 +205,9 @@ class RecurrenceConfig:
             state units); None: "dh" for one program (no exchange: dh stays in registers), else "dz".
         cooperative: a persistent split launch asks CUDA for a cooperative launch (the whole grid
             co-resident, or the launch fails and the launcher falls back to one launch per step); None: yes.
-        split_k: a gathered product too narrow for every warp to own columns of it splits its K among the
-            warps instead (one batched dot, the partial products summed: `pass_shape`'s `ks`).
+        split_k: a gathered product too narrow for every warp to own columns of it, of at most this many
+            outputs (M x N; 0: never), splits its K among the warps instead (one batched dot, the partial
+            products summed: `pass_shape`'s `ks`).
     """
 
     block_b: int
@@ -222,7 +226,7 @@ class RecurrenceConfig:
     resident_chunks_backward: int | None = None
     exchange: str | None = None
     cooperative: bool | None = None
-    split_k: bool = True
+    split_k: int = 512
 
     def warps(self, forward: bool) -> int:
         """Warps of the forward or the backward kernel."""
@@ -373,8 +377,9 @@ def pass_shape(cfg: RecurrenceConfig, hidden_size: int, state_size: int, gates: 
         nr = cfg.resident(nk + nk2, forward=False)
         keep = (S == 1 and persistent and dh and nk == 1 and min(nr, nk) == 1 and bk == bp
                 and (not proj or (nk2 == 1 and nr == 2 and bk2 == bp)))  # (the kernel's KEEP)
-        if dh:  # each program's rows of W_hh times its dz: G dots of K = block_n per column chunk
-            products = [(bb, nk * bk, G * bn, 0)]
+        if dh:  # each program's rows of W_hh times its dz: per column chunk one [bb, bk] product of K = G*bn
+            # (G dots), its own accumulator: nk independent chains, written as one product of that shape
+            products = [(bb, bk, nk * G * bn, 0)]
             chunk = G * bn * bk
             read, write = (0, 0) if keep else (S * bb * bp, bb * P)
         else:  # the group's dz (K = G*H) times each program's columns of W_hh
@@ -399,11 +404,12 @@ def pass_shape(cfg: RecurrenceConfig, hidden_size: int, state_size: int, gates: 
     out = []
     for i, (m, n, k, group) in enumerate(products):
         ks = 1
-        # (the KS partial products, fp32, at most 16 a thread: Elman's 32 x 32 split four ways at 4 warps,
-        # 32 a thread, spilled inside the loop on sm_80)
-        if cfg.split_k and gathered[i] and reps[i] > 1:
+        # (a narrow product only, at most `split_k` outputs, and its KS partial products, fp32, at most 8 a
+        # thread: Elman's 32 x 32 split four ways at 4 warps spilled inside the loop, and two ways at 8 did
+        # on sm_80/86/89, not on sm_90: SPLIT_K_OUTPUTS)
+        if gathered[i] and reps[i] > 1 and m * n <= cfg.split_k:
             ks = min(warps, chunk_k[min(i, 1)] // MIN_DOT)
-            while ks > 1 and ks * m * n > 16 * 32 * warps:
+            while ks > 1 and ks * m * n > 8 * 32 * warps:
                 ks //= 2
         out.append((m, n, k, group, ks))
     return dict(block_p=bp, block_k=bk, chunks=nk, resident=min(nr, nk), block_k2=bk2, chunks2=nk2,
@@ -453,10 +459,12 @@ def pass_shared_bytes(shape: dict, itemsize: int, block_b: int, forward: bool, g
     """Estimated shared memory of a pass: its resident chunks, plus the largest buffer Triton stages
     through shared memory besides them (it reuses one region for buffers whose lives do not overlap): a
     chunk's A operand (with a streamed W chunk where chunks stream: both at once), the gate product's
-    accumulator on its way to the gate split (fp32), the backward's dz tiles; and 1 KiB. Calibrated on compiles with Triton 3.9 (sm_80, sm_90), to
-    the byte: LSTM H=1024 16 x 64 x 1024 fp16 forward 135,168 B, 32 x 64: 139,264, GRU 32 x 48: 102,400,
-    Elman H=1760 32 x 32: 122,880, the LSTM 32 x 128 with 10 of 16 chunks resident 180,224, the backward's
-    "dh" slice (16 x 16, 4 gates) 133,120."""
+    accumulator on its way to the gate split (fp32), the backward's dz tiles; and 4 KiB for the rest.
+    Calibrated on compiles with Triton 3.9 (sm_80, sm_90): the resident chunks and the largest buffer to
+    the byte for LSTM H=1024 16 x 64 x 1024 fp16 forward (135,168 B), 32 x 64 (139,264), GRU 32 x 48
+    (102,400), Elman H=1760 32 x 32 (122,880), the LSTM 32 x 128 with 10 of 16 chunks resident (180,224),
+    the backward's "dh" slice (16 x 16, 4 gates, 133,120); Elman H=1760's 16 x 64 slice fully resident took
+    2 KiB more (233,472)."""
     res = shape["resident"] * shape["chunk_bytes"] + shape["resident2"] * shape["chunk_bytes2"]
     a = block_b * max(shape["block_k"], shape["block_k2"]) * itemsize  # a chunk's A operand
     streamed = max([shape["chunk_bytes"]] * (shape["resident"] < shape["chunks"])
@@ -467,7 +475,7 @@ def pass_shared_bytes(shape: dict, itemsize: int, block_b: int, forward: bool, g
         staged.append(main_m * main_n * 4)  # the accumulator split into gates
     if not forward and shape["exchange"] == "dh":
         staged.append(gates * block_b * shape["block_k"] * itemsize)
-    return res * itemsize + max(staged) + 1024
+    return res * itemsize + max(staged) + 4096
 
 
 def programs_per_sm(limits: DeviceLimits, shared: int, num_warps: int) -> int:
@@ -537,10 +545,14 @@ def estimate_step_us(cfg: RecurrenceConfig, hidden_size: int, batch_size: int, d
         rate = c["mma_fma_per_clk_sm"] / (1 if isz == 2 else 2)
         issue = 16 * 8 * kstep / (rate / 4)  # one m16n8k MMA on one of the SM's four tensor cores
         chain = 0.0
-        for (m, n, k, _, ks), r in zip(products, rep):
-            # independent MMA tiles of one warp; a split K: each warp's chain covers k / ks
+        for i, ((m, n, k, _, ks), r) in enumerate(zip(products, rep)):
+            # independent MMA tiles of one warp; a split K: each warp's chain covers k / ks; the "dh" scatter's
+            # column chunks are independent chains of K = G*block_n each (issued back to back)
             tiles = max(1, (m // 16) * (n // 8) * r * ks // warps)
-            t = (k / ks / kstep) * max(c["mma_clk"][1], tiles * issue)
+            if i == 0 and shape["exchange"] == "dh" and not shape["keep"]:
+                tiles *= shape["chunks"]
+            t = (k / ks / kstep) * max(c["mma_clk"][1], tiles * issue) / (
+                shape["chunks"] if i == 0 and shape["exchange"] == "dh" and not shape["keep"] else 1)
             chain += t  # each product waits for the one before it
         mma = max(chain, fmas / rate * per_sm)
     # a streamed chunk is in flight while the one before it multiplies: it costs the part of an L2 round
@@ -648,9 +660,13 @@ def _split_plans(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLi
                     return min(chunk_size(K), SPLIT_CHUNK, fit)
                 GP = 4 if gates == 3 else gates
                 BP = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(P, S))) if proj_size else block_n
+                # ("dh": column chunks of at least 64, twice the batch tile: the warps split a chunk's columns
+                # only when it is wider than the tile is tall; its streaming is bounded in `_fit`)
                 candidates = [RecurrenceConfig(block_b, block_n, True, 4, 1, split=S, exchange=ex,
+                                               split_k=SPLIT_K_OUTPUTS.get(limits.arch, 512),
                                                block_k=chunk(P, GP * block_n),
-                                               block_k_backward=chunk(P, gates * block_n) if ex == "dh" else chunk(H, BP))
+                                               block_k_backward=(min(chunk_size(P), SPLIT_CHUNK) if ex == "dh"
+                                                                 else chunk(H, BP)))
                               for ex in (("dz", "dh") if gates > 1 or proj_size else ("dz",))]
             for cfg in candidates:
                 plan = _fit(cfg, H, P, gates, proj_size, isz, limits, tiles, fma, dtype, not fma, B)
@@ -664,7 +680,9 @@ def _split_plans(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLi
 # thread: 255 registers and 1,256 B of stack; LSTM H=1024 at 4 warps, 1 KiB: 128 registers, clean); the
 # "dh" backward's tiles all share dz as their other operand and their fragments are read together inside
 # the loop (the LSTM's 128 KiB slice spilled at 4 warps, 0.5 KiB at 8 compiled clean)
-RESIDENT_BYTES_PER_THREAD = 1024
+RESIDENT_BYTES_PER_THREAD = {90: 1024}  # by compute capability; others 384 (LSTM H=1024's 1 KiB a thread
+# compiled clean for sm_90, spilled inside the loop for sm_80; Elman H=1760's 448 B did too on sm_80)
+RESIDENT_BYTES_PER_THREAD_ELSE = 384
 DH_RESIDENT_BYTES_PER_THREAD = 512
 
 
@@ -683,10 +701,12 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
         if fma:
             options = [(cfg.num_warps, 0)]
         else:
-            per_thread = DH_RESIDENT_BYTES_PER_THREAD if shape["exchange"] == "dh" else RESIDENT_BYTES_PER_THREAD
+            per_thread = (DH_RESIDENT_BYTES_PER_THREAD if shape["exchange"] == "dh"
+                          else RESIDENT_BYTES_PER_THREAD.get(limits.arch, RESIDENT_BYTES_PER_THREAD_ELSE))
             options = []
             held_max = (shape["chunks"] * shape["chunk_bytes"] + shape["chunks2"] * shape["chunk_bytes2"]) * isz
-            for w in (2, 4, 8):
+            # (the "dh" backward at 8 warps only: at 4 its column chunks' dots spilled inside the loop)
+            for w in (8,) if shape["exchange"] == "dh" else (2, 4, 8):
                 wcfg = replace(cfg, num_warps=w, num_warps_forward=None)
                 wshape = pass_shape(wcfg, H, P, gates, proj, forward)
                 # the gate (main) product must not repeat its MMAs on several warps; 2 warps only for small

@@ -1,11 +1,14 @@
-"""What the forward and backward launchers share: the device guard, the on-chip `W_hh` slices, the
-barrier counters, the error flag and where its error surfaces, and the two ways to run the steps.
+"""What the forward and backward launchers share: the device guard, the weights' per-program slices in
+K chunks (`product_slices`, `row_slices`), the error flag and where its error surfaces, and the two ways
+to run the steps (with the cooperative launch and its fallback).
 
 Two modes run the same kernel code (kernels/forward.py, kernels/backward.py):
 
 * persistent (`BARRIER=True`): one launch runs every step; with SPLIT > 1 the programs of a group meet
-  at the in-kernel barrier of kernels/sync.py each step. Needs all programs resident at once (the plan
-  sees to it, kernels/config.py).
+  at the in-kernel barrier of kernels/sync.py each step. Needs all programs resident at once: the plan
+  sizes the grid to the device (kernels/config.py) and on a GPU the launch is cooperative
+  (`launch_cooperative_grid`: CUDA starts it only when the whole grid fits at once; refused, it runs
+  per step with a warning, `run_steps`).
 * launch per step (`BARRIER=False`): one launch per step, the launch boundary is the barrier. Used under
   `TRITON_INTERPRET=1` whenever SPLIT > 1 (the interpreter runs programs one after another, so an
   in-kernel barrier would never return there), and on a GPU where no plan fits one wave.

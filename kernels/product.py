@@ -17,12 +17,18 @@ Two products:
   product (K = P, N = G*BLOCK_N gate-major columns: one dot per chunk for every gate, the accumulator
   split into gates afterwards; the GRU's three gates padded to four blocks, the fourth zero: a power of
   two that the warps can split, its MMAs wasted), the projection (K = H), the backward's dz gather
-  (K = G*H) and its projection (K = P).
+  (K = G*H) and its projection (K = P). A product too narrow for every warp to own 8 of its columns
+  (Triton would repeat its MMAs on every warp, one long dependent chain each) splits K among the warps
+  instead (`KS`: each chunk as KS row blocks, one batched dot, the partial products summed at the end).
 * `scatter_product`: `partial[:, cols] = sum_g dz_g @ W_g[:, cols]` for every column chunk of the
   program's own rows, stored to the exchange buffer: the backward's partial sums of dh (kernels/backward.py).
 
 Every load of a weight slice is in this file: the compile checks find them by their debug location
 (`.loc`) in the PTX and prove that a fully resident plan loads none inside its time loop.
+
+Verified: through the recurrences under TRITON_INTERPRET=1 (tests/test_plan_kinds.py: every residency,
+both exchanges, K split among warps, against float64), and compiled for sm_80/86/89/90
+(tests/test_compile.py: MMAs per step against the useful work, no weight load in a resident plan's loop).
 """
 
 import triton

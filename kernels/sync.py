@@ -18,8 +18,11 @@ The counter of a group only grows: after its c-th step of a launch every program
 counter reaches `SPLIT * c`. The launcher zeroes the counters before each launch on the launch's stream
 (a device memset, so CUDA-graph capture works and no host sync is needed).
 
-Never a hang: there is no cooperative launch in Triton, so the plan keeps every program of a launch
-resident (kernels/config.py), and every wait is bounded by `max_spins` polls. A program whose wait runs
+Never a hang: on a GPU a persistent split launch is a cooperative launch (`launch_cooperative_grid`,
+kernels/launch.py), so CUDA starts it only with every program of the grid resident at once, and the plan
+sizes the grid to the device (kernels/config.py); every wait is bounded by `max_spins` polls all the same
+(a refused launch runs per step; a program could still be held up by something the guarantee does not
+cover). A program whose wait runs
 out adds `ABORT_COUNT` to the counter (every other waiter of the group then returns at once, and a program that
 arrives later sees it at its first wait), sets bit `ERR_BARRIER_TIMEOUT` of the error flag, and from then
 on every program of the group writes NaN for all its remaining outputs (kernels/launch.py raises the

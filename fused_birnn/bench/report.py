@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-SM_COUNT = {"sm_90": 132, "sm_80": 108}  # H100 SXM, A100
-SM_GPU = {"sm_90": "H100 SXM", "sm_80": "A100"}
+SM_COUNT = {"sm_90": 132, "sm_80": 108, "sm_89": 142}  # the SMs the estimates assume (kernels.config.TYPICAL_SMS)
+SM_GPU = {"sm_90": "H100 SXM", "sm_80": "A100", "sm_89": "L40"}
 
 
 # ------------------------------------------------------------------------------------------ stamp
@@ -281,27 +281,35 @@ def markdown_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def compile_columns() -> list[str]:
-    return ["config", "kernel", "target", "dot precision", "W_hh", "block BxH/warps", "programs / SMs", "regs", "spill B",
-            "shared KiB (limit)", "TC instr (in loop)", "problems"]
+    return ["config", "kernel", "target", "dot precision", "W (resident/chunks, exchange)", "S x BxHxK/warps",
+            "programs / SMs", "est. us/step", "regs", "spill B (in loop)", "shared KiB (limit)",
+            "MMA a step (expected)", "W loads in loop", "problems"]
 
 
 def compile_rows(results: list[dict]) -> list[list[str]]:
+    """One row per compiled kernel. `est. us/step` is the cost model's ESTIMATE for that kernel's pass on
+    the target (kernels/config.py), not a measurement."""
     rows = []
     for r in results:
         for c in r.get("compile") or []:
             kernel = c["kernel"].removeprefix("birnn_").removesuffix("_kernel")
             sms = SM_COUNT.get(c["target"])
             progs = f"{c['programs']} / {sms} ({SM_GPU[c['target']]})" if sms else str(c["programs"])
-            base = [r["label"], kernel, c["target"], c.get("input_precision", "?"), c.get("w_hh_path", "?"),
-                    f"{c['block_b']}x{c['block_h']}/{c['num_warps']}", progs]
+            mode = "" if c.get("split", 1) == 1 else (" persist" if c.get("persistent") else " per-step")
+            path = (f"{c.get('w_hh_path', '?')} {c.get('resident_chunks', '?')}/{c.get('chunks', '?')}"
+                    + (f" {c['exchange']}" if c.get("exchange") else "")
+                    + (f" K split {max(c['split_k'])}" if c.get("split_k") and max(c["split_k"]) > 1 else ""))
+            est = c.get("estimate_us_per_step")
+            base = [r["label"], kernel, c["target"], c.get("input_precision", "?"), path,
+                    f"{c.get('split', 1)}{mode} x {c['block_b']}x{c['block_h']}x{c.get('block_k', '?')}/{c['num_warps']}",
+                    progs, "-" if est is None else f"~{est:.2f}"]
             if c.get("error"):
-                rows.append(base + ["-", "-", "-", "-", "compile failed: " + c["error"].splitlines()[0][:80]])
+                rows.append(base + ["-"] * 5 + ["compile failed: " + c["error"].splitlines()[0][:80]])
                 continue
-            tc = f"{c['tensor_core']} ({c['tensor_core_in_loop']})"
-            ops = ",".join(sorted({op.split('.')[0] for op in c.get("tensor_core_ops", {})}))
-            rows.append(base + [str(c["registers"]), str(c["spill_bytes"] + c["stack_bytes"]),
-                                f"{c['shared'] / 1024:.1f} ({c['shared_limit'] / 1024:.0f})",
-                                tc + (f" {ops}" if ops else ""), "; ".join(c.get("problems") or []) or "-"])
+            mma = f"{c.get('mma_per_step', '?')} ({c.get('mma_expected', '?')})" if c.get("mma_useful") else "-"
+            rows.append(base + [str(c["registers"]), f"{c['spill_bytes']} ({c.get('local_in_loop', 0)})",
+                                f"{c['shared'] / 1024:.1f} ({c['shared_limit'] / 1024:.0f})", mma,
+                                str(c.get("weight_loads_in_loop", "?")), "; ".join(c.get("problems") or []) or "-"])
     return rows
 
 

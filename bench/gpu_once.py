@@ -176,7 +176,7 @@ def _pytest_commands(step: Step, args, environ: dict[str, str]) -> list[dict]:
     tests_dir.mkdir(parents=True, exist_ok=True)
     commands = []
     for i in range(jobs):
-        stem = tests_dir / (f"last" if step.kind == "tests-last" else f"shard{i}")
+        stem = tests_dir / ("last" if step.kind == "tests-last" else f"shard{i}")
         env = dict(environ, TRITON_INTERPRET="0", PYTHONUNBUFFERED="1", FUSED_BIRNN_SHARD=f"{i}/{jobs}",
                    FUSED_BIRNN_SHARD_OUT=str(stem),
                    PYTHONPATH=os.pathsep.join([str(HERE), *filter(None, [environ.get("PYTHONPATH")])]))
@@ -371,9 +371,11 @@ def env_warnings(env: dict) -> list[str]:
     if not pk.get("expecttest"):
         w.append("expecttest is not installed: tests/test_torch_module_db.py (torch's module harness) cannot be "
                  "collected; the once mode does not run it")
-    if pk.get("setuptools") is None or _vtuple(pk.get("setuptools")) < (77,):
-        w.append(f"setuptools {pk.get('setuptools')}: the offline editable install needs setuptools >= 77 "
-                 "(pyproject's PEP 639 license fields); gpu_run.sh uses its PYTHONPATH shim instead")
+    if (pk.get("setuptools") is None or _vtuple(pk.get("setuptools")) < (77,)
+            or (pk.get("packaging") is not None and _vtuple(pk.get("packaging")) < (24, 2))):
+        w.append(f"setuptools {pk.get('setuptools')}, packaging {pk.get('packaging')}: the offline editable "
+                 "install needs setuptools >= 77 and, where installed, packaging >= 24.2 (pyproject's PEP 639 "
+                 "license fields); gpu_run.sh uses its PYTHONPATH shim instead")
     if _vtuple(pk.get("triton")) < (3, 7) and _vtuple(pk.get("numpy")) >= (2, 4):
         w.append(f"triton {pk.get('triton')} with numpy {pk.get('numpy')}: Triton's interpreter fails on runtime "
                  "loop bounds (not used on a GPU; the bench's CPU parity gate would fail)")

@@ -146,19 +146,30 @@ setup() {
 }
 
 install() {
-    local st
-    st=$("$PY" -c "import setuptools; print(setuptools.__version__)" 2>/dev/null || echo none)
-    if ! "$PY" - "$st" <<'EOF'
-import re, sys
-v = tuple(int(x) for x in re.findall(r"\d+", sys.argv[1])[:1])
-sys.exit(0 if v and v >= (77,) else 1)
-EOF
-    then
-        say "setuptools $st: the offline editable install needs setuptools>=77 (pyproject.toml's PEP 639" \
-            "license fields); not trying pip"
+    # PEP 639 license fields: setuptools >= 77, and packaging >= 24.2 where one is installed (setuptools
+    # prefers it to its own copy; measured: setuptools 77.0.3, 81.0.0 and 84.2.1 all fail with packaging 23.2)
+    local versions
+    versions=$("$PY" - <<'PY'
+import re
+def v(s): return tuple(int(x) for x in re.findall(r"\d+", s)[:2])
+try:  # before setuptools, which puts its own copy on sys.path
+    import packaging; pk = packaging.__version__
+except ImportError:
+    pk = "none"
+try:
+    import setuptools; st = setuptools.__version__
+except ImportError:
+    st = "none"
+ok = st != "none" and v(st) >= (77,) and (pk == "none" or v(pk) >= (24, 2))
+print(f"{'ok' if ok else 'no'} setuptools {st}, packaging {pk}")
+PY
+)
+    if [ "${versions%% *}" != ok ]; then
+        say "${versions#* }: the offline editable install needs setuptools>=77 and, where installed," \
+            "packaging>=24.2 (pyproject.toml's PEP 639 license fields); not trying pip"
         return 1
     fi
-    say "pip install --no-deps --no-build-isolation --no-index -e . (setuptools $st; needs >=77, no network)"
+    say "pip install --no-deps --no-build-isolation --no-index -e . (${versions#* }; no network)"
     if (cd "$REPO" && "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1) \
         && importable "$REPO"; then
         say "editable install ok"

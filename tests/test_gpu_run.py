@@ -188,12 +188,17 @@ def test_shards_are_disjoint_balanced_and_the_same_in_every_process():
 def test_environment_warnings_name_what_will_fail():
     env = dict(device="cuda", c_compiler=None, python_h="/usr/include/python3.12/Python.h", python_h_exists=False,
                torch={"error": "ImportError: libcuda.so.1"}, triton_smoke="exit 1: RuntimeError",
-               packages=dict(setuptools="68.1.2", triton="3.6.0", numpy="2.5.2", pytest=None, expecttest=None))
+               packages=dict(setuptools="68.1.2", packaging="23.2", triton="3.6.0", numpy="2.5.2", pytest=None,
+                             expecttest=None))
     text = "\n".join(gpu_once.env_warnings(env))
     for what in ("no C compiler", "Python.h is missing", "torch sees no CUDA device", "smoke kernel failed",
-                 "pytest is not installed", "expecttest", "setuptools 68.1.2", ">= 77", "numpy 2.5.2"):
+                 "pytest is not installed", "expecttest", "setuptools 68.1.2", ">= 77", "numpy 2.5.2",
+                 "packaging >= 24.2"):
         assert what in text, what
     fine = dict(env, c_compiler="/usr/bin/gcc", python_h_exists=True, torch={"cuda_available": True},
                 triton_smoke="first launch 1.20 s (compile + launcher build), second 0.0001 s, result ok",
-                packages=dict(setuptools="81.0.0", triton="3.6.0", numpy="2.3.5", pytest="9.0", expecttest="0.3"))
+                packages=dict(setuptools="81.0.0", packaging=None, triton="3.6.0", numpy="2.3.5", pytest="9.0",
+                              expecttest="0.3"))
     assert gpu_once.env_warnings(fine) == []
+    old_packaging = dict(fine, packages=dict(fine["packages"], setuptools="84.2.1", packaging="23.2"))
+    assert "packaging 23.2" in "".join(gpu_once.env_warnings(old_packaging))

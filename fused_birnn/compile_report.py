@@ -75,7 +75,8 @@ class CompileCase:
         relu: the relu cell instead of tanh.
         lengths: the variable-length variant (`HAS_LENGTHS`: per-row lengths, PackedSequence).
         directions: D (grid axis 1).
-        block_b, block_h, w_on_chip, num_warps: an explicit `RecurrenceConfig` (all four, or none).
+        block_b, block_h, w_on_chip, num_warps: an explicit `RecurrenceConfig` (all four, or none; `plan`
+            gives every field).
         kernels: kernel names to compile; None: the forward and backward kernel of the config's path.
         targets: compute capabilities.
         num_stages: a Triton `num_stages` option to try; None: not passed (the launchers' default).
@@ -83,8 +84,10 @@ class CompileCase:
             plan's choice.
         cell: None (Elman, `relu` picks the activation), "LSTM" or "GRU": the kernels' CELL
             specialisation, planned with `select_config(..., cell, proj_size)`, each kernel specialised
-            as its launcher does (`forward.common_kwargs`, `backward.kernel_constants`).
+            as its launcher does (`forward.kernel_constants`, `backward.kernel_constants`).
         proj_size: an LSTM's projection P (0: none).
+        plan: `RecurrenceConfig` fields (a dict) to compile instead of the planner's choice (e.g. a forced
+            partial residency).
     """
 
     hidden_size: int
@@ -104,6 +107,7 @@ class CompileCase:
     split: int | None = None
     cell: str | None = None
     proj_size: int = 0
+    plan: dict | None = None
 
     @classmethod
     def make(cls, hidden_size: int, batch_size: int, dtype: Any, config: Any = None, **kw) -> "CompileCase":
@@ -170,7 +174,10 @@ def _resolve(case: CompileCase, arch: int = 90) -> dict:
 
     precision = case.input_precision or "ieee"
     explicit = (case.block_b, case.block_h, case.w_on_chip)
-    if all(v is None for v in explicit) and case.num_warps is None:
+    if case.plan is not None:
+        cfg = RecurrenceConfig(**case.plan)
+        source = "plan"
+    elif all(v is None for v in explicit) and case.num_warps is None:
         # forward the precision if select_config learns to take it (its fp32 choice may depend on TF32)
         params = inspect.signature(select_config).parameters
         kw = {"allow_tf32": precision == "tf32"} if "allow_tf32" in params else (
@@ -207,63 +214,43 @@ def _int_args(kernel: str, H: int, B: int, D: int, cfg, cell: str | None = None,
               params: Sequence[str] = ()) -> dict[str, int]:
     """Integer arguments (other than T and the step range) of a launch on contiguous buffers, as the
     launchers pass them."""
-    seq = (B * D * H, D * H)  # [T, B, D*H] strides (t, b)
-    state = (B * H, H)  # [D, B, H] strides (d, b)
+    G = {None: 1, "LSTM": 4, "GRU": 3}[cell]
+    P = proj_size or H
+    UP = cfg.proj_units_per_program(H, P) if proj_size else cfg.units_per_program(H)
+    saved = D * B * (G + 1) * H if cell else 0
     if kernel.startswith("birnn_fwd"):
-        G = {None: 1, "LSTM": 4, "GRU": 3}[cell]
-        P = proj_size or H
-        names = ("stride_xt", "stride_xb", "stride_ot", "stride_ob", "stride_hnd", "stride_hnb",
-                 "P", "UP", "stride_wr", "stride_st")
-        vals = ((B * D * G * H, D * G * H), (B * D * P, D * P), (B * P, P),
-                (P, cfg.proj_units_per_program(H, P) if proj_size else cfg.units_per_program(H),
-                 -(-H // 16) * 16 if proj_size else 0, D * B * (G + 1) * H if cell else 0))
-        vals = sum(vals, ())
-        return dict(B=B, H=H, U=cfg.units_per_program(H), stride_w=-(-P // 16) * 16, **dict(zip(names, vals)))
-    elif "P" in params:  # the backward of every cell: out/grad_out [T, B, D*P], grad_pre [T, B, D*G*H]
-        G = {None: 1, "LSTM": 4, "GRU": 3}[cell]
-        P = proj_size or H
+        names = ("stride_xt", "stride_xb", "stride_ot", "stride_ob", "stride_hnd", "stride_hnb", "P", "UP",
+                 "stride_st")
+        vals = (B * D * G * H, D * G * H, B * D * P, D * P, B * P, P, P, UP, saved)
+    else:  # out/grad_out [T, B, D*P], grad_pre [T, B, D*G*H], grad_h0 [D, B, P]
         names = ("stride_ot", "stride_ob", "stride_got", "stride_gob", "stride_gpt", "stride_gpb",
-                 "stride_gh0d", "stride_gh0b", "P", "UP", "stride_wr", "stride_st")
-        vals = ((B * D * P, D * P) * 2 + (B * D * G * H, D * G * H) + (B * P, P)
-                + (P, cfg.proj_units_per_program(H, P) if proj_size else cfg.units_per_program(H),
-                   -(-H // 16) * 16 if proj_size else 0, D * B * (G + 1) * H if cell else 0))
-        return dict(B=B, H=H, U=cfg.units_per_program(H), stride_w=-(-P // 16) * 16, **dict(zip(names, vals)))
-    else:
-        names = ("stride_ot", "stride_ob", "stride_got", "stride_gob", "stride_gpt", "stride_gpb",
-                 "stride_gh0d", "stride_gh0b")
-        vals = seq + seq + seq + state
-    stride_w = -(-H // 16) * 16  # streamed W_hh rows padded to 16 elements (launch.row_padded)
-    return dict(B=B, H=H, U=cfg.units_per_program(H), stride_w=stride_w, **dict(zip(names, vals)))
+                 "stride_gh0d", "stride_gh0b", "P", "UP", "stride_st")
+        vals = (B * D * P, D * P) * 2 + (B * D * G * H, D * G * H, B * P, P, P, UP, saved)
+    return dict(B=B, H=H, U=cfg.units_per_program(H), **dict(zip(names, vals)))
 
 
 def _specialise(fn, case: CompileCase, precision: str, cfg) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) as `JITFunction.run` builds them for this launch."""
+    import torch
     import triton.language as tl
 
     H = case.hidden_size
     ints = _int_args(fn.__name__, H, case.batch_size, case.directions, cfg, case.cell, case.proj_size,
                      [p.name for p in fn.params])
-    constexprs: dict[Any, Any] = dict(
-        HAS_LENGTHS=case.lengths, RELU=case.relu, ACC_DTYPE=tl.float32, INPUT_PRECISION=precision,
-        BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_h, BLOCK_K=cfg.k_block(H), SPLIT=cfg.programs_per_group(H),
-        W_ON_CHIP=cfg.w_on_chip, BARRIER=cfg.runs_persistent(H, 1024))
-    if fn.__name__.startswith("birnn_fwd"):  # the forward's cell constexprs exactly as its launcher builds them
-        import torch
+    mode = case.cell or ("RNN_RELU" if case.relu else "RNN_TANH")
+    persistent = cfg.runs_persistent(H, 1024)
+    constexprs: dict[Any, Any] = dict(HAS_LENGTHS=case.lengths, RELU=case.relu, ACC_DTYPE=tl.float32,
+                                      INPUT_PRECISION=precision, BLOCK_B=cfg.block_b, BARRIER=persistent)
+    if fn.__name__.startswith("birnn_fwd"):  # the forward's constexprs exactly as its launcher builds them
+        from fused_birnn.kernels.forward import kernel_constants
 
-        from fused_birnn.kernels.forward import common_kwargs
-
-        mode = case.cell or ("RNN_RELU" if case.relu else "RNN_TANH")
-        kw = common_kwargs(cfg, H, getattr(torch, case.dtype), precision == "tf32", case.relu, case.lengths,
-                           True, mode, case.proj_size)
-        constexprs.update({k: v for k, v in kw.items() if k not in ("num_warps", "num_stages", "ACC_DTYPE")})
-        constexprs["PHASE"] = 0
-    elif any(p.name == "CELL" for p in fn.params):  # the backward of any cell, as its launcher specialises it
+        constexprs.update(kernel_constants(cfg, H, case.proj_size or H, mode, bool(case.proj_size)), PHASE=0)
+    else:  # the backward's, as its launcher specialises it
         from fused_birnn.kernels.backward import kernel_constants
 
-        mode = case.cell or ("RNN_RELU" if case.relu else "RNN_TANH")
-        shape = kernel_constants(cfg, H, case.proj_size or H, mode, bool(case.proj_size),
-                                 cfg.runs_persistent(H, 1024))
+        shape = kernel_constants(cfg, H, case.proj_size or H, mode, bool(case.proj_size), persistent)
         constexprs.update({k: v for k, v in shape.items() if k not in ("UP", "PHASES")})
+    del torch
     signature: dict[str, str] = {}
     attrs: dict[tuple, list] = {}
     for i, p in enumerate(fn.params):
@@ -325,13 +312,16 @@ def analyse_sass(sass: str) -> dict:
     ops: dict[str, int] = {}
     in_loop = 0
     depth = 0
+    by_depth: dict[int, int] = {}
     for addr, op, _ in insts:
         if op.split(".")[0] in TENSOR_CORE_OPS:
             ops[op] = ops.get(op, 0) + 1
             d = sum(1 for lo, hi in loops if lo <= addr <= hi)
             in_loop += d > 0
             depth = max(depth, d)
+            by_depth[d] = by_depth.get(d, 0) + 1
     return dict(tensor_core=sum(ops.values()), tensor_core_in_loop=in_loop, tensor_core_loop_depth=depth,
+                tensor_core_by_depth={str(k): v for k, v in sorted(by_depth.items())},
                 tensor_core_ops=ops, loops=len(loops), sass_instructions=len(insts),
                 local_stores=local["STL"], local_loads=local["LDL"], local_in_loop=local_in_loop)
 
@@ -347,6 +337,52 @@ def exchange_load_files() -> set[str]:
     from fused_birnn.kernels import exchange
 
     return {os.path.basename(exchange.__file__)}
+
+
+def weight_load_files() -> set[str]:
+    """File names whose global loads are loads of weight slices only (`kernels/product.py`)."""
+    from fused_birnn.kernels import product
+
+    return {os.path.basename(product.__file__)}
+
+
+_PTX_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+)\s*;")
+
+
+def ptx_loops(lines: Sequence[str]) -> list[tuple[int, int]]:
+    """[first, last] line ranges of the loops in PTX: a branch back to a label above it."""
+    labels = {}
+    loops = []
+    for i, line in enumerate(lines):
+        m = _PTX_LABEL.match(line)
+        if m:
+            labels[m.group(1)] = i
+        m = _PTX_BRANCH.search(line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            loops.append((labels[m.group(1)], i))
+    return loops
+
+
+def weight_loads(ptx: str, weight_files: set[str]) -> dict:
+    """Global loads located (`.loc`) in `weight_files` (the weight slices' loads), and how many of them
+    sit inside a loop of the PTX (a resident slice must have none there: it is loaded once, before the
+    time loop, and read from shared memory every step)."""
+    lines = ptx.splitlines()
+    files = {m.group(1): os.path.basename(m.group(2)) for m in map(_PTX_FILE.match, lines) if m}
+    loops = ptx_loops(lines)
+    where = None
+    total = in_loop = 0
+    for i, line in enumerate(lines):
+        m = _PTX_LOC.match(line)
+        if m:
+            where = files.get(m.group(1), "")
+            continue
+        m = _PTX_MEM.match(line)
+        if m and where in weight_files and m.group(1).startswith("ld.global"):
+            total += 1
+            in_loop += any(lo <= i <= hi for lo, hi in loops)
+    return dict(weight_loads=total, weight_loads_in_loop=in_loop)
 
 
 def analyse_ptx(ptx: str, exchange_files: set[str]) -> dict:
@@ -425,6 +461,8 @@ def _compile_one(job: dict) -> dict:
         shared = int(k.metadata.shared)
         sass_info = analyse_sass(sass)
         sass_info.update(analyse_ptx(k.asm["ptx"], exchange_load_files()))
+        sass_info.update(weight_loads(k.asm["ptx"], weight_load_files()))
+        sass_info["mma_per_step"] = sass_info["tensor_core_by_depth"].get("1", 0) * int(k.metadata.num_warps)
         # ptxas places register spills in the stack frame: cuobjdump's STACK (LOCAL stays 0 for them)
         row.update(registers=regs, local_bytes=local, stack_bytes=stack, spill_bytes=local + stack,
                    shared=shared,
@@ -463,6 +501,47 @@ def problems(row: dict) -> list[str]:
     return out
 
 
+def plan_shape(kernel: str, cfg, case: CompileCase, precision: str = "ieee") -> dict:
+    """What a kernel of plan `cfg` holds and multiplies per step and program: its slice's chunks (`chunks`,
+    of which `resident_chunks` stay on chip), the W path ("resident", "partial" or "streamed"), the K
+    chunk, the backward's exchange, and the tensor-core MMAs one step needs (`mma_useful`, split into the
+    resident chunks' `mma_useful_resident` and the streamed ones'): m16n8k16 for 16-bit inputs, m16n8k8
+    for TF32 (0 for exact fp32 and fp64: FMA dots)."""
+    from fused_birnn.kernels import backward, forward
+
+    H, P = case.hidden_size, case.proj_size or case.hidden_size
+    mode = case.cell or ("RNN_RELU" if case.relu else "RNN_TANH")
+    proj = bool(case.proj_size)
+    bb = cfg.block_b
+    kstep = 16 if case.dtype in ("float16", "bfloat16") else 8 if precision == "tf32" else 0
+
+    def mma(n, k):  # MMAs of a [bb, k] x [k, n] product
+        return 0 if not kstep else (bb // 16) * (n // 8) * (k // kstep)
+
+    if kernel.startswith("birnn_fwd"):
+        c = forward.kernel_constants(cfg, H, P, mode, proj)
+        g = c["GATES"]
+        n_gate = g * c["BLOCK_N"]  # the gate product's columns (the GRU's n gate a second output)
+        main = [mma(n_gate, c["BLOCK_K"])] * c["NK"]
+        second = [mma(c["BLOCK_P"], c["BLOCK_KH"])] * c["NKH"]
+        nr, nr2, exchange = c["NR"], c["NRH"], None
+    else:
+        persistent = cfg.runs_persistent(H, 1024)
+        c = backward.kernel_constants(cfg, H, P, mode, proj, persistent)
+        g = c["G"]
+        if c["EXCHANGE_DH"]:  # column chunks: sum_g dz_g [bb, BLOCK_N] @ W_g [BLOCK_N, BLOCK_K]
+            main = [g * mma(c["BLOCK_K"], c["BLOCK_N"])] * c["NK"]
+        else:  # K chunks of the group's dz (within each gate)
+            main = [mma(c["BLOCK_P"], c["BLOCK_K"])] * c["NK"]
+        second = [mma(c["BLOCK_N"], c["BLOCK_KP"])] * c["NKP"]
+        nr, nr2, exchange = c["NR"], c["NRP"], "dh" if c["EXCHANGE_DH"] else "dz"
+    chunks, resident = c["NK"] + len(second), nr + nr2
+    return dict(chunks=chunks, resident_chunks=resident, block_k=c["BLOCK_K"], exchange=exchange,
+                w_hh_path="resident" if resident == chunks else "streamed" if resident == 0 else "partial",
+                mma_useful=sum(main) + sum(second),
+                mma_useful_resident=sum(main[:nr]) + sum(second[:nr2]))
+
+
 def _plan(cases: Sequence[CompileCase]) -> list[dict]:
     """One job per (case, kernel, target)."""
     import torch
@@ -478,25 +557,25 @@ def _plan(cases: Sequence[CompileCase]) -> list[dict]:
             cfg = r["config"]
             H = case.hidden_size
             progs = cfg.programs(H, case.batch_size, case.directions)
-            est = estimate_step_us(cfg, H, case.batch_size, getattr(torch, case.dtype),
-                                   r["input_precision"] == "tf32", DeviceLimits.for_arch(arch), case.directions,
-                                   {None: 1, "LSTM": 4, "GRU": 3}[case.cell], case.proj_size)
             for kernel in r["kernels"]:
+                forward = kernel.startswith("birnn_fwd")
+                est = estimate_step_us(cfg, H, case.batch_size, getattr(torch, case.dtype),
+                                       r["input_precision"] == "tf32", DeviceLimits.for_arch(arch), case.directions,
+                                       {None: 1, "LSTM": 4, "GRU": 3}[case.cell], case.proj_size, forward=forward)
                 row = dict(kernel=kernel, target=f"sm_{arch}", arch=arch, hidden_size=case.hidden_size,
                            batch_size=case.batch_size, dtype=case.dtype, input_precision=r["input_precision"],
                            relu=case.relu, lengths=case.lengths, directions=case.directions,
                            cell=case.cell or ("RNN_RELU" if case.relu else "RNN_TANH"), proj_size=case.proj_size,
                            config_source=r["config_source"],
                            block_b=cfg.block_b, block_h=cfg.block_h,
-                           num_warps=cfg.warps(forward=kernel.startswith("birnn_fwd")),
-                           w_hh_path="on-chip" if cfg.w_on_chip else "streamed", programs=progs,
+                           num_warps=cfg.warps(forward=forward), programs=progs,
                            split=cfg.programs_per_group(H), units=cfg.units_per_program(H), forced_split=case.split,
-                           block_k=cfg.k_block(case.proj_size or H) if kernel.startswith("birnn_fwd") else cfg.k_block(H, forward=False),
                            persistent=cfg.runs_persistent(H, 1024),
                            sms=DeviceLimits.for_arch(arch).sm_count, estimate_us_per_step=est["us"],
                            estimate=est,
                            num_stages=r["num_stages"],
-                           shared_limit=SHARED_LIMIT[arch])
+                           shared_limit=SHARED_LIMIT[arch],
+                           **plan_shape(kernel, cfg, case, r["input_precision"]))
                 jobs.append(dict(row=row, case=dataclasses.asdict(case), config=cfg))
     return jobs
 

@@ -3,18 +3,27 @@
 
 Both work like `torch.nn.SyncBatchNorm.convert_sync_batchnorm`: the new module takes over the old one's
 `Parameter` objects (no copy), so an optimizer built before the swap, tied weights, `requires_grad`
-flags and tensor hooks all carry over; only where the parameters' values live changes.
+flags and tensor hooks all carry over; only where the parameters' values live changes. The standard
+transformations of a module's weights carry over too, as the same objects: parametrizations
+(`torch.nn.utils.parametrize`, e.g. `parametrizations.weight_norm` / `spectral_norm`), pruning
+(`torch.nn.utils.prune`) and the old-style `weight_norm` / `spectral_norm` (their forward pre-hooks,
+state-dict hooks, parameters and buffers). Any other module hook is the user's code, which may hold the old
+module: such a module is left alone and reported.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Literal, overload
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.modules.module import _WrappedHook
+from torch.nn.utils import parametrizations, parametrize, prune
+from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .functional import BACKENDS
 from .rnn import GRU, LSTM, RNN
@@ -24,11 +33,36 @@ Skipped = list[tuple[str, str]]
 # torch.nn class -> our drop-in (`convert`), and back (`to_torch`)
 _FUSED: dict[type[nn.RNNBase], type[nn.RNNBase]] = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
 _TORCH: dict[type[nn.RNNBase], type[nn.RNNBase]] = {v: k for k, v in _FUSED.items()}
+_SWAPPED = {**_FUSED, **_TORCH}
 
-# module hook registries that a swap would drop (hooks on the parameters themselves carry over)
+# module hook registries (hooks on the parameters themselves carry over with them)
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                "_load_state_dict_post_hooks")
+# the hooks of torch's weight transformations, which read and write only the module they are called with:
+# these carry over to the new module (pruning, old-style weight norm and spectral norm)
+_TRANSFORM_HOOKS = {"_forward_pre_hooks": (prune.BasePruningMethod, WeightNorm, SpectralNorm),
+                    "_state_dict_hooks": (SpectralNormStateDictHook,),
+                    "_load_state_dict_pre_hooks": (SpectralNormLoadStateDictPreHook,)}
+
+
+def _transform_hook(registry: str, hook) -> bool:
+    """Whether `hook`, registered in `registry`, is one of torch's weight transformations' (`_TRANSFORM_HOOKS`,
+    and `parametrizations.weight_norm`'s closure that renames old `weight_g` / `weight_v` state-dict keys)."""
+    if isinstance(hook, _WrappedHook):  # load_state_dict pre-hooks come wrapped
+        if hook.with_module:
+            return False
+        hook = hook.hook
+        if (registry == "_load_state_dict_pre_hooks" and getattr(hook, "__module__", None) == parametrizations.__name__
+                and getattr(hook, "__qualname__", None) == "weight_norm.<locals>._weight_norm_compat_hook"):
+            return True
+    return isinstance(hook, _TRANSFORM_HOOKS.get(registry, ()))
+
+
+def _hooked_names(m: nn.Module) -> set[str]:
+    """The weights that a transformation's forward pre-hook sets on `m` before each call."""
+    return {getattr(hook, "_tensor_name", None) or getattr(hook, "name", None)  # pruning / weight & spectral norm
+            for hook in m._forward_pre_hooks.values()}
 
 
 def _qualified(cls: type) -> str:
@@ -45,32 +79,63 @@ def _why_not(m: nn.Module, sources: tuple[type[nn.Module], ...]) -> str | None:
     source = _source(m, sources)
     if source is None:
         return f"{type(m).__name__} has no fused version (only {', '.join(c.__name__ for c in sources)})"
-    if parametrize.is_parametrized(m):
-        return "has parametrizations (torch.nn.utils.parametrize); remove them first"
-    if type(m) is not source:
-        return (f"{type(m).__qualname__} subclasses {_qualified(source)} (its forward may differ); "
+    cls = _unparametrized(m)
+    if cls is not source:
+        return (f"{cls.__qualname__} subclasses {_qualified(source)} (its forward may differ); "
                 "only the exact type is swapped")
     if getattr(m, "proj_size", 0) and m.mode != "LSTM":  # nn.RNN/nn.GRU refuse it: a doctored module
         return f"proj_size={m.proj_size} is only supported for LSTM"
-    names = list(m._flat_weights_names)
-    params = dict(m.named_parameters(recurse=False, remove_duplicate=False))
-    if sorted(params) != sorted(names) or any(getattr(m, n) is not params[n] for n in names):
-        return (f"its parameters {sorted(params)} are not the {len(names)} that {_qualified(source)} defines "
-                f"(e.g. old-style weight_norm or a replaced tensor)")
-    if any(getattr(m, d, None) for d in _HOOK_DICTS):
-        return "has module hooks registered on it, which would not carry over"
-    flat = [params[n] for n in names]
-    kinds = {f"{str(p.dtype).removeprefix('torch.')} on {p.device}" for p in flat}
+    others = sorted({f"{type(getattr(hook, 'hook', hook)).__name__} in {registry}" for registry in _HOOK_DICTS
+                     for hook in getattr(m, registry, {}).values() if not _transform_hook(registry, hook)})
+    if others:
+        return (f"has module hooks registered on it ({', '.join(others)}), which would not carry over (they may "
+                f"hold the old module): convert first, then register them on the {_qualified(_SWAPPED[source])}")
+    params = m._parameters
+    hooked = _hooked_names(m)
+    for name in m._flat_weights_names:
+        if name in params:
+            if params[name] is None or getattr(m, name) is not params[name]:
+                return f"its {name} is not the Parameter that {_qualified(source)} defines"
+        elif not (parametrize.is_parametrized(m, name) or name in hooked):
+            return (f"its {name} is neither a Parameter, a parametrization nor set by a pruning, weight_norm or "
+                    f"spectral_norm hook (e.g. deleted, or set by a hook of your own)")
+    kinds = {f"{str(p.dtype).removeprefix('torch.')} on {p.device}" for p in m.parameters()}
     if len(kinds) > 1:
         return f"its parameters mix dtypes or devices ({', '.join(sorted(kinds))})"
     return None
 
 
 def _swap(m: nn.Module, new: nn.Module) -> nn.Module:
-    """Hand `m`'s parameters (the same objects) and train/eval mode to `new`, built on 'meta'."""
-    for name in m._flat_weights_names:
-        setattr(new, name, getattr(m, name))  # RNNBase.__setattr__ keeps _flat_weights current
-    new._init_flat_weights()  # as after .to(): refresh the weight list, then flatten_parameters()
+    """Hand `m`'s parameters (the same objects), train/eval mode and weight transformations (`_why_not`
+    allows only torch's: parametrizations, and pruning / weight norm / spectral norm with their hooks,
+    parameters and buffers) to `new`, built on 'meta'. Nothing is evaluated: a parametrization (spectral
+    norm's power iteration) runs next when the module is called, as often as it would have in `m`."""
+    names = m._flat_weights_names
+    for name in names:
+        if name in m._parameters:
+            setattr(new, name, m._parameters[name])  # RNNBase.__setattr__ keeps _flat_weights current
+        else:  # parametrized or set by a hook: no Parameter of that name
+            delattr(new, name)
+            if name in m.__dict__:  # the tensor the hook set last
+                setattr(new, name, m.__dict__[name])
+    for name, p in m._parameters.items():  # a transformation's own: weight_orig, weight_g / weight_v
+        if name not in names:
+            new.register_parameter(name, p)
+    for name, b in m._buffers.items():  # weight_mask, spectral norm's weight_u / weight_v
+        new.register_buffer(name, b, persistent=name not in m._non_persistent_buffers_set)
+    if parametrize.is_parametrized(m):  # the same ParametrizationLists (their originals) on new's own class
+        parametrize._inject_new_class(new)
+        new.parametrizations = m.parametrizations
+        for name in m.parametrizations:
+            parametrize._inject_property(new, name)
+    for registry in _TRANSFORM_HOOKS:
+        getattr(new, registry).update(getattr(m, registry))
+    # m's weight list as it stands (nothing evaluated), then our flat buffers
+    new._flat_weights = [m._parameters[n] if n in m._parameters else w for n, w in zip(names, m._flat_weights)]
+    refs = getattr(m, "_flat_weight_refs", None) or [None] * len(names)
+    new._flat_weight_refs = [weakref.ref(w) if n in m._parameters else ref
+                             for n, w, ref in zip(names, new._flat_weights, refs)]
+    new.flatten_parameters()
     new.train(m.training)
     return new
 
@@ -133,16 +198,20 @@ def _hyperparameters(m: nn.RNNBase) -> dict:
     return kwargs
 
 
+def _unparametrized(m: nn.Module) -> type[nn.Module]:
+    """`m`'s class, under the subclass that parametrize puts a parametrized module in."""
+    return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+
+
 def _to_fused(m: nn.RNNBase, backend: str) -> nn.RNNBase:
-    new = _FUSED[type(m)](**_hyperparameters(m), device="meta", backend=backend)
+    new = _FUSED[_unparametrized(m)](**_hyperparameters(m), device="meta", backend=backend)
     return _swap(m, new)
 
 
 def _to_nn(m: nn.RNNBase) -> nn.RNNBase:
-    new = _TORCH[type(m)](**_hyperparameters(m), device="meta")
+    new = _TORCH[_unparametrized(m)](**_hyperparameters(m), device="meta")
     with torch.no_grad():
-        for name in m._flat_weights_names:  # out of the shared flat buffers: one storage each
-            p = getattr(m, name)
+        for p in m.parameters():  # out of the shared flat buffers (weight_orig too): one storage each
             p.set_(p.detach().clone(memory_format=torch.contiguous_format))
     return _swap(m, new)
 
@@ -175,10 +244,19 @@ def convert(model: nn.Module, *, backend: str = "auto", report: bool = False):
     one module's buffer and the other packs it per call, which is correct but slower. Nothing is copied,
     so to keep the original model, convert a :func:`copy.deepcopy` of it.
 
+    Transformed weights carry over as they are, the same objects, and keep running as they did in the
+    ``torch.nn`` module: parametrizations (:mod:`torch.nn.utils.parametrize`, e.g.
+    ``parametrizations.weight_norm`` / ``spectral_norm``: the new module is parametrized alike, with the
+    same ``original`` parameters), pruning (:mod:`torch.nn.utils.prune`) and the old-style
+    ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (their hooks, ``weight_orig``, ``weight_mask``,
+    ``weight_g``, ``weight_v``, ``weight_u``).
+
     Modules that cannot be swapped are left as they are and reported: other ``nn.RNNBase`` modules,
-    subclasses of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (parametrized ones included), and modules with
-    parameters of mixed dtypes or devices, parameters other than the class's own (e.g. old-style
-    ``weight_norm``), or module hooks.
+    subclasses of ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, and modules with parameters of mixed dtypes or
+    devices, a weight that is neither a parameter nor one of those transformations' (deleted, or set by
+    a hook of your own, as weight drop does), or module hooks other than those transformations' (yours
+    may hold the old module: convert first, then register them, or apply your weight drop, on the new
+    module).
 
     Args:
         model: the module to convert; modified in place.
@@ -221,7 +299,7 @@ def to_torch(model: nn.Module, *, report: bool = False):
     Same walk, same rules and same return values as :func:`convert`: the exact types are swapped
     (subclasses are reported), train/eval mode is kept and the new module takes over the same
     :class:`~torch.nn.Parameter` objects, each moved out of the shared flat buffer into a contiguous
-    storage of its own, as ``torch.nn`` builds them.
+    storage of its own, as ``torch.nn`` builds them; transformed weights carry over as in :func:`convert`.
 
     Args:
         model: the module to convert; modified in place.

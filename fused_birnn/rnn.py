@@ -46,6 +46,11 @@ class InputDtypeError(ValueError, RuntimeError):
     RuntimeError nn.LSTM raises for a PackedSequence (it skips that check and fails in a matmul)."""
 
 
+class MissingWeightError(TypeError, AttributeError):
+    """A weight that is not set (None: deleted and not set again): the TypeError that ATen raises for it
+    under nn's classes, and the AttributeError they raise when it is the first weight."""
+
+
 class FusedRNNBase(nn.RNNBase):
     r"""What `fused_birnn.RNN`, `LSTM` and `GRU` share: flat parameter buffers, input and state checks in
     nn's words, the PackedSequence and `lengths=` paths, the CPU choice of ATen's own kernel, and the
@@ -64,47 +69,88 @@ class FusedRNNBase(nn.RNNBase):
         """Make each layer's parameters views of one contiguous buffer per kind, so the kernels read
         them with no per-call copy: `[D*G*H, I]` input weights (one GEMM for all directions and gates),
         `[D, G*H, P]` recurrent weights, `[D*G*H]` biases, `[D, P, H]` projections. Called on construction,
-        after `.to()`/`.half()` and after unpickling. The layer op itself checks, per call, whether a layer's
-        parameters still lie back to back (`functional._joined`): a parameter replaced later
-        (`rnn.weight_hh_l0 = Parameter(...)`) is concatenated per call instead, so results never go
-        stale. A layer holding one Parameter under two names is never flattened."""
+        after `.to()`/`.half()` and after unpickling (not by nn's per-call weight refresh in `_weights`). The
+        layer op itself checks, per call, whether a layer's weights still lie back to back (`functional._joined`):
+        a parameter replaced later (`rnn.weight_hh_l0 = Parameter(...)`) is concatenated per call instead,
+        so results never go stale. Only registered Parameters move: a kind (say both directions' `w_hh`)
+        with a weight that is parametrized, pruned, set by a hook or deleted (`_weights`) stays as it is
+        and is packed per call, and a layer holding one Parameter under two names is never flattened."""
+        if torch.compiler.is_compiling() or self.__dict__.get("_refreshing"):
+            # under torch.compile a layout change is not traceable (storage pointers), and nn's per-call weight
+            # refresh (`_weights`) changes no Parameter: the layer op packs per call whatever is not flat
+            return
         previous = getattr(self, "_layer_buffers", [])
-        self._layer_buffers: list[list[Tensor] | None] = []
+        self._layer_buffers: list[list[Tensor | None]] = []
         if len(getattr(self, "_flat_weights", ())) != len(getattr(self, "_flat_weights_names", (None,))):
             return  # called by nn.RNNBase before all parameters exist
+        registered = [self._parameters.get(name) for name in self._flat_weights_names]
         with torch.no_grad():
             for layer in range(self.num_layers):
-                params = self._layer_params(layer)
-                flat = [p for ps in params for p in ps]
-                buffers = previous[layer] if layer < len(previous) else None
-                if buffers is not None and all(
-                        _lives_in(p, buf, d) for buf, kind in zip(buffers, zip(*params)) for d, p in enumerate(kind)):
-                    pass  # still flat (e.g. after share_memory_(), which moves storages in place)
-                elif (any(p.dtype != flat[0].dtype or p.device != flat[0].device for p in flat)
-                      or len({id(p) for p in flat}) != len(flat)):  # one Parameter in two slots
-                    buffers = None
-                else:
-                    buffers = []
-                    for kind in zip(*params):  # (w_ih of each direction), (w_hh ...), ...
-                        buf = torch.stack([p.detach() for p in kind])
-                        for d, p in enumerate(kind):
+                params = self._layer_params(layer, registered)
+                present = [p for ps in params for p in ps if p is not None]
+                movable = (len({id(p) for p in present}) == len(present)  # not one Parameter in two slots
+                           and all(p.dtype == present[0].dtype and p.device == present[0].device for p in present))
+                old = previous[layer] if layer < len(previous) else None
+                buffers = []
+                for k, kind in enumerate(zip(*params)):  # (w_ih of each direction), (w_hh ...), ...
+                    buf = old[k] if old is not None else None
+                    if not movable or any(p is None for p in kind):
+                        buf = None
+                    elif buf is None or not all(_lives_in(p, buf, d) for d, p in enumerate(kind)):
+                        buf = torch.stack([p.detach() for p in kind])  # else still flat (e.g. after
+                        for d, p in enumerate(kind):                  # share_memory_(), which moves in place)
                             p.set_(buf.untyped_storage(), buf[d].storage_offset(), buf[d].shape, buf[d].stride())
-                        buffers.append(buf)
+                    buffers.append(buf)
                 self._layer_buffers.append(buffers)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.flatten_parameters()
 
-    def _layer_params(self, layer: int) -> list[tuple[Tensor, ...]]:
+    def _layer_params(self, layer: int, weights: list[Tensor | None] | None = None) -> list[tuple[Tensor, ...]]:
+        """Layer `layer`'s weights per direction, in nn's order, out of `weights` (nn's flat order;
+        default: `_weights()`, read now)."""
+        weights = self._weights() if weights is None else weights
         num_directions = 2 if self.bidirectional else 1
-        names = self._all_weights[layer * num_directions:(layer + 1) * num_directions]
-        return [tuple(getattr(self, n) for n in dir_names) for dir_names in names]
+        per_direction = len(weights) // (self.num_layers * num_directions)
+        first = layer * num_directions * per_direction
+        return [tuple(weights[first + d * per_direction:first + (d + 1) * per_direction])
+                for d in range(num_directions)]
 
-    def _current_weights(self) -> list[Tensor]:
-        """Every parameter in nn's flat order, read now (`functional_call` swaps entries of `_parameters`;
-        a dict lookup costs a fraction of `getattr` on a Module)."""
-        return [self._parameters[name] for name in self._flat_weights_names]
+    def _weights(self) -> list[Tensor]:
+        """Every weight in nn's flat order, as nn's class reads them for this call. Registered Parameters
+        (the common case) are read from `_parameters` (a dict lookup each, nothing more: `functional_call`
+        swaps entries there). Any other weight (parametrized by `torch.nn.utils.parametrize`: weight and
+        spectral norm of `torch.nn.utils.parametrizations`; pruned, or old-style weight or spectral norm:
+        a tensor set by a forward pre-hook; weight drop; deleted) is read exactly as nn's forward reads it:
+        `_update_flat_weights()`, then `_flat_weights`. That evaluates a parametrization as often as nn's
+        class does (spectral norm's power iteration advances alike) and keeps gradients flowing to the
+        underlying parameters. Raises `MissingWeightError` for a weight that is not set."""
+        params = self._parameters
+        try:
+            return [params[name] for name in self._flat_weights_names]
+        except KeyError:  # not a registered Parameter
+            pass
+        if torch.compiler.is_compiling():  # torch.compile / export trace each weight once; writing the module's
+            weights = [getattr(self, name, None) for name in self._flat_weights_names]  # lists would recompile
+        else:
+            self.__dict__["_refreshing"] = True  # no flatten_parameters per call (its checks cost 5-10% of a
+            try:                                 # small LSTM's forward, measured)
+                self._update_flat_weights()
+            finally:
+                del self.__dict__["_refreshing"]
+            weights = list(self._flat_weights)
+        self._check_set(weights)
+        return weights
+
+    def _check_set(self, weights: list[Tensor | None]) -> None:
+        """Raise `MissingWeightError` naming every weight that is None (deleted, e.g. by a weight-drop
+        wrapper, and not set again before this call)."""
+        missing = [name for name, w in zip(self._flat_weights_names, weights) if w is None]
+        if missing:
+            raise MissingWeightError(
+                f"{type(self).__name__} weight(s) {', '.join(missing)} not set: expected a Tensor for each (a "
+                f"deleted weight must be set again before the call, e.g. by a forward pre-hook, as for nn's class)")
 
     # ---------------------------------------------------------------------- the cell's state, as nn's
 
@@ -156,14 +202,16 @@ class FusedRNNBase(nn.RNNBase):
         Returns:
             ``(output, h_n)``; LSTM ``(output, (h_n, c_n))``.
         """
+        weights = self._weights()
         if lengths is None:
-            result = self._aten_fast_path(input, hx)
+            result = self._aten_fast_path(input, hx, weights)
             if result is not None:
                 return result
+        self._check_set(weights)
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("pass either a PackedSequence or lengths=, not both")
-            return self._forward_packed(input, hx)
+            return self._forward_packed(input, hx, weights)
         if not isinstance(input, Tensor):
             raise InputTypeError(f"input must be a Tensor or a PackedSequence, got {type(input).__name__}")
         if input.dim() not in (2, 3):
@@ -180,24 +228,24 @@ class FusedRNNBase(nn.RNNBase):
                 states = tuple(s.unsqueeze(1) for s in states)
         elif states is not None:
             self._check_state_dims(states, 3)
-        states = self._initial_states(input, states, input.size(batch_dim))
+        states = self._initial_states(input, states, input.size(batch_dim), weights[0])
         self.check_forward_args(input, self._hx(states), None)
         x = input.transpose(0, 1) if self.batch_first else input
-        if x.size(0) == 0:
-            raise RuntimeError(f"Expected sequence length to be larger than 0 in {type(self).__name__}")
+        if x.size(0) == 0:  # ATen's words, which nn's classes raise: "in RNN" for every cell
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         if lengths is not None:
             lengths = self._check_lengths(lengths, x)
             # padded steps are never read, but would still reach grad W_ih through x (NaN * 0)
             valid = torch.arange(x.size(0), device=x.device)[:, None] < lengths[None, :]
             x = x.masked_fill(~valid[:, :, None], 0)
-        output, states = self._run_layers(x, states, lengths)
+        output, states = self._run_layers(x, states, lengths, weights)
         output = output.transpose(0, 1) if self.batch_first else output
         if not is_batched:
             output = output.squeeze(batch_dim)
             states = tuple(s.squeeze(1) for s in states)
         return output, self._hx(states)
 
-    def _forward_packed(self, input: PackedSequence, hx):
+    def _forward_packed(self, input: PackedSequence, hx, weights: list[Tensor]):
         """PackedSequence in, PackedSequence out, as nn's class: computed in the packed (length-sorted)
         batch order on the padded layout, each row with its own length."""
         data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -205,23 +253,22 @@ class FusedRNNBase(nn.RNNBase):
         if states is not None:
             self._check_packed_state_dims(states)
             states = self._states(self.permute_hidden(self._hx(states), sorted_indices))  # caller's order -> sorted
-        states = self._initial_states(data, states, int(batch_sizes[0]), packed=True)
+        states = self._initial_states(data, states, int(batch_sizes[0]), weights[0], packed=True)
         self.check_forward_args(data, self._hx(states), batch_sizes)
-        if self._aten_serves(data, states, len(batch_sizes)):
-            output, states = self._aten(data, states, batch_sizes)
+        if self._aten_serves(data, states, len(batch_sizes), weights):
+            output, states = self._aten(data, states, weights, batch_sizes)
         else:
             padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # [T, B, I], sorted
-            output, states = self._run_layers(padded, states, lengths.to(data.device, non_blocking=True))
+            output, states = self._run_layers(padded, states, lengths.to(data.device, non_blocking=True), weights)
             output = pack_padded_sequence(output, lengths).data
         return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                 self.permute_hidden(self._hx(states), unsorted_indices))
 
     def _initial_states(self, input: Tensor, states: tuple[Tensor, ...] | None, batch: int,
-                        packed: bool = False) -> tuple[Tensor, ...]:
-        """`states`, or zeros; checks what nn's class leaves to a later, less clear error (`packed`: the
-        data of a PackedSequence)."""
+                        weight: Tensor, packed: bool = False) -> tuple[Tensor, ...]:
+        """`states`, or zeros; checks what nn's class leaves to a later, less clear error (`weight`: the
+        first of this call's weights; `packed`: `input` is a PackedSequence's data)."""
         num_directions = 2 if self.bidirectional else 1
-        weight = self._flat_weights[0]
         if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():  # nn's check_input, first
             raise (InputDtypeError if packed else ValueError)(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
@@ -266,7 +313,7 @@ class FusedRNNBase(nn.RNNBase):
 
     # ---------------------------------------------------------------------- ATen's own kernel on a CPU
 
-    def _aten_serves(self, x: Tensor, states: tuple[Tensor, ...], steps: int) -> bool:
+    def _aten_serves(self, x: Tensor, states: tuple[Tensor, ...], steps: int, weights: list[Tensor]) -> bool:
         """Whether `backend='auto'` hands this call to ATen's own kernel for the cell (`torch._VF.lstm`,
         `gru`, `rnn_tanh`, `rnn_relu`: what nn's classes run on a CPU): on a CPU without the interpreter, in
         plain eager fp32/fp64 without autocast and outside torch.func transforms. LSTM and GRU: always
@@ -283,9 +330,9 @@ class FusedRNNBase(nn.RNNBase):
         if self.mode in ("LSTM", "GRU") or steps < ATEN_MAX_TRAINING_STEPS or not torch.is_grad_enabled():
             return True
         return not (x.requires_grad or any(s.requires_grad for s in states)
-                    or any(p.requires_grad for p in self._current_weights()))
+                    or any(p.requires_grad for p in weights))
 
-    def _aten_fast_path(self, input: Tensor | PackedSequence, hx):
+    def _aten_fast_path(self, input: Tensor | PackedSequence, hx, weights: list[Tensor]):
         """`forward` for the common call that `_aten_serves` hands to ATen (a batched fp32/fp64 CPU tensor or
         a PackedSequence of one, states None or of the expected shape, dtype and device), with nothing else
         before the kernel: the general path's checks and reshapes cost 1-3% of nn's time at mid-size shapes
@@ -307,7 +354,6 @@ class FusedRNNBase(nn.RNNBase):
                 or torch._C._is_any_autocast_enabled() or _functorch.maybe_current_level() is not None
                 or torch.compiler.is_compiling()):
             return None
-        weights = [self._parameters[name] for name in self._flat_weights_names]
         rows = self.num_layers * (2 if self.bidirectional else 1)
         sizes = self._state_sizes()
         states = (tuple(torch.zeros(rows, batch, size, dtype=data.dtype) for size in sizes) if hx is None
@@ -327,39 +373,39 @@ class FusedRNNBase(nn.RNNBase):
         return (PackedSequence(result[0], input.batch_sizes, input.sorted_indices, input.unsorted_indices),
                 self.permute_hidden(self._hx(tuple(result[1:])), input.unsorted_indices))
 
-    def _aten(self, x: Tensor, states: tuple[Tensor, ...], batch_sizes: Tensor | None = None):
+    def _aten(self, x: Tensor, states: tuple[Tensor, ...], weights: list[Tensor], batch_sizes: Tensor | None = None):
         """ATen's kernel for the cell on a time-major `x` (or packed data with `batch_sizes`):
         `(output, states)`."""
         hx = states if self.mode == "LSTM" else states[0]
-        common = (self._current_weights(), self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        common = (weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         aten = getattr(_VF, _ATEN[self.mode])
         result = aten(x, hx, *common, False) if batch_sizes is None else aten(x, batch_sizes, hx, *common)
         return result[0], tuple(result[1:])
 
-    def _aten_lengths(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor):
+    def _aten_lengths(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor, weights: list[Tensor]):
         """ATen's packed kernel on a padded time-major `x` with `lengths`: our `lengths=` semantics (padded
         output steps 0, each row's final state at its own last step)."""
         packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         sorted_states = self._states(self.permute_hidden(self._hx(states), packed.sorted_indices))
-        output, sorted_states = self._aten(packed.data, sorted_states, packed.batch_sizes)
+        output, sorted_states = self._aten(packed.data, sorted_states, weights, packed.batch_sizes)
         output, _ = pad_packed_sequence(PackedSequence(output, packed.batch_sizes, packed.sorted_indices,
                                                        packed.unsorted_indices), total_length=x.size(0))
         return output, self._states(self.permute_hidden(self._hx(sorted_states), packed.unsorted_indices))
 
     # -------------------------------------------------------------------------------------- the stack
 
-    def _run_layers(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None):
+    def _run_layers(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None, weights: list[Tensor]):
         """The stack on a time-major `x [T, B, I]`: one `birnn_layer` (two kernel launches with its
         backward) per layer, dropout between layers in training mode. Under autocast the layers run in
         autocast's dtype, as nn's do. Returns `(output [T, B, D*P], states)`."""
-        if x.device != self._flat_weights[0].device:
+        if x.device != weights[0].device:
             raise RuntimeError(f"input is on {x.device} but the {type(self).__name__}'s parameters are on "
-                               f"{self._flat_weights[0].device}; move one of them (e.g. model.to({x.device}))")
-        if self._aten_serves(x, states, x.size(0)):
+                               f"{weights[0].device}; move one of them (e.g. model.to({x.device}))")
+        if self._aten_serves(x, states, x.size(0), weights):
             if lengths is None:
-                return self._aten(x, states)
+                return self._aten(x, states, weights)
             if self.mode in ("LSTM", "GRU"):
-                return self._aten_lengths(x, states, lengths)
+                return self._aten_lengths(x, states, lengths, weights)
         dtype = self._autocast_dtype(x, lengths)
         if dtype is not None:  # the weights are cast as the op packs them
             x, states = x.to(dtype), tuple(s.to(dtype) for s in states)
@@ -367,7 +413,7 @@ class FusedRNNBase(nn.RNNBase):
         x = x.contiguous()
         finals = []
         for layer in range(self.num_layers):
-            params = [p for ps in self._layer_params(layer) for p in ps]
+            params = [p for ps in self._layer_params(layer, weights) for p in ps]
             rows = slice(layer * num_directions, (layer + 1) * num_directions)
             h0 = states[0][rows]
             c0 = states[1][rows] if self.mode == "LSTM" else None

@@ -85,82 +85,46 @@ import triton.language as tl
 
 from . import launch
 from .cell import cell_backward, gru_cell_backward, lstm_cell_backward
-from .config import RecurrenceConfig, device_limits, select_config
+from .config import RecurrenceConfig, device_limits, pass_shape, select_config
 from ..torch_backend import cell_mode, check_cell_arguments
 from .forward import acc_dtype, check_buffers, device_guard, input_precision
 from .indexing import sequence_lengths, step_time
 from .exchange import load_exchanged
+from .product import gate_tiles_dot, gather_product, resident, scatter_product
 from .sync import group_barrier
-
-
-@triton.jit
-def _gate_dot(dz_rows, w0, w1, w2, w3, offs_k, mask_b, H, G: tl.constexpr, ACC_DTYPE: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
-    """On chip: sum over the G gates of dz_k [BLOCK_B, H] (read from the exchange row `dz_rows`, gate k at
-    columns k*H) times the gate's slice w_k [BLOCK_K, BLOCK_P], gates in order 0..G-1."""
-    mask = mask_b[:, None] & (offs_k < H)[None, :]
-    acc = tl.dot(load_exchanged(dz_rows + offs_k[None, :], mask).to(w0.dtype), w0,
-                 input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    if G > 1:
-        acc = tl.dot(load_exchanged(dz_rows + H + offs_k[None, :], mask).to(w1.dtype), w1, acc=acc,
-                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        acc = tl.dot(load_exchanged(dz_rows + 2 * H + offs_k[None, :], mask).to(w2.dtype), w2, acc=acc,
-                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    if G > 3:
-        acc = tl.dot(load_exchanged(dz_rows + 3 * H + offs_k[None, :], mask).to(w3.dtype), w3, acc=acc,
-                     input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    return acc
-
-
-@triton.jit
-def _streamed_dot(a_rows, w_cols, stride_w, K, mask_b, mask_n, offs_k, BLOCK_B: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
-    """Streamed: a [BLOCK_B, K] (the exchange row `a_rows`) times W[:K, cols] (`w_cols`: the program's
-    columns, rows `stride_w` apart) in BLOCK_K chunks from L2, chunk k + 1 prefetched by hand
-    (num_stages=1: kernels/forward.py)."""
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
-    a_next = load_exchanged(a_rows + offs_k[None, :], mask_b[:, None] & (offs_k < K)[None, :])
-    w_next = tl.load(w_cols + offs_k[:, None] * stride_w, mask=(offs_k < K)[:, None] & mask_n[None, :], other=0.0)
-    for k0 in range(0, K, BLOCK_K):
-        a_j, w_j = a_next, w_next
-        js = k0 + BLOCK_K + offs_k
-        mask_j = js < K
-        a_next = load_exchanged(a_rows + js[None, :], mask_b[:, None] & mask_j[None, :])
-        w_next = tl.load(w_cols + js[:, None] * stride_w, mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a_j.to(w_j.dtype), w_j, acc=acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    return acc
 
 
 @triton.jit(do_not_specialize=["T", "r_begin", "r_end", "max_spins"])
 def birnn_bwd_kernel(
     out_ptr, grad_out_ptr, w_ptr, grad_pre_ptr, grad_h0_ptr, lengths_ptr, dh_ptr, xch_ptr, sync_ptr, err_ptr,
     saved_ptr, h0_ptr, c0_ptr, w_hr_ptr, aux_ptr, grad_c0_ptr, grad_hn_ptr, g_ptr, xg_ptr,
-    T, B, H, U, stride_w, r_begin, r_end, max_spins,
+    T, B, H, U, r_begin, r_end, max_spins,
     stride_ot, stride_ob,
     stride_got, stride_gob,
     stride_gpt, stride_gpb,
     stride_gh0d, stride_gh0b,
-    P, UP, stride_wr, stride_st,
+    P, UP, stride_st,
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    W_ON_CHIP: tl.constexpr, BARRIER: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, NR: tl.constexpr,
+    SPLIT: tl.constexpr, BARRIER: tl.constexpr,
     CELL: tl.constexpr = 0, G: tl.constexpr = 1, PROJ: tl.constexpr = False, BLOCK_P: tl.constexpr = 16,
-    BLOCK_KP: tl.constexpr = 16,
+    BLOCK_KP: tl.constexpr = 16, NKP: tl.constexpr = 1, NRP: tl.constexpr = 1, EXCHANGE_DH: tl.constexpr = False,
+    REDUCE: tl.constexpr = 1,
 ):
     """One program: hidden units [p*U, p*U + U) (their G gates and, LSTM, c) and state units
     [p*UP, p*UP + UP) (h, P wide; the same units without a projection) of BLOCK_B rows of one direction,
     processing steps walked backwards from the group's longest row's last; iterations [r_begin,
     min(r_end, PHASES * n_steps + 1)) (iteration r finishes step r - 1 and starts step r; with a split
     projection each is two phases). A row keeps `dh = grad_h_n` (and dc = grad_c_n) until the walk
-    reaches its last step. CELL: 0 Elman, 1 LSTM, 2 GRU."""
+    reaches its last step. CELL: 0 Elman, 1 LSTM, 2 GRU. EXCHANGE_DH: the group exchanges partial sums of
+    dh (each program's dz times its rows of W_hh); else dz itself (each program multiplies the group's dz
+    by its columns of W_hh)."""
     p = tl.program_id(0)
     pid_b = tl.program_id(1)
     direction = tl.program_id(2)
     D = tl.num_programs(2)
     offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     units = p * U + offs_n  # hidden units (gates, c)
     mask_n = (offs_n < U) & (units < H)
     mask_b = offs_b < B
@@ -177,37 +141,34 @@ def birnn_bwd_kernel(
         mask_bp = mask_bn
     seq_len = sequence_lengths(lengths_ptr, offs_b, B, T, HAS_LENGTHS)
     n_steps = tl.max(seq_len, axis=0)
-    # dz of the whole group in registers: one program, W on chip, dz's width is the dot's K (and g's the
-    # projection's; without one BLOCK_KP is a placeholder)
-    KEEP: tl.constexpr = (SPLIT == 1 and BARRIER and W_ON_CHIP and BLOCK_N == BLOCK_K
-                          and (not PROJ or BLOCK_P == BLOCK_KP))
-    PHASES: tl.constexpr = 2 if PROJ and not KEEP else 1  # a split projection: exchange g, then dz
+    # dh of the whole group in this program's registers: one program whose products are one resident chunk
+    # each (dh = sum_g dz_g @ W_g, the exchange-free form of the partial sums)
+    KEEP: tl.constexpr = (SPLIT == 1 and BARRIER and EXCHANGE_DH and NK == 1 and NR == 1 and BLOCK_K == BLOCK_P
+                          and (not PROJ or (NKP == 1 and NRP == 1 and BLOCK_KP == BLOCK_P)))
+    PHASES: tl.constexpr = 2 if PROJ and not KEEP else 1  # a split projection: exchange g, then dz or dh
     GH = G * H
 
-    if W_ON_CHIP:  # gate k: W_hh[d][k*H + j, p*UP + n] as w_k[j, n], the dots' right operands, every step
-        w_base = w_ptr + ((direction * SPLIT + p) * G).to(tl.int64) * BLOCK_P * BLOCK_K
-        w_tile = offs_p[None, :] * BLOCK_K + offs_k[:, None]
-        w0 = tl.load(w_base + w_tile)
-        w1 = w0
-        w2 = w0
-        w3 = w0
-        if G > 1:
-            w1 = tl.load(w_base + BLOCK_P * BLOCK_K + w_tile)
-            w2 = tl.load(w_base + 2 * BLOCK_P * BLOCK_K + w_tile)
-        if G > 3:
-            w3 = tl.load(w_base + 3 * BLOCK_P * BLOCK_K + w_tile)
-    w_cols = w_ptr + direction.to(tl.int64) * GH * stride_w + punits[None, :]  # streamed: W_hh[d] columns
-    if PROJ:
-        offs_kp = tl.arange(0, BLOCK_KP)
-        if W_ON_CHIP:  # W_hr[d][k, p*U + n] as wr[k, n]
-            wr_base = w_hr_ptr + ((direction * SPLIT + p) * BLOCK_N).to(tl.int64) * BLOCK_KP
-            wr = tl.load(wr_base + offs_n[None, :] * BLOCK_KP + offs_kp[:, None])
-        wr_cols = w_hr_ptr + direction.to(tl.int64) * P * stride_wr + units[None, :]  # streamed
+    # the program's slice of W_hh: EXCHANGE_DH its rows [D, S, NK, G, BLOCK_N, BLOCK_K] (column chunks of
+    # BLOCK_K, G gate tiles each); else its columns [D, S, NK, BLOCK_K, BLOCK_P] (K = G*H chunks)
+    if EXCHANGE_DH:
+        w_prog = w_ptr + ((direction * SPLIT + p) * NK * G * BLOCK_N).to(tl.int64) * BLOCK_K
+        ws = resident(w_prog, NR * G, BLOCK_N, BLOCK_K, BLOCK_K, 0)
+    else:
+        w_prog = w_ptr + ((direction * SPLIT + p) * NK * BLOCK_K).to(tl.int64) * BLOCK_P
+        ws = resident(w_prog, NR, BLOCK_K, BLOCK_P, BLOCK_P, 0)
+    if PROJ:  # W_hr[d][k, p*U + n] as chunks of wr[k, n]: dm = g @ W_hr[:, units]
+        wr_prog = w_hr_ptr + ((direction * SPLIT + p) * NKP * BLOCK_KP).to(tl.int64) * BLOCK_N
+        wrs = resident(wr_prog, NRP, BLOCK_KP, BLOCK_N, BLOCK_N, 0)
         xg_rows = xg_ptr + direction.to(tl.int64) * B * P + offs_b[:, None] * P
         g_rows = g_ptr + direction.to(tl.int64) * B * P + offs_b[:, None] * P + punits[None, :]
 
-    half = D.to(tl.int64) * B * GH
-    xch_rows = xch_ptr + direction.to(tl.int64) * B * GH + offs_b[:, None] * GH
+    if EXCHANGE_DH:  # xch [2, D, SPLIT, B, P]: program q's partial sums of dh over every state unit
+        half = D.to(tl.int64) * SPLIT * B * P
+        xch_own = xch_ptr + ((direction * SPLIT + p) * B).to(tl.int64) * P + offs_b[:, None] * P
+        xch_group = xch_ptr + (direction * SPLIT * B).to(tl.int64) * P + offs_b[:, None] * P + punits[None, :]
+    else:  # xch [2, D, B, G*H]: dz of the group
+        half = D.to(tl.int64) * B * GH
+        xch_rows = xch_ptr + direction.to(tl.int64) * B * GH + offs_b[:, None] * GH
     h_state = direction.to(tl.int64) * B * H + offs_b[:, None] * H + units[None, :]  # [D, B, H] buffers
     p_state = h_state  # [D, B, P] buffers (P == H without a projection)
     if PROJ:
@@ -234,25 +195,37 @@ def birnn_bwd_kernel(
     if CELL != 0:  # LSTM: dc (grad_c_n at first); GRU: the direct carry g*z of the last step started
         aux = tl.load(aux_ptr + h_state, mask=mask_bn, other=0.0)
     aborted = (r_begin < 0).to(tl.int32)
-    # Iteration r finishes step r - 1 (dh from the group's dz: the exchange sits between the two halves,
-    # so the launch boundary of the launch-per-step mode can be that barrier) and starts step r (dz,
-    # published); n_steps + 1 iterations, the last one only finishing. With a split projection an
-    # iteration is two phases, each ending at a barrier: [finish r - 1, g_r published] and [dm_r = g_r @
-    # W_hr, dz_r published]. KEEP (one program, dz in registers) finishes each step in its own iteration.
+    # Iteration r finishes step r - 1 (dh from the group's exchange: the exchange sits between the two
+    # halves, so the launch boundary of the launch-per-step mode can be that barrier) and starts step r
+    # (dz, then its dz or partial dh published); n_steps + 1 iterations, the last one only finishing. With
+    # a split projection an iteration is two phases, each ending at a barrier: [finish r - 1, g_r
+    # published] and [dm_r = g_r @ W_hr, dz_r's exchange published]. KEEP (one program, dh in registers)
+    # finishes each step in its own iteration. (A while loop: Triton 3.6's interpreter cannot take a
+    # runtime range bound with numpy >= 2.4, NOTES-triton 8d.)
     LAST: tl.constexpr = 0 if KEEP else 1
-    for q in range(r_begin, tl.minimum(r_end, PHASES * n_steps + LAST)):
+    q = r_begin
+    while q < tl.minimum(r_end, PHASES * n_steps + LAST):
         r = q // PHASES
         r_rows = tl.zeros_like(seq_len) + r  # per row: the interpreter mis-broadcasts 0-d & 1-d masks
         if not KEEP:
-            if q % PHASES == 0:  # finish step r - 1: dh of the program's state units from the group's dz
+            if q % PHASES == 0:  # finish step r - 1: dh of the program's state units from the exchange
                 _, active_prev = step_time(n_steps - r, direction, n_steps, seq_len)
                 active_prev = active_prev & (r_rows > 0)
-                prev = xch_rows + ((r + 1) % 2) * half  # dz of step r - 1
-                if W_ON_CHIP:
-                    dh_new = _gate_dot(prev, w0, w1, w2, w3, offs_k, mask_b, H, G, ACC_DTYPE, INPUT_PRECISION)
-                else:
-                    dh_new = _streamed_dot(prev, w_cols, stride_w, GH, mask_b, mask_p, offs_k, BLOCK_B, BLOCK_P,
-                                           BLOCK_K, ACC_DTYPE, INPUT_PRECISION)
+                if EXCHANGE_DH:  # the sum of the group's partial sums over this program's state units,
+                    # REDUCE programs' [BLOCK_B, BLOCK_P] at a time (one load; summed within each thread
+                    # and then across the warps, which split the programs), batches in order
+                    dh_new = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC_DTYPE)
+                    prev = xch_group + ((r + 1) % 2) * half
+                    for q0 in tl.static_range(0, SPLIT, REDUCE):
+                        offs_q = q0 + tl.arange(0, REDUCE)
+                        part = load_exchanged(prev[None, :, :] + (offs_q * B * P)[:, None, None],
+                                              (offs_q < SPLIT)[:, None, None] & mask_bp[None, :, :])
+                        dh_new += tl.sum(part.to(ACC_DTYPE), axis=0)
+                else:  # the group's dz of step r - 1 times this program's columns of W_hh
+                    dh_new = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC_DTYPE)
+                    dh_new, _ = gather_product(xch_rows + ((r + 1) % 2) * half, mask_b, H, w_prog, ws, dh_new,
+                                               ws, dh_new, NK, NK // G, NR, BLOCK_K, BLOCK_P, BLOCK_P, BLOCK_P, 0,
+                                               False, ACC_DTYPE, INPUT_PRECISION)
                 if CELL == 2:
                     dh_new += aux  # GRU: the direct path through h_s = n + z * (h_{s-1} - n)
                 dh_own = tl.where(active_prev[:, None], dh_new, dh_own)
@@ -267,24 +240,23 @@ def birnn_bwd_kernel(
                     tl.store(g_rows + row * D * B * P, g.to(g_ptr.dtype.element_ty), mask=m_p)
                     tl.store(xg_rows + punits[None, :], g.to(xg_ptr.dtype.element_ty),
                              mask=mask_bp & (r_rows < n_steps)[:, None])
-        if q % PHASES == PHASES - 1:  # start step r: dz of the program's units, published
-            # step r's time and rows, here: live across the finishing dot they cost registers (spills)
+        if q % PHASES == PHASES - 1:  # start step r: dz of the program's units, and its exchange published
+            # step r's time and rows, here: live across the finishing product they cost registers (spills)
             t, active = step_time(n_steps - 1 - r, direction, n_steps, seq_len)
             active = active & (r_rows < n_steps)
             m_p = active[:, None] & mask_p[None, :]
             m_n = active[:, None] & mask_n[None, :]
             row = t + direction * (T - 1 - 2 * t)  # processing-order row of time t (saved, g)
             if PROJ:  # dm = g_all @ W_hr[:, units]: g of the whole group
+                dm = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
                 if PHASES == 1:  # one program: g in registers
                     g = dh_own + tl.load(go_ptrs + t * stride_got, mask=m_p, other=0.0).to(ACC_DTYPE)
                     tl.store(g_rows + row * D * B * P, g.to(g_ptr.dtype.element_ty), mask=m_p)
-                    dm = tl.dot(g.to(wr.dtype), wr, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                elif W_ON_CHIP:
-                    g_all = load_exchanged(xg_rows + offs_kp[None, :], mask_b[:, None] & (offs_kp < P)[None, :])
-                    dm = tl.dot(g_all.to(wr.dtype), wr, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    dm = tl.dot(g.to(wrs[0].dtype), wrs[0], acc=dm, input_precision=INPUT_PRECISION,
+                                out_dtype=ACC_DTYPE)
                 else:
-                    dm = _streamed_dot(xg_rows, wr_cols, stride_wr, P, mask_b, mask_n, offs_k, BLOCK_B, BLOCK_N,
-                                       BLOCK_K, ACC_DTYPE, INPUT_PRECISION)
+                    dm, _ = gather_product(xg_rows, mask_b, P, wr_prog, wrs, dm, wrs, dm, NKP, NKP, NRP, BLOCK_KP,
+                                           BLOCK_N, BLOCK_N, BLOCK_N, 0, False, ACC_DTYPE, INPUT_PRECISION)
             else:
                 g = dh_own + tl.load(go_ptrs + t * stride_got, mask=m_p, other=0.0).to(ACC_DTYPE)
                 dm = g
@@ -325,20 +297,25 @@ def birnn_bwd_kernel(
                     tl.store(hn_ptrs + t * B * D * H, dz2.to(grad_hn_ptr.dtype.element_ty), mask=m_n)
                 tl.store(gp_t, dz0.to(grad_pre_ptr.dtype.element_ty), mask=m_n)
                 tl.store(gp_t + H, dz1.to(grad_pre_ptr.dtype.element_ty), mask=m_n)
+            # (GRU: the hidden side's n block is dn * r, returned as dz2)
             if KEEP:  # the one-program kernel: dh of the whole group right away
-                dh_new = tl.dot(dz0.to(w0.dtype), w0, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                w0 = ws[0]
+                w1 = w0
+                w2 = w0
+                w3 = w0
                 if G > 1:
-                    dh_new = tl.dot(dz1.to(w1.dtype), w1, acc=dh_new, input_precision=INPUT_PRECISION,
-                                    out_dtype=ACC_DTYPE)
-                    dh_new = tl.dot(dz2.to(w2.dtype), w2, acc=dh_new, input_precision=INPUT_PRECISION,
-                                    out_dtype=ACC_DTYPE)
+                    w1 = ws[1]
+                    w2 = ws[2]
                 if G > 3:
-                    dh_new = tl.dot(dz3.to(w3.dtype), w3, acc=dh_new, input_precision=INPUT_PRECISION,
-                                    out_dtype=ACC_DTYPE)
+                    w3 = ws[3]
+                dh_new = gate_tiles_dot(dz0, dz1, dz2, dz3, w0, w1, w2, w3, G, ACC_DTYPE, INPUT_PRECISION)
                 if CELL == 2:
                     dh_new += aux
                 dh_own = tl.where(active[:, None], dh_new, dh_own)
-            else:  # publish dz of step r (hidden side: GRU's n block is dn * r); the group's comes back next
+            elif EXCHANGE_DH:  # publish this program's partial sums of dh over every state unit
+                scatter_product(xch_own + (r % 2) * half, mask_b & (r_rows < n_steps), P, w_prog, ws,
+                                dz0, dz1, dz2, dz3, NK, NR, G, BLOCK_N, BLOCK_K, ACC_DTYPE, INPUT_PRECISION)
+            else:  # publish dz of step r; the group's comes back next iteration
                 dst = xch_rows + (r % 2) * half + units[None, :]
                 m_pub = mask_bn & (r_rows < n_steps)[:, None]
                 tl.store(dst, dz0.to(xch_ptr.dtype.element_ty), mask=m_pub)
@@ -352,6 +329,7 @@ def birnn_bwd_kernel(
                 aborted = group_barrier(bar, (q - r_begin + 1) * SPLIT, max_spins, err_ptr, aborted)
             elif BARRIER:  # one program reading back through memory: its threads' stores first
                 tl.debug_barrier()
+        q += 1
 
     tl.store(dh_ptr + p_state, dh_own, mask=mask_bp)  # for the next launch (one launch per step)
     if CELL != 0:
@@ -367,34 +345,25 @@ def birnn_bwd_kernel(
 _CELL_IDS = {"RNN_TANH": (0, 1), "RNN_RELU": (0, 1), "LSTM": (1, 4), "GRU": (2, 3)}  # mode -> (CELL, G)
 
 
-def _gate_slices(w_hh: torch.Tensor, G: int, S: int, UP: int, block_p: int, block_k: int) -> torch.Tensor:
-    """`[D, G*H, P]` -> `[D, S, G, block_p, block_k]`: [d, p, k, n, j] = W_hh[d][k*H + j, p*UP + n], zero
-    padded: program p's on-chip operand of gate k (columns of W_hh, the transposed rows of each gate)."""
-    D, GH, P = w_hh.shape
-    per_gate = w_hh.view(D, G, GH // G, P).transpose(2, 3)  # [D, G, P, H]
-    if G == 1:
-        return launch.slices(per_gate[:, 0], S, UP, block_p, block_k).unsqueeze(2)
-    return torch.stack([launch.slices(per_gate[:, k], S, UP, block_p, block_k) for k in range(G)], 2)
-
-
 def kernel_constants(cfg: RecurrenceConfig, hidden_size: int, state_size: int, cell: str, proj: bool,
                      persistent: bool) -> dict:
-    """What a launch of `birnn_bwd_kernel` with plan `cfg` specialises on (also for compile checks): the
-    constexprs BLOCK_N, BLOCK_K (on chip one gate's K = next_pow2(H); streamed the chunk), BLOCK_P,
-    BLOCK_KP (the projection's K), SPLIT, W_ON_CHIP, BARRIER (= `persistent`), CELL, G, PROJ, and the
-    integer UP (state units per program) and PHASES (barriers a step: 2 for a split projection).
-    `state_size` is P (H without a projection), `cell` nn.RNNBase's mode name."""
+    """What a launch of `birnn_bwd_kernel` with plan `cfg` specialises on (also for compile checks), from
+    `config.pass_shape`: the constexprs BLOCK_N, BLOCK_P (a program's hidden and state units, padded),
+    EXCHANGE_DH and REDUCE, BLOCK_K / NK / NR (the main product's chunk, chunk count and resident chunks:
+    with EXCHANGE_DH column chunks of W_hh's P columns, else K chunks of the group's dz within each gate),
+    BLOCK_KP / NKP / NRP (the projection's dm = g @ W_hr, K = P), SPLIT, CELL, G, PROJ, and the integers
+    UP (state units per program) and PHASES (barriers a step: 2 for a split projection). `state_size`
+    is P (H without a projection), `cell` nn.RNNBase's mode name, `persistent` the launch's BARRIER (the
+    one-program kernel keeps dh in registers only in a persistent launch)."""
     H, P = hidden_size, state_size
     cell_id, G = _CELL_IDS[cell]
-    S, U = cfg.programs_per_group(H), cfg.units_per_program(H)
-    block_k = cfg.k_block(H, forward=False)
-    block_p = cfg.block_p(H, P) if proj else cfg.block_h
-    block_kp = max(16, triton.next_power_of_2(P)) if proj else 16
-    keep = (S == 1 and persistent and cfg.w_on_chip and cfg.block_h == block_k
-            and (not proj or block_p == block_kp))  # the kernel's KEEP
-    return dict(BLOCK_N=cfg.block_h, BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_KP=block_kp, SPLIT=S,
-                W_ON_CHIP=cfg.w_on_chip, BARRIER=persistent, CELL=cell_id, G=G, PROJ=proj,
-                UP=cfg.proj_units_per_program(H, P) if proj else U, PHASES=2 if proj and not keep else 1)
+    shape = pass_shape(cfg, H, P, G, proj, forward=False, persistent=persistent)
+    return dict(BLOCK_N=cfg.block_h, BLOCK_P=shape["block_p"], EXCHANGE_DH=shape["exchange"] == "dh",
+                REDUCE=shape["reduce"], BLOCK_K=shape["block_k"], NK=shape["chunks"], NR=shape["resident"],
+                BLOCK_KP=shape["block_k2"], NKP=shape["chunks2"], NRP=shape["resident2"],
+                SPLIT=cfg.programs_per_group(H), CELL=cell_id, G=G, PROJ=proj,
+                UP=cfg.proj_units_per_program(H, P) if proj else cfg.units_per_program(H),
+                PHASES=shape["exchanges"] if not shape["keep"] else 1)
 
 
 def _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, *, mode, lengths, allow_tf32, config,
@@ -420,22 +389,25 @@ def _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, *, mode, len
     persistent = cfg.runs_persistent(H, T)
     shape = kernel_constants(cfg, H, P, mode, proj, persistent)
     UP, phases = shape.pop("UP"), shape.pop("PHASES")
-    del shape["BARRIER"]  # launch.run_steps passes it
-    block_p, block_k, block_kp = shape["BLOCK_P"], shape["BLOCK_K"], shape["BLOCK_KP"]
     kw = dict(HAS_LENGTHS=lengths is not None, RELU=mode == "RNN_RELU", ACC_DTYPE=acc_dtype(out.dtype),
               INPUT_PRECISION=input_precision(out.dtype, allow_tf32), BLOCK_B=cfg.block_b,
               num_warps=cfg.warps(forward=False), **shape)
     if cfg.stages(H) is not None:
         kw["num_stages"] = cfg.stages(H)
+    bn, bp, bk, nk = cfg.block_h, shape["BLOCK_P"], shape["BLOCK_K"], shape["NK"]
     acc = torch.float64 if out.dtype == torch.float64 else torch.float32
     with device_guard(out):  # Triton launches on the current device: make it the tensors' device
         launch.raise_pending(device)
-        if cfg.w_on_chip:
-            w = _gate_slices(w_hh, G, S, UP, block_p, block_k)
-            wr = launch.slices(w_hr.transpose(1, 2), S, U, cfg.block_h, block_kp) if proj else None
-        else:
-            w = launch.row_padded(w_hh)
-            wr = launch.row_padded(w_hr) if proj else None
+        if shape["EXCHANGE_DH"]:  # each program's rows of W_hh, by column chunks; partial sums of dh
+            w = launch.row_slices(w_hh, G, S, U, bn, bk, nk)
+            xch = out.new_zeros((2, D, S, B, P))
+        else:  # each program's columns of W_hh, K = G*H in chunks within each gate; the group's dz
+            per_gate = w_hh.view(D, G, H, P).new_zeros((D, G, nk // G * bk, P))
+            per_gate[:, :, :H] = w_hh.view(D, G, H, P)
+            w = launch.product_slices(per_gate.view(D, -1, P).transpose(1, 2), 1, S, UP, bp, bk, nk)
+            xch = out.new_zeros((2, D, B, GH))  # zeros: iteration 0 multiplies a (masked-out) dz
+        wr = (launch.product_slices(w_hr.transpose(1, 2), 1, S, U, bn, shape["BLOCK_KP"], shape["NKP"])
+              if proj else None)
         dh = torch.empty((D, B, P), device=device, dtype=acc)
         dh.copy_(grad_h_n)
         aux = None
@@ -443,17 +415,17 @@ def _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, *, mode, len
             aux = torch.zeros((D, B, H), device=device, dtype=acc)
             if grad_c_n is not None:
                 aux.copy_(grad_c_n)
-        xch = out.new_zeros((2, D, B, GH))  # zeros: iteration 0 multiplies a (masked-out) dz
         xg = out.new_zeros((D, B, P)) if proj else None
         sync = torch.zeros(D * n_tiles, dtype=torch.int32, device=device)
         err = launch.error_flag(device)
         args = (out, grad_out, w, grad_pre, grad_h0, lengths, dh, xch, sync, err,
-                saved, h0, c0, wr, aux, grad_c0, grad_hn, g_buf, xg, T, B, H, U, w.stride(-2))
+                saved, h0, c0, wr, aux, grad_c0, grad_hn, g_buf, xg, T, B, H, U)
         after = (out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
                  grad_pre.stride(0), grad_pre.stride(1), grad_h0.stride(0), grad_h0.stride(1),
-                 P, UP, wr.stride(-2) if proj else 0, saved.stride(0) if saved is not None else 0)
+                 P, UP, saved.stride(0) if saved is not None else 0)
         launch.run_steps(birnn_bwd_kernel, (S, n_tiles, D), args, after, phases * T + 1, persistent,
-                         cfg.spin_limit(), kw)
+                         cfg.spin_limit(), kw, cooperative=launch.cooperative(cfg, S, device),
+                         what=f"the backward of a {mode} layer (H={H}, B={B}, T={T}, S={S}) on {device}")
         if persistent and S > 1:
             launch.after_launch(device)
 

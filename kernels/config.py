@@ -65,8 +65,11 @@ MAX_PROGRAMS_PER_DIRECTION = 64  # above this, grow the batch tile instead of th
 FMA_ON_CHIP_MAX_TILE = 16 * 32  # block_b * block_h limit of the on-chip path without tensor cores
 SPLIT_BLOCK_N = (16, 32, 64, 128)  # units per program the split plans try
 MAX_SPLIT_K = 1024  # on-chip split: the group's state [block_b, next_pow2(H)] is the dot's A operand
+MIN_CHUNK = 64  # a product's K chunk when K > 64 (`chunk_size`)
+MAX_CHUNKS = 16  # chunks a product's K takes at most when the plan names no chunk
 RESIDENT_FRACTION = 0.9  # of the SMs' program capacity a persistent split grid may take (margin)
-REGISTERS_PER_THREAD_EST = 168  # plan-time estimate (the compile checks measure 72-170)
+REGISTERS_PER_THREAD_EST = 168  # plan-time estimate (the compile checks measure 72-255)
+REDUCE_ELEMENTS = 64  # exchanged partial sums of dh one thread holds at a time (`pass_shape`)
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # G, the gates per hidden unit, of each cell (nn.RNNBase's mode names; None: the Elman cell)
 GATES = {None: 1, "RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
@@ -154,25 +157,49 @@ def device_limits(device: torch.device | None) -> DeviceLimits:
     return INTERPRETER_LIMITS
 
 
+def chunk_size(K: int) -> int:
+    """The K chunk of a product reducing over K when the plan names none: K itself (a power of two >= 16)
+    up to 64, else the smallest power of two >= 64 that takes K in at most `MAX_CHUNKS` chunks (K is
+    then padded to a multiple of 64 at least: 320 stays 320, 1760 -> 1792, 2560 -> 2560, not the next
+    power of two)."""
+    if K <= MIN_CHUNK:
+        return max(MIN_DOT, triton.next_power_of_2(K))
+    return max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(K, MAX_CHUNKS)))
+
+
 @dataclass(frozen=True)
 class RecurrenceConfig:
     """How one recurrence launch tiles its work.
 
     Attributes:
         block_b: batch rows per program (the `M` of every `tl.dot`, >= 16).
-        block_h: hidden units one program owns, padded to a power of two (>= 16); for S = 1 on chip, H
-            padded.
-        w_on_chip: whether each program's slice of `W_hh` is loaded once and kept on chip (else streamed
-            from L2 every step in `block_k` chunks).
+        block_h: hidden units one program owns, padded to a power of two (>= 16); for S = 1, H padded.
+        w_on_chip: whether each program's slice of `W_hh` (and `W_hr`) stays on chip for the whole
+            launch (every chunk resident) or is streamed from L2 every step (none resident); 
+            `resident_chunks` sets a partial residency in between.
         num_warps: warps per program (the backward's).
         num_stages: Triton's software-pipelining stages; None: Triton's default.
         num_warps_forward: the forward kernel's warps where they differ from the backward's.
         split: S, programs per group; None: `cdiv(H, block_h)`.
-        block_k: streamed: the K chunk; None: `block_h`. (On chip K is `next_power_of_2(H)`.)
-        block_k_backward: streamed: the backward's K chunk where it differs from the forward's.
+        block_k: the K chunk of the forward's products (resident and streamed alike); None: `chunk_size`.
         persistent: one launch for all steps (in-kernel barrier when S > 1) or one launch per step;
             None: persistent, except S > 1 under the interpreter (whose programs run one after another).
         max_spins: polls of a barrier wait before the group aborts; None: `MAX_SPINS`.
+        block_k_backward: the backward's chunk (of K, or of the columns with `exchange="dh"`) where it
+            differs from the forward's.
+        single_chunk: every product is one chunk (K padded to a power of two): the one-program kernel,
+            whose state (forward) and dh (backward) then stay in its registers.
+        resident_chunks: how many chunks of the forward's slice stay on chip (counted over the gate
+            product's chunks, then the projection's); the rest stream from L2 each step. None: all if
+            `w_on_chip`, else none.
+        resident_chunks_backward: the same for the backward's slice (its main product's chunks, then the
+            projection's).
+        exchange: what the backward's programs exchange each step: "dz" (each program reads the group's
+            dz, G*H values a row, and multiplies it by its columns of W_hh) or "dh" (each program
+            publishes the partial sums of dh its own rows of W_hh give, and adds up the group's for its
+            state units); None: "dh" for one program (no exchange: dh stays in registers), else "dz".
+        cooperative: a persistent split launch asks CUDA for a cooperative launch (the whole grid
+            co-resident, or the launch fails and the launcher falls back to one launch per step); None: yes.
     """
 
     block_b: int
@@ -186,6 +213,11 @@ class RecurrenceConfig:
     persistent: bool | None = None
     max_spins: int | None = None
     block_k_backward: int | None = None
+    single_chunk: bool = False
+    resident_chunks: int | None = None
+    resident_chunks_backward: int | None = None
+    exchange: str | None = None
+    cooperative: bool | None = None
 
     def warps(self, forward: bool) -> int:
         """Warps of the forward or the backward kernel."""
@@ -202,14 +234,29 @@ class RecurrenceConfig:
         """U = cdiv(H, S): units of program p are [p*U, p*U + U) (the last ones may be fewer)."""
         return triton.cdiv(hidden_size, self.programs_per_group(hidden_size))
 
-    def k_block(self, hidden_size: int, forward: bool = True) -> int:
-        """The dot's K block: the whole (padded) state on chip, a chunk when streamed (the backward's own
-        chunk where the plan gives one, `block_k_backward`)."""
-        if self.w_on_chip:
-            return max(MIN_DOT, triton.next_power_of_2(hidden_size))
-        if not forward and self.block_k_backward:
-            return self.block_k_backward
-        return self.block_k or self.block_h
+    def k_block(self, K: int, forward: bool = True) -> int:
+        """The chunk of a product reducing over K (the backward's "dh" exchange: of its columns): the
+        plan's (`block_k`, `block_k_backward`), one power-of-two chunk with `single_chunk`, else
+        `chunk_size(K)`."""
+        explicit = self.block_k_backward if not forward and self.block_k_backward else self.block_k
+        if explicit:
+            return explicit
+        if self.single_chunk:
+            return max(MIN_DOT, triton.next_power_of_2(K))
+        return chunk_size(K)
+
+    def resident(self, chunks: int, forward: bool = True) -> int:
+        """Of a pass's `chunks` slice chunks, how many stay on chip (the first ones)."""
+        n = self.resident_chunks if forward else self.resident_chunks_backward
+        if n is None:
+            return chunks if self.w_on_chip else 0
+        return max(0, min(n, chunks))
+
+    def backward_exchange(self, hidden_size: int) -> str:
+        """What the backward's programs exchange: "dz" or "dh" (the attribute `exchange`)."""
+        if self.exchange is not None:
+            return self.exchange
+        return "dh" if self.programs_per_group(hidden_size) == 1 else "dz"
 
     def proj_units_per_program(self, hidden_size: int, proj_size: int) -> int:
         """UP = cdiv(P, S): with a projection (LSTM `proj_size` P) program p also owns the units
@@ -218,8 +265,8 @@ class RecurrenceConfig:
 
     def block_p(self, hidden_size: int, proj_size: int) -> int:
         """The padded width of a program's slice of the projected state: the whole state for one program
-        on chip (it is then the next step's dot operand, `k_block(P)` wide), else UP padded."""
-        if self.programs_per_group(hidden_size) == 1 and self.w_on_chip:
+        with `single_chunk` (it is then the next step's dot operand, `k_block(P)` wide), else UP padded."""
+        if self.programs_per_group(hidden_size) == 1 and self.single_chunk:
             return self.k_block(proj_size)
         return max(MIN_DOT, triton.next_power_of_2(self.proj_units_per_program(hidden_size, proj_size)))
 
@@ -237,11 +284,14 @@ class RecurrenceConfig:
         return self.persistent if self.persistent is not None else not INTERPRETER
 
     def stages(self, hidden_size: int) -> int | None:
-        """The `num_stages` a launch compiles with: 1 wherever the exchange buffer is read (S > 1, or
-        streamed slices): Triton's pipeliner turns even volatile loads into L1-allocating `cp.async.ca`
-        (seen in the PTX), which could read a stale line of another SM's state; those kernels prefetch the
-        next chunk by hand instead. Else `num_stages` (None: Triton's default)."""
-        if self.programs_per_group(hidden_size) > 1 or not self.w_on_chip:
+        """The `num_stages` a launch compiles with: 1 wherever the exchange buffer or a streamed chunk is
+        read (S > 1, or not every chunk resident): Triton's pipeliner turns even volatile loads into
+        L1-allocating `cp.async.ca` (seen in the PTX), which could read a stale line of another SM's
+        state; those kernels prefetch the next chunk by hand instead. Else `num_stages` (None: Triton's
+        default)."""
+        partial = (self.resident_chunks is not None or self.resident_chunks_backward is not None
+                   or not self.single_chunk)
+        if self.programs_per_group(hidden_size) > 1 or not self.w_on_chip or partial:
             return 1
         return self.num_stages
 
@@ -252,53 +302,151 @@ class RecurrenceConfig:
         """ValueError unless this configuration can run at this H."""
         S = self.programs_per_group(hidden_size)
         bad = []
-        for name in ("block_b", "block_h") + (("block_k",) if self.block_k else ()):
+        for name in ("block_b", "block_h", "block_k", "block_k_backward"):
             v = getattr(self, name)
-            if v < 1 or v & (v - 1):
+            if v is not None and (v < 1 or v & (v - 1)):
                 bad.append(f"{name}={v} (a power of two)")
         if S < 1 or self.units_per_program(hidden_size) > self.block_h:
             bad.append(f"split={S} with block_h={self.block_h} at H={hidden_size} "
                        f"(each of the S programs owns cdiv(H, S) <= block_h units)")
-        if self.w_on_chip and S == 1 and self.block_h < hidden_size:
-            bad.append(f"block_h={self.block_h} < H={hidden_size} on chip with one program")
+        if self.single_chunk and S == 1 and self.block_h < hidden_size:
+            bad.append(f"block_h={self.block_h} < H={hidden_size} with one program and one chunk")
+        if self.exchange not in (None, "dz", "dh"):
+            bad.append(f"exchange={self.exchange!r} ('dz' or 'dh')")
+        for name in ("resident_chunks", "resident_chunks_backward"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                bad.append(f"{name}={v} (>= 0)")
         if bad:
             raise ValueError("config: " + "; ".join(bad) + " expected")
 
 
-# ------------------------------------------------------------------------------------------ resources
-def onchip_shared_bytes(block_b: int, block_h: int, itemsize: int, num_stages: int | None,
-                        forward: bool, block_k: int | None = None, gates: int = 1, proj_elems: int = 0) -> int:
-    """Estimated shared memory of an on-chip program: its W_hh slice (block_k x block_h), the group's
-    state as the dot's A operand (block_b x block_k) and, for the backward, the per-step loads (out,
-    grad_out, block_b x block_h) the pipeliner prefetches num_stages - 1 steps ahead. For S = 1
-    (block_k = block_h) it matches Triton 3.6/3.9 on the sizes the compile checks cover (fp16 H=256
-    139,264 B; TF32 backward H=128 106,496 B at 3 stages). Gated cells keep G such slices (one per gate)
-    and, with a projection, the W_hr slice (`proj_elems` elements) and the A operand of its dot."""
-    block_k = block_k or block_h
-    stages = 3 if num_stages is None else num_stages
-    prefetched = 0 if forward else 2 * (stages - 1) * block_b * block_h * gates * itemsize
-    proj = (proj_elems + (block_b * block_h if proj_elems else 0)) * itemsize
-    return gates * block_k * block_h * itemsize + block_b * block_k * itemsize + prefetched + proj
+# ------------------------------------------------------------------------------------------ pass shapes
+def pass_shape(cfg: RecurrenceConfig, hidden_size: int, state_size: int, gates: int, proj: bool,
+               forward: bool = True, persistent: bool = True) -> dict:
+    """What one pass of plan `cfg` holds, multiplies and exchanges per step and program (the kernels'
+    launchers specialise on it, the cost model and the compile checks read it).
+
+    Keys: `block_p` (a program's state units, padded), `block_k` / `chunks` / `resident` (the main
+    product's chunk, chunk count and resident chunks: the forward's gate product over K = P; the backward's
+    column chunks of W_hh with the "dh" exchange, else K chunks of dz within each gate), `block_k2` /
+    `chunks2` / `resident2` (the projection's product, 0 chunks without one), `exchange` (the backward's
+    "dz" or "dh"; None forward), `keep` (one program whose state, or dh, stays in its registers: no
+    exchange), `products` (M, N, K and layout group of each product, per step: the dots Triton lays
+    out together, `mma_replication`), `chunk_bytes` / `chunk_bytes2` (one chunk
+    of each slice at `itemsize` 1), `exchange_read` / `exchange_write` (exchanged elements a step, read
+    and written by the program), `exchanges` (barriers a step with S > 1), `reduce` (the backward's
+    partial sums of dh added this many programs at a time)."""
+    H, P, G = hidden_size, state_size, gates
+    S, U, UP = cfg.programs_per_group(H), cfg.units_per_program(H), (
+        cfg.proj_units_per_program(H, P) if proj else cfg.units_per_program(H))
+    bb, bn = cfg.block_b, cfg.block_h
+    bp = cfg.block_p(H, P) if proj else bn
+    if forward:
+        bk = cfg.k_block(P)
+        nk = triton.cdiv(P, bk)
+        bk2 = cfg.k_block(H) if proj else MIN_DOT
+        nk2 = triton.cdiv(H, bk2) if proj else 0
+        nr = cfg.resident(nk + nk2)
+        # (the kernel's KEEP: every product one resident chunk, the state operand as wide as the chunk)
+        keep = (S == 1 and persistent and nk == 1 and min(nr, nk) == 1 and bk == (bp if proj else bn)
+                and (not proj or (nk2 == 1 and nr == 2 and bk2 == bn)))
+        main_n = (2 if G == 3 else G) * bn
+        # the projection reads m back from the exchange buffer: a chain of its own for Triton's layouts,
+        # unless one program keeps m in registers
+        products = [(bb, main_n, nk * bk, 0)] + ([(bb, bn, nk * bk, 0)] if G == 3 else []) + (
+            [(bb, bp, nk2 * bk2, 0 if keep else 1)] if proj else [])
+        chunk, chunk2 = bk * G * bn, bk2 * bp
+        read = 0 if keep else bb * P + (bb * H if proj else 0)
+        write = 0 if keep else bb * UP + (bb * U if proj else 0)
+        exchange, reduce = None, 1
+    else:
+        dh = cfg.backward_exchange(H) == "dh"
+        bk = cfg.k_block(P if dh else H, forward=False)
+        nk = triton.cdiv(P, bk) if dh else G * triton.cdiv(H, bk)
+        bk2 = cfg.k_block(P, forward=False) if proj else MIN_DOT
+        nk2 = triton.cdiv(P, bk2) if proj else 0
+        nr = cfg.resident(nk + nk2, forward=False)
+        keep = (S == 1 and persistent and dh and nk == 1 and min(nr, nk) == 1 and bk == bp
+                and (not proj or (nk2 == 1 and nr == 2 and bk2 == bp)))  # (the kernel's KEEP)
+        if dh:  # each program's rows of W_hh times its dz: G dots of K = block_n per column chunk
+            products = [(bb, nk * bk, G * bn, 0)]
+            chunk = G * bn * bk
+            read, write = (0, 0) if keep else (S * bb * bp, bb * P)
+        else:  # the group's dz (K = G*H) times each program's columns of W_hh
+            products = [(bb, bp, nk * bk, 0)]
+            chunk = bk * bp
+            read, write = bb * G * H, bb * G * U
+        if proj:  # dm = g @ W_hr[:, units]: g exchanged (P values a row) unless kept
+            products.append((bb, bn, nk2 * bk2, 0 if keep else 1))
+            read, write = read + (0 if keep else bb * P), write + (0 if keep else bb * UP)
+        chunk2 = bk2 * bn
+        exchange = "dh" if dh else "dz"
+        reduce = 1
+        if dh:  # at most REDUCE_ELEMENTS a thread per load of [reduce, block_b, block_p]
+            reduce = max(1, min(triton.next_power_of_2(S),
+                                REDUCE_ELEMENTS * 32 * cfg.warps(forward=False) // (bb * bp)))
+    return dict(block_p=bp, block_k=bk, chunks=nk, resident=min(nr, nk), block_k2=bk2, chunks2=nk2,
+                resident2=max(0, nr - nk), exchange=exchange, keep=keep, products=products, chunk_bytes=chunk,
+                chunk_bytes2=chunk2, exchange_read=read, exchange_write=write,
+                exchanges=2 if proj and not keep else 1, reduce=reduce)
 
 
-def streamed_shared_bytes(block_b: int, block_n: int, block_k: int, itemsize: int, stages: int = 3,
-                          gates: int = 1) -> int:
-    """Estimated shared memory of a streamed program: `stages` buffers of the W chunks (one per gate) and
-    the state chunk."""
-    return stages * (gates * block_k * block_n + block_b * block_k) * max(itemsize, 2)
+def mma_replication(products: list, num_warps: int) -> list[int]:
+    """How many times each product's MMAs are executed over the useful work. Triton 3.6-3.9 lays out the
+    dots of one chain (connected through their operands and results: `warpsPerTileV2`'s slice) alike,
+    every warp along N when N > M, else along M: a warp needs 8 columns (or 16 rows) of its own, the rest
+    repeat. A product is (M, N, K, group); a group is one such chain (a product read back from the
+    exchange buffer starts its own). Where a group's products disagree on the direction, the first dot
+    Triton converts decides: both are counted (the worse). Checked by the compile checks against the
+    SASS (`fused_birnn.compile_report`)."""
+    def rep(m, n, along_n):
+        return max(1, num_warps // max(1, (n // 8 if along_n else m // 16)))
+
+    out = []
+    for m, n, _, group in products:
+        ways = {pn > pm for pm, pn, _, g in products if g == group}
+        out.append(max(rep(m, n, along_n) for along_n in ways))
+    return out
 
 
-def gate_warps(block_b: int, block_n: int, gates: int, least: int = 4) -> int | None:
-    """Warps that keep the G gate accumulators within `ACC_PER_THREAD_MAX` per thread (at least `least`),
-    or None when even `MAX_WARPS` do not."""
-    warps = least
-    while gates * block_b * block_n > ACC_PER_THREAD_MAX * 32 * warps:
-        warps *= 2
-    return warps if warps <= MAX_WARPS else None
+def fits_warps(products: list, least: int = 1, most: int = MAX_WARPS, main_only: bool = False) -> int:
+    """The most warps (a power of two in [least, most]) at which no product (`main_only`: no product of
+    the first one's group) repeats an MMA; `least` when even that repeats."""
+    w = most
+    while w > least:
+        reps = mma_replication(products, w)
+        if max(r for r, p in zip(reps, products) if not main_only or p[3] == products[0][3]) == 1:
+            break
+        w //= 2
+    return w
+
+
+def pass_shared_bytes(shape: dict, itemsize: int, block_b: int, forward: bool, gates: int = 1) -> int:
+    """Estimated shared memory of a pass: its resident chunks, plus the largest buffer Triton stages
+    through shared memory besides them (it reuses one region for buffers whose lives do not overlap): a
+    chunk's A operand, the gate product's accumulator on its way to the gate split (fp32), a streamed W
+    chunk, the backward's dz tiles; and 1 KiB. Calibrated on compiles with Triton 3.9 (sm_80, sm_90), to
+    the byte: LSTM H=1024 16 x 64 x 1024 fp16 forward 135,168 B, 32 x 64: 139,264, GRU 32 x 48: 102,400,
+    Elman H=1760 32 x 32: 122,880, the LSTM 32 x 128 with 10 of 16 chunks resident 180,224, the backward's
+    "dh" slice (16 x 16, 4 gates) 133,120."""
+    res = shape["resident"] * shape["chunk_bytes"] + shape["resident2"] * shape["chunk_bytes2"]
+    staged = [block_b * max(shape["block_k"], shape["block_k2"]) * itemsize]
+    main_m, main_n, _, _ = shape["products"][0]
+    if forward and gates > 1:
+        staged.append(main_m * main_n * 4)  # the accumulator split into gates
+    if not forward and shape["exchange"] == "dh":
+        staged.append(gates * block_b * shape["block_k"] * itemsize)
+    if shape["resident"] < shape["chunks"]:
+        staged.append(shape["chunk_bytes"] * itemsize)
+    if shape["resident2"] < shape["chunks2"]:
+        staged.append(shape["chunk_bytes2"] * itemsize)
+    return res * itemsize + max(staged) + 1024
 
 
 def programs_per_sm(limits: DeviceLimits, shared: int, num_warps: int) -> int:
-    """How many such programs one SM holds at once (shared memory, registers, 32 blocks)."""
+    """How many such programs one SM holds at once (shared memory, registers at the plan-time estimate,
+    32 blocks)."""
     by_shared = limits.shared_per_sm // max(shared + 1024, 1)  # 1 KiB reserved per block
     by_regs = limits.registers_per_sm // (REGISTERS_PER_THREAD_EST * 32 * num_warps)
     return max(0, min(by_shared, by_regs, 32))
@@ -307,206 +455,233 @@ def programs_per_sm(limits: DeviceLimits, shared: int, num_warps: int) -> int:
 # ------------------------------------------------------------------------------------------ cost model
 def estimate_step_us(cfg: RecurrenceConfig, hidden_size: int, batch_size: int, dtype: torch.dtype,
                      allow_tf32: bool, limits: DeviceLimits | None = None, directions: int = 2,
-                     gates: int = 1, proj_size: int = 0) -> dict:
-    """Estimated time of one forward step of a launch with `cfg` (an estimate from `COST`, not a
-    measurement), and its parts in microseconds:
+                     gates: int = 1, proj_size: int = 0, forward: bool = True) -> dict:
+    """Estimated time of one step of the forward (or backward) pass with `cfg` (an estimate from `COST`,
+    not a measurement), and its parts in microseconds; `pass_shape` says what a program holds,
+    multiplies and exchanges per step:
 
-    * smem: bytes through one SM's shared memory per step (W slice re-read by the dot, the state operand
-      written and read by each warp, streamed chunks staged) / `smem_bytes_per_clk`, times the programs
-      sharing that SM;
-    * l2: bytes from L2 per step into one SM (streamed W, the exchanged state) / `l2_bytes_per_clk_sm`,
-      bounded below by the whole chip's L2 bandwidth for all programs' bytes;
-    * mma: the dependent MMA (or FMA) chain over K; streamed, at least one L2 round trip per K chunk (the
-      next chunk is prefetched by hand, one ahead);
-    * latency: fixed per-step work, one exchange round trip and the barrier (S > 1), a launch per step
-      in the launch-per-step mode.
-
-    Gated cells (`gates` G: 4 LSTM, 3 GRU) multiply the W bytes and the MMAs by G: the G dots are
-    independent chains, so the chain latency stays one gate's while the tensor cores' throughput
-    (`mma_fma_per_clk_sm`) bounds G chains together. A projection (`proj_size` P > 0) adds, after the
-    cell, a second dependent dot over H (its chain and W_hr bytes), and for S > 1 a second exchange round
-    trip and barrier; the gate dot's K is P there.
+    * smem: bytes through one SM's shared memory per step / `smem_bytes_per_clk`: the resident chunks
+      (read by the dots every step), each product's A operand (staged once, read by every warp that
+      needs it: all of them when the warps split N) and the streamed chunks (staged), times the programs
+      sharing the SM;
+    * l2: bytes between L2 and one SM per step / `l2_bytes_per_clk_sm` (the streamed chunks, the
+      exchange read and written, the per-step inputs and outputs), bounded below by the whole chip's L2
+      bandwidth for all programs' bytes;
+    * mma: the tensor cores' work (replicated MMAs counted) at `mma_fma_per_clk_sm`, or the dependent
+      chain of each warp's MMAs (K/16 steps of `mma_clk` latency each, or the issue rate of its
+      independent tiles, whichever is longer), whichever is longer; FMA dots at `fma_per_clk_sm`;
+    * latency: fixed per-step work, for each exchange one L2 round trip and (S > 1) the barrier, for
+      each streamed chunk what of an L2 round trip the previous chunk's dependent MMAs do not cover (chunk
+      c + 1 is in flight while c multiplies; FMA dots: the whole round trip), and a launch per step (per
+      phase) in the launch-per-step mode.
 
     Total = max(smem, l2, mma) + latency. Returns a dict with `us` and each part."""
     limits = limits or DeviceLimits.for_arch(90)
     c = COST
     clk = c["clock_ghz"] * 1e3  # cycles per microsecond
     H = hidden_size
-    P = proj_size or H  # the state's width: the gate dot's K
-    itemsize = dtype.itemsize
+    P = proj_size or H
+    isz = dtype.itemsize
     S = cfg.programs_per_group(H)
-    bn, bk, bb = cfg.block_h, cfg.k_block(P), cfg.block_b
-    k_full = bk if cfg.w_on_chip else triton.cdiv(P, bk) * bk
-    k_proj = 0  # the projection dot's K (over H), 0 without one
-    bp = 0
-    if proj_size:
-        k_proj = cfg.k_block(H) if cfg.w_on_chip else triton.cdiv(H, cfg.k_block(H)) * cfg.k_block(H)
-        bp = cfg.block_p(H, proj_size)
-    warps = cfg.warps(forward=True)
+    persistent = S == 1 or (cfg.persistent if cfg.persistent is not None else True)
+    shape = pass_shape(cfg, H, P, gates, bool(proj_size), forward, persistent)
+    warps = cfg.warps(forward)
     progs = cfg.programs(H, batch_size, directions)
     per_sm = max(1, triton.cdiv(progs, limits.sm_count))
-    w_bytes = (gates * k_full * bn + k_proj * bp) * itemsize
-    a_bytes = bb * (k_full + k_proj) * max(itemsize, 2)
-    smem = (w_bytes + a_bytes * (1 + min(warps, max(1, gates * bn // 16)))) * per_sm / c["smem_bytes_per_clk"]
-    exch = 0 if (S == 1 and cfg.w_on_chip) else a_bytes
-    l2_bytes = exch + (0 if cfg.w_on_chip else w_bytes)
+    products = shape["products"]
+    rep = mma_replication(products, warps)
+    resident = shape["resident"] * shape["chunk_bytes"] + shape["resident2"] * shape["chunk_bytes2"]
+    streamed = ((shape["chunks"] - shape["resident"]) * shape["chunk_bytes"]
+                + (shape["chunks2"] - shape["resident2"]) * shape["chunk_bytes2"])
+    a_bytes = sum(m * k * (1 + (warps if n > m else 1)) for m, n, k, _ in products)
+    smem = (resident * max(rep) + streamed + a_bytes) * isz * per_sm / c["smem_bytes_per_clk"]
+    io = cfg.block_b * (gates + 2) * cfg.block_h  # x_proj in, out (and saved / grad_pre) out
+    l2_bytes = (streamed + shape["exchange_read"] + shape["exchange_write"] + io) * isz
     l2 = max(l2_bytes * per_sm / c["l2_bytes_per_clk_sm"], progs * l2_bytes / (c["l2_total_tb_s"] * 1e6) * clk)
+    fmas = sum(m * n * k * r for (m, n, k, _), r in zip(products, rep))
     fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
     if fma:
-        mma = bb * (gates * bn * k_full + bp * k_proj) / c["fma_per_clk_sm"] * per_sm
+        mma = fmas / c["fma_per_clk_sm"] * per_sm
     else:
-        k_per_mma = c["mma_clk"][0] if itemsize == 2 else 8
-        chain = (k_full + k_proj) / k_per_mma * c["mma_clk"][1]
-        rate = c["mma_fma_per_clk_sm"] / (1 if itemsize == 2 else 2)
-        mma = max(chain, bb * (gates * bn * k_full + bp * k_proj) / rate * per_sm)
-    if not cfg.w_on_chip:  # chunk k + 1 is prefetched during chunk k (num_stages=1): a chunk costs at least
-        chunks = triton.cdiv(P, bk) + (triton.cdiv(H, cfg.k_block(H)) if proj_size else 0)
-        mma = max(mma, chunks * c["l2_latency_clk"])  # one L2 round trip
-    exchanges = 2 if proj_size and exch else 1
-    latency = c["step_fixed_clk"] + (exchanges * c["l2_latency_clk"] if exch else 0)
-    if S > 1:
-        latency += exchanges * c["barrier_clk"]
-    persistent = cfg.persistent if cfg.persistent is not None else True
-    us = (max(smem, l2, mma) + latency) / clk + (0 if persistent or S == 1 else exchanges * c["launch_us"])
+        kstep = c["mma_clk"][0] if isz == 2 else 8
+        rate = c["mma_fma_per_clk_sm"] / (1 if isz == 2 else 2)
+        issue = 16 * 8 * kstep / (rate / 4)  # one m16n8k MMA on one of the SM's four tensor cores
+        chain = 0.0
+        for i, ((m, n, k, _), r) in enumerate(zip(products, rep)):
+            tiles = max(1, (m // 16) * (n // 8) * r // warps)  # independent MMA tiles of one warp
+            t = (k / kstep) * max(c["mma_clk"][1], tiles * issue)
+            # the GRU's n gate is a second output of the gate product's chunks: its MMAs interleave with
+            # the gate product's (same A operand, independent accumulators); every other product waits
+            # for the one before it
+            chain = max(chain, t) if i == 1 and forward and gates == 3 else chain + t
+        mma = max(chain, fmas / rate * per_sm)
+    # a streamed chunk is in flight while the one before it multiplies: it costs the part of an L2 round
+    # trip that its predecessor's dependent MMAs do not cover (those are in `mma` already)
+    latency = c["step_fixed_clk"]
+    if not fma:
+        for (n_all, n_res, bk) in ((shape["chunks"], shape["resident"], shape["block_k"]),
+                                   (shape["chunks2"], shape["resident2"], shape["block_k2"])):
+            latency += (n_all - n_res) * max(0.0, c["l2_latency_clk"] - bk / kstep * c["mma_clk"][1])
+    else:
+        latency += (shape["chunks"] - shape["resident"] + shape["chunks2"] - shape["resident2"]) * c["l2_latency_clk"]
+    if not shape["keep"]:
+        latency += shape["exchanges"] * c["l2_latency_clk"]
+        if S > 1:
+            latency += shape["exchanges"] * c["barrier_clk"]
+    us = (max(smem, l2, mma) + latency) / clk + (0 if persistent else shape["exchanges"] * c["launch_us"])
     return dict(us=round(us, 3), smem_us=round(smem / clk, 3), l2_us=round(l2 / clk, 3),
                 mma_us=round(mma / clk, 3), latency_us=round(latency / clk, 3), programs=progs,
-                sms=limits.sm_count, persistent=persistent or S == 1, estimate=True)
+                sms=limits.sm_count, persistent=persistent, estimate=True,
+                resident_chunks=shape["resident"] + shape["resident2"],
+                chunks=shape["chunks"] + shape["chunks2"], exchange=shape["exchange"],
+                replication=max(rep))
 
 
 # ------------------------------------------------------------------------------------------ the plan
-def _batch_tile(batch_size: int) -> int:
-    block_b = MIN_DOT
-    while block_b < 64 and triton.cdiv(batch_size, block_b) > MAX_PROGRAMS_PER_DIRECTION:
-        block_b *= 2
-    return block_b
+def _batch_tiles(batch_size: int) -> list[int]:
+    """Batch tiles to try: 16 and 32 rows (64 only to keep the grid small at large batches)."""
+    top = max(MIN_DOT, triton.next_power_of_2(batch_size))
+    tiles = [b for b in (16, 32) if b <= top]
+    if triton.cdiv(batch_size, 32) > MAX_PROGRAMS_PER_DIRECTION // 4:
+        tiles.append(64)
+    return tiles
 
 
-def _one_program(H: int, block_b: int, dtype: torch.dtype, fma: bool, limits: DeviceLimits, gates: int = 1,
-                 proj_size: int = 0) -> RecurrenceConfig | None:
-    """The one-program-per-group on-chip plan (S = 1), where it fits and does not spill. Gated cells hold
-    G slices of W_hh ([next_pow2(P), next_pow2(H)] each) and, with a projection, W_hr."""
+def _one_program(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLimits, gates: int = 1,
+                 proj_size: int = 0) -> list[RecurrenceConfig]:
+    """The one-program-per-group plans (S = 1, one chunk per product: the state stays in registers),
+    where the whole slice fits and compiles without spills (bounds from the compile checks)."""
     P = proj_size or H
     block_h = max(MIN_DOT, triton.next_power_of_2(H))
     block_k = max(MIN_DOT, triton.next_power_of_2(P))
-    proj_elems = block_k * block_h if proj_size else 0  # W_hr [P, H] padded
-    aligned = H % 16 == 0 and P % 16 == 0
-    if fma:
-        # exact fp32 (and fp64) dots are FMA loops holding a whole K row in registers: beyond a 16 x 32
-        # tile they spill (fp32 H=50 and H=128 did on sm_80/sm_90); G gates hold G such tiles
-        if gates * block_b * max(block_h, block_k) > FMA_ON_CHIP_MAX_TILE:
-            return None
-    else:
-        if (gates * block_h * block_k + proj_elems) * dtype.itemsize > ON_CHIP_MAX_BYTES:
-            return None
-        # H not a multiple of 16: loads go scalar and masks per element: wide TF32 tiles spilled (H=100)
-        if dtype == torch.float32 and not aligned and max(block_h, block_k) > 64:
-            return None
-    # (unaligned H >= 128: the masked backward spilled at 4 warps on sm_86/sm_89)
-    num_warps = 8 if (block_h >= 256 or block_b * block_h >= 32 * 128 or (fma and block_h >= 64)
-                      or (not aligned and block_h >= 128)) else 4
-    num_warps = gate_warps(block_b, block_h, gates, num_warps) if gates > 1 else num_warps
-    if num_warps is None:
-        return None
-    # H = 256 in 16-bit: Triton's default 3-stage pipelining of the per-step loads adds ~40 KiB, which
-    # pushed the backward past sm_80's 163 KiB
-    num_stages = 1 if block_h >= 256 or gates > 1 else None
-
-    def shared(stages):
-        return onchip_shared_bytes(block_b, block_h, dtype.itemsize, stages, False, block_k, gates, proj_elems)
-    if shared(num_stages) > limits.shared_per_block:
-        num_stages = 1  # the backward's prefetch is what does not fit (TF32 H=128 on sm_86: 106,496 B)
-    if shared(num_stages) > limits.shared_per_block:
-        return None
-    return RecurrenceConfig(block_b, block_h, True, num_warps, num_stages)
-
-
-def _stream_block_k(dtype: torch.dtype, fma: bool, aligned: bool) -> int:
-    """The K chunk of a streamed slice: FMA dots 16 wide; tensor cores `STREAMED_BLOCK_H`, halved at H
-    not a multiple of 16 (the exchanged state's rows are unaligned there: wide chunks spilled)."""
-    if fma:
-        return MIN_DOT
-    return STREAMED_BLOCK_H[dtype] if aligned else max(MIN_DOT, STREAMED_BLOCK_H[dtype] // 2)
-
-
-def _split_candidates(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLimits,
-                      splits: list[int] | None = None, gates: int = 1,
-                      proj_size: int = 0) -> list[RecurrenceConfig]:
-    """Split plans (S > 1; S from `SPLIT_BLOCK_N`, or `splits`) that fit one program's shared memory and
-    compile without spills, persistent where the grid is resident. Gated cells: G slices per program and
-    G accumulators (`gate_warps`); streamed K chunks shrink so the G chunks (and their prefetch) stay the
-    size of the Elman's. A projection adds each program's W_hr rows ([UP, H]) and the dot over H."""
     out = []
-    itemsize = dtype.itemsize
+    for block_b in _batch_tiles(B):
+        if fma:
+            # exact fp32 (and fp64) dots are FMA loops holding a K row per thread in registers: beyond a
+            # 16 x 32 tile they spilled (fp32 H=50 and H=128 on sm_80/sm_90); G gates hold G such tiles
+            if block_b > MIN_DOT or gates * max(block_h, block_k) > FMA_ON_CHIP_MAX_TILE // MIN_DOT:
+                continue
+        elif (gates * block_h * block_k + (block_k * block_h if proj_size else 0)) * dtype.itemsize > ON_CHIP_MAX_BYTES:
+            continue
+        cfg = RecurrenceConfig(block_b, block_h, True, 4, None, single_chunk=True, exchange="dh")
+        fwd = pass_shape(cfg, H, P, gates, bool(proj_size), True)
+        bwd = pass_shape(cfg, H, P, gates, bool(proj_size), False)
+        # warps: 8 where 4 spilled (the compile checks: H >= 256, 32 x 128 tiles, FMA from 64 units, unaligned
+        # H from 128; the gate accumulators at most ACC_PER_THREAD_MAX a thread), then as many as keep every
+        # MMA unrepeated (fewer warps also read the state operand from shared memory fewer times)
+        aligned = H % 16 == 0 and P % 16 == 0
+        most = 8 if (block_h >= 256 or block_b * block_h >= 32 * 128 or (fma and block_h >= 64)
+                     or (not aligned and block_h >= 128)) else 4
+        while most < MAX_WARPS and gates * block_b * block_h > ACC_PER_THREAD_MAX * 32 * most:
+            most *= 2
+        wf, wb = fits_warps(fwd["products"], 1, most), fits_warps(bwd["products"], 1, most)
+        cfg = replace(cfg, num_warps=wb, num_warps_forward=wf if wf != wb else None)
+        shared = max(pass_shared_bytes(fwd, dtype.itemsize, block_b, True, gates),
+                     pass_shared_bytes(bwd, dtype.itemsize, block_b, False, gates))
+        # Triton's 3-stage pipelining of the per-step loads adds ~40 KiB at H = 256 (16-bit): one stage
+        stages = None if shared + 40 * 1024 <= limits.shared_per_block and gates == 1 and block_h < 256 else 1
+        if shared > limits.shared_per_block:
+            continue
+        out.append(replace(cfg, num_stages=stages))
+    return out
+
+
+def _split_plans(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLimits,
+                 splits: list[int] | None = None, gates: int = 1, proj_size: int = 0) -> list[RecurrenceConfig]:
+    """Split plans (S > 1): for each batch tile, S (from `SPLIT_BLOCK_N` units a program, or `splits`)
+    and the backward's exchange, the warps at which no product repeats an MMA, as many resident chunks
+    as the device's shared memory holds (the rest streamed: partial residency), persistent (a
+    cooperative launch) where every program of the grid is resident at once, else one launch per step."""
+    out = []
     P = proj_size or H
-    block_k_full = max(MIN_DOT, triton.next_power_of_2(P))
-    block_kh = max(MIN_DOT, triton.next_power_of_2(H))  # the projection's K on chip
-    aligned = H % 16 == 0 and P % 16 == 0
+    isz = dtype.itemsize
     if splits is None:
         splits = sorted({triton.cdiv(H, bn) for bn in SPLIT_BLOCK_N})
-    for block_b in sorted({16, 32, _batch_tile(B), min(64, max(MIN_DOT, triton.next_power_of_2(B)))}):
-        if block_b > max(MIN_DOT, triton.next_power_of_2(B)):
+    for block_b in _batch_tiles(B):
+        if fma and block_b > MIN_DOT:
             continue
         tiles = triton.cdiv(B, block_b)
         for S in splits:
             if S < 2 or S > H:
                 continue
             block_n = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(H, S)))
-            block_p = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(P, S))) if proj_size else 0
-            plans = []
-            # on chip: the group's state [block_b, next_pow2(P)] is the dot's A operand; 8 warps from 8K
-            # elements of it, at most 16K (32 x 1024 and 16 x 1024 at 4 warps spilled on sm_80/sm_86)
-            a_elems = block_b * max(block_k_full, block_kh if proj_size else 0)
-            # unaligned H: masked, scalar state loads; beyond K = 256 they spilled (fp16 H=300 on sm_86)
-            if (not fma and max(block_k_full, block_kh if proj_size else 0) <= MAX_SPLIT_K and a_elems <= 16384
-                    and block_n <= 128 and (aligned or block_k_full <= (64 if dtype == torch.float32 else 256))):
-                warps = 8 if a_elems >= 8192 or block_n * block_k_full >= 16384 else 4  # 16 x 128 x 256: spilled
-                if gates > 1 and (itemsize == 4 or not aligned or proj_size or gates * block_n * block_k_full >= 16384):
-                    # at 4 warps: gated fp32 (TF32) 16 x 16 x 128 (254 registers, spilled on sm_90), the
-                    # projected LSTM at H=50/P=20 (255), the LSTM's 16 x 16 x 256 (stack on sm_90)
-                    warps = 8
-                warps = gate_warps(block_b, block_n, gates, warps)
-                if gates > 1 and a_elems >= 8192:  # four gates at 16 x 512 (bf16, sm_90) and 16 x 1024 spilled
-                    warps = None  # inside the loop
-                if gates > 1 and gates * block_n * block_k_full >= 32768:  # the LSTM 16 x 32 x 256, lengths: 8 B (sm_90)
-                    warps = None
-                if gates > 1 and itemsize == 4 and gates * block_k_full > 384:
-                    warps = None  # TF32 LSTM 16 x 16 x 128: 255 registers and spills at 4 and 8 warps (sm_90)
-                # the gated backward holds G dz tiles and the carried dc beside the G slices: at 4 warps the
-                # fp16 LSTM 16 x 16 x 128 (S = 8) put 16 B on the stack (sm_86/89); 8 compiled clean (at K = 256
-                # 4 warps compile clean, and 8 would cost the residency of S = 16 plans)
-                backward_warps = 8 if gates > 1 and warps == 4 and block_k_full <= 128 else warps
-                proj_elems = block_p * block_kh if proj_size else 0
-                shared = onchip_shared_bytes(block_b, block_n, itemsize, 1, False, block_k_full, gates, proj_elems)
-                if warps is not None and shared <= limits.shared_per_block:
-                    plans.append((RecurrenceConfig(block_b, block_n, True, backward_warps, 1,
-                                                   num_warps_forward=warps if backward_warps != warps else None,
-                                                   split=S), shared, max(warps, backward_warps)))
-            # streamed: FMA dots hold a K row per thread (16 x 16 tiles; 32 x 16 spilled 8 B); tensor-core tiles
-            # up to 16 x 64 / 32 x 32 (32 x 64 and 16 x 128 spilled in the backward)
-            # the backward holds chunk k and k + 1 of W in registers: 64 x 64 chunks spilled, 64 x 32 did not;
-            # at unaligned H (masked scalar loads) 16 x 64 tiles spilled, 16 x 32 did not
-            block_k = _stream_block_k(dtype, fma, aligned)
-            while gates > 1 and block_k > MIN_DOT and gates * block_k * block_n * itemsize > 4096:
-                block_k //= 2  # the G chunks (and their prefetch) the size of one 16-bit Elman chunk
-            tile_ok = ((block_n == MIN_DOT and block_b == MIN_DOT) if fma
-                       else gates * block_b * block_n <= 1024 * max(1, gates // 2)
-                       and gates * block_k * block_n <= 2048 and (aligned or block_n <= 32))
-            if tile_ok:
-                shared = streamed_shared_bytes(block_b, block_n, block_k, itemsize, gates=gates)
-                # gated fp32 (TF32 and exact FMA dots): at 4 warps values kept across the time loop went to
-                # the stack (sm_80)
-                warps = 8 if gates > 1 and itemsize == 4 else 4
-                # the projected LSTM's backward (g exchanged, then dz) at 16 x 16 x 32 chunks put 8-16 B on the
-                # stack (H=2048/P=320, sm_86/sm_90); 16-wide chunks compiled clean
-                block_k_backward = MIN_DOT if proj_size and block_k > MIN_DOT else None
-                if shared <= limits.shared_per_block:
-                    plans.append((RecurrenceConfig(block_b, block_n, False, warps, 1, split=S, block_k=block_k,
-                                                   block_k_backward=block_k_backward), shared, warps))
-            for cfg, shared, warps in plans:
-                capacity = programs_per_sm(limits, shared, warps) * limits.sm_count
-                resident = S * tiles * 2 <= int(RESIDENT_FRACTION * capacity)
-                out.append(replace(cfg, persistent=resident))
+            if fma:  # FMA dots hold operands in registers: 16-wide streamed chunks only (spills beyond)
+                if block_n > MIN_DOT:
+                    continue
+                base = RecurrenceConfig(block_b, block_n, False, 8 if gates > 1 else 4, 1, split=S,
+                                        block_k=MIN_DOT, block_k_backward=MIN_DOT, exchange="dz")
+                candidates = [base]
+            else:
+                candidates = [RecurrenceConfig(block_b, block_n, True, 4, 1, split=S, exchange=ex)
+                              for ex in (("dz", "dh") if gates > 1 or proj_size else ("dz",))]
+            for cfg in candidates:
+                plan = _fit(cfg, H, P, gates, proj_size, isz, limits, tiles, fma, dtype, not fma, B)
+                if plan is not None:
+                    out.append(plan)
     return out
+
+
+# resident slice bytes one thread may hold before the time loop: ptxas issues a pass's resident chunk loads
+# ahead of their stores to shared memory and holds them in registers (Elman H=1760 at 2 warps, 1.75 KiB a
+# thread: 255 registers and 1,256 B of stack; LSTM H=1024 at 4 warps, 1 KiB: 128 registers, clean); the
+# "dh" backward's tiles all share dz as their other operand and their fragments are read together inside
+# the loop (the LSTM's 128 KiB slice spilled at 4 warps, 0.5 KiB at 8 compiled clean)
+RESIDENT_BYTES_PER_THREAD = 2048
+DH_RESIDENT_BYTES_PER_THREAD = 512
+
+
+def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz: int, limits: DeviceLimits,
+         tiles: int, fma: bool, dtype: torch.dtype = torch.float16, allow_tf32: bool = False,
+         B: int = 16) -> RecurrenceConfig | None:
+    """`cfg` with, per pass, the warps and resident chunks of lowest estimated step time (warps at which
+    the gate product repeats no MMA; as many chunks on chip as the shared memory and the per-thread bound
+    hold, the rest streamed), and its launch mode for the device; None when nothing fits."""
+    proj = bool(proj_size)
+    limit = limits.shared_per_block
+    chosen = {}
+    for forward in (True, False):
+        key = "resident_chunks" if forward else "resident_chunks_backward"
+        shape = pass_shape(cfg, H, P, gates, proj, forward)
+        if fma:
+            options = [(cfg.num_warps, 0)]
+        else:
+            most = fits_warps(shape["products"], 1, MAX_WARPS, main_only=True)
+            if max(mma_replication(shape["products"], most)[:1]) > 1:
+                return None  # the gate (main) product would repeat at every warp count
+            per_thread = DH_RESIDENT_BYTES_PER_THREAD if shape["exchange"] == "dh" else RESIDENT_BYTES_PER_THREAD
+            options = []
+            for w in (2, 4, 8):
+                if w > most:
+                    continue
+                nr = shape["chunks"] + shape["chunks2"]
+                while nr > 0:
+                    trial = pass_shape(replace(cfg, **{key: nr}), H, P, gates, proj, forward)
+                    held = (trial["resident"] * trial["chunk_bytes"] + trial["resident2"] * trial["chunk_bytes2"]) * isz
+                    if (pass_shared_bytes(trial, isz, cfg.block_b, forward, gates) <= limit
+                            and held <= per_thread * 32 * w):
+                        break
+                    nr -= 1
+                options.append((w, nr))
+        best = None
+        for w, nr in options:
+            trial = replace(cfg, num_warps=w, num_warps_forward=None, **{key: nr})
+            shape = pass_shape(trial, H, P, gates, proj, forward)
+            if pass_shared_bytes(shape, isz, cfg.block_b, forward, gates) > limit:
+                continue
+            est = estimate_step_us(trial, H, B, dtype, allow_tf32, limits, 2, gates, proj_size, forward)["us"]
+            if best is None or est < best[0]:
+                best = (est, w, nr)
+        if best is None:
+            return None
+        chosen[forward] = best[1:]
+    (wf, nrf), (wb, nrb) = chosen[True], chosen[False]
+    cfg = replace(cfg, num_warps=wb, num_warps_forward=wf if wf != wb else None, resident_chunks=nrf,
+                  resident_chunks_backward=nrb, w_on_chip=nrf > 0)
+    shared = max(pass_shared_bytes(pass_shape(cfg, H, P, gates, proj, f), isz, cfg.block_b, f, gates)
+                 for f in (True, False))
+    S = cfg.programs_per_group(H)
+    capacity = programs_per_sm(limits, shared, max(wf, wb)) * limits.sm_count
+    return replace(cfg, persistent=S * tiles * 2 <= capacity, cooperative=True)
 
 
 def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype, allow_tf32: bool = False,
@@ -515,29 +690,36 @@ def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype, allow_t
     """The plan the forward and the backward recurrence use for this (H, B, dtype), for fp32 whether
     `tl.dot` may use TF32 tensor cores, on a device with `limits` (None: `DEFAULT_LIMITS`), with `split`
     programs per group where given and possible (`FUSED_BIRNN_SPLIT`), for the `cell` (nn.RNNBase's
-    mode names, None: Elman; G = `gate_count(cell)` gate slices per program) and an LSTM's `proj_size`
-    (None or 0: no projection; then the state h is P = proj_size wide and each program also owns UP =
-    cdiv(P, S) of its units, `RecurrenceConfig.block_p`). The forward and the backward of one layer must
-    be planned with the same arguments. Plans are sized for a bidirectional launch (D = 2); a
-    unidirectional one uses half the programs."""
+    mode names, None: Elman; G = `gate_count(cell)` gates) and an LSTM's `proj_size` (None or 0: no
+    projection; then the state h is P = proj_size wide and each program also owns UP = cdiv(P, S) of its
+    units, `RecurrenceConfig.block_p`). The forward and the backward of one layer must be planned with
+    the same arguments. Plans are sized for a bidirectional launch (D = 2); a unidirectional one uses
+    half the programs. Among the candidates the lowest estimated forward + backward step wins
+    (`estimate_step_us`: an estimate, not a measurement)."""
     limits = limits or DEFAULT_LIMITS
     H, B = hidden_size, batch_size
     gates = gate_count(cell)
     P = proj_size or 0
     if P and cell != "LSTM":
         raise ValueError(f"proj_size: only the LSTM cell has a projection, got cell={cell!r}")
-    block_b = _batch_tile(B)
     fma = dtype == torch.float64 or (dtype == torch.float32 and not allow_tf32)
     if limits.unbounded:  # the interpreter: one program per group holds everything, unless told
         S = max(1, min(split or 1, H))
         block_h = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(H, S)))
-        return RecurrenceConfig(block_b, block_h, True, split=S if S > 1 else None)
-    one = _one_program(H, block_b, dtype, fma, limits, gates, P)
-    candidates = ([one] if one else []) + _split_candidates(H, B, dtype, fma, limits, None, gates, P)
+        return RecurrenceConfig(MIN_DOT if B <= MIN_DOT else 32 if B <= 32 else 64, block_h, True,
+                                split=S if S > 1 else None, single_chunk=S == 1)
+    ones = _one_program(H, B, dtype, fma, limits, gates, P)
     if split is not None:  # FUSED_BIRNN_SPLIT: that S wherever a plan with it fits
-        forced = ([one] if one and split == 1 else []) + (
-            _split_candidates(H, B, dtype, fma, limits, [split], gates, P) if split > 1 else [])
-        candidates = forced or candidates
-    if not candidates:  # nothing fits one program (cannot happen with MIN_DOT tiles; keep a safe plan)
-        return RecurrenceConfig(MIN_DOT, MIN_DOT, False, 4, 1, block_k=MIN_DOT, persistent=False)
-    return min(candidates, key=lambda c: estimate_step_us(c, H, B, dtype, allow_tf32, limits, 2, gates, P)["us"])
+        candidates = ones if split == 1 else _split_plans(H, B, dtype, fma, limits, [split], gates, P)
+        if not candidates:
+            candidates = ones + _split_plans(H, B, dtype, fma, limits, None, gates, P)
+    else:
+        candidates = ones + _split_plans(H, B, dtype, fma, limits, None, gates, P)
+    if not candidates:  # nothing fits one program (cannot happen with 16-wide streamed tiles; keep a safe plan)
+        return RecurrenceConfig(MIN_DOT, MIN_DOT, False, 4, 1, block_k=MIN_DOT, block_k_backward=MIN_DOT,
+                                persistent=False, split=triton.cdiv(H, MIN_DOT), exchange="dz")
+
+    def cost(c):
+        return sum(estimate_step_us(c, H, B, dtype, allow_tf32, limits, 2, gates, P, forward=f)["us"]
+                   for f in (True, False))
+    return min(candidates, key=cost)

@@ -116,76 +116,29 @@ import triton.language as tl
 
 from . import launch
 from .cell import cell_forward, gru_cell_forward, lstm_cell_forward
-from .config import MIN_DOT, RecurrenceConfig, device_limits, gate_count, select_config
+from .config import RecurrenceConfig, device_limits, gate_count, pass_shape, select_config
+from .exchange import load_exchanged
 from .indexing import sequence_lengths, step_time
 from .launch import device_guard  # noqa: F401  (re-exported: the launchers' device guard)
-from .exchange import load_exchanged
+from .product import gather_product, resident, split_gates
 from .sync import group_barrier
 from ..torch_backend import cell_mode, check_cell_arguments, saved_shape
-
-
-@triton.jit
-def _gate_dots_streamed(src, w_row0, gate_rows, P, mask_b, mask_n, offs_k,
-                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GATES: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """`h_all @ W_k^T` for each gate k of the program's units, W streamed from L2 in BLOCK_K chunks of
-    the state (K = P): `src` the group's exchanged state rows, `w_row0` the pointer of the program's first
-    gate rows `[1, BLOCK_N]` (row j of gate k at `w_row0 + k * gate_rows`). Chunk k + 1 is prefetched by
-    hand during chunk k (the kernel compiles with num_stages=1, module docstring). Unused gates: zeros."""
-    acc0 = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
-    acc1 = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
-    acc2 = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
-    acc3 = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)
-    mask_k = offs_k < P
-    h_next = load_exchanged(src + offs_k[None, :], mask_b[:, None] & mask_k[None, :])
-    wm = mask_k[:, None] & mask_n[None, :]
-    w_next0 = tl.load(w_row0 + offs_k[:, None], mask=wm, other=0.0)
-    if GATES > 1:
-        w_next1 = tl.load(w_row0 + gate_rows + offs_k[:, None], mask=wm, other=0.0)
-        w_next2 = tl.load(w_row0 + 2 * gate_rows + offs_k[:, None], mask=wm, other=0.0)
-    if GATES > 3:
-        w_next3 = tl.load(w_row0 + 3 * gate_rows + offs_k[:, None], mask=wm, other=0.0)
-    for k0 in range(0, P, BLOCK_K):
-        a = h_next.to(w_next0.dtype)
-        w0 = w_next0
-        if GATES > 1:
-            w1 = w_next1
-            w2 = w_next2
-        if GATES > 3:
-            w3 = w_next3
-        ks = k0 + BLOCK_K + offs_k
-        mask_k = ks < P
-        wm = mask_k[:, None] & mask_n[None, :]
-        h_next = load_exchanged(src + ks[None, :], mask_b[:, None] & mask_k[None, :])
-        w_next0 = tl.load(w_row0 + ks[:, None], mask=wm, other=0.0)
-        if GATES > 1:
-            w_next1 = tl.load(w_row0 + gate_rows + ks[:, None], mask=wm, other=0.0)
-            w_next2 = tl.load(w_row0 + 2 * gate_rows + ks[:, None], mask=wm, other=0.0)
-        if GATES > 3:
-            w_next3 = tl.load(w_row0 + 3 * gate_rows + ks[:, None], mask=wm, other=0.0)
-        acc0 = tl.dot(a, w0, acc=acc0, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if GATES > 1:
-            acc1 = tl.dot(a, w1, acc=acc1, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            acc2 = tl.dot(a, w2, acc=acc2, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if GATES > 3:
-            acc3 = tl.dot(a, w3, acc=acc3, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-    return acc0, acc1, acc2, acc3
 
 
 @triton.jit(do_not_specialize=["T", "s_begin", "s_end", "max_spins"])
 def birnn_fwd_kernel(
     x_proj_ptr, w_ptr, out_ptr, h_n_ptr, lengths_ptr, xch_ptr, sync_ptr, err_ptr,
     w_hr_ptr, b_hn_ptr, c0_ptr, c_n_ptr, saved_ptr, mxch_ptr,
-    T, B, H, U, stride_w, s_begin, s_end, max_spins,
+    T, B, H, U, s_begin, s_end, max_spins,
     stride_xt, stride_xb,
     stride_ot, stride_ob,
     stride_hnd, stride_hnb,
-    P, UP, stride_wr, stride_st,
+    P, UP, stride_st,
     HAS_LENGTHS: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    W_ON_CHIP: tl.constexpr, BARRIER: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NK: tl.constexpr, NR: tl.constexpr,
+    SPLIT: tl.constexpr, BARRIER: tl.constexpr,
     CELL: tl.constexpr = 0, GATES: tl.constexpr = 1, PROJ: tl.constexpr = False, BLOCK_P: tl.constexpr = 16,
-    BLOCK_KH: tl.constexpr = 16, PHASE: tl.constexpr = 0,
+    BLOCK_KH: tl.constexpr = 16, NKH: tl.constexpr = 1, NRH: tl.constexpr = 1, PHASE: tl.constexpr = 0,
 ):
     """One program: hidden units [p*U, p*U + U) (all G gates, and c for an LSTM) and state units
     [p*UP, p*UP + UP) (= the hidden units unless PROJ) of BLOCK_B rows of one direction, for steps
@@ -198,7 +151,6 @@ def birnn_fwd_kernel(
     D = tl.num_programs(2)
     offs_b = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     units = p * U + offs_n  # hidden units: gates, c, m
     mask_n = (offs_n < U) & (units < H)
     mask_b = offs_b < B
@@ -214,23 +166,23 @@ def birnn_fwd_kernel(
         mask_bs = mask_bn
     seq_len = sequence_lengths(lengths_ptr, offs_b, B, T, HAS_LENGTHS)
     n_steps = tl.max(seq_len, axis=0)
-    KEEP: tl.constexpr = SPLIT == 1 and BARRIER and W_ON_CHIP  # whole state in this program's registers
+    # the whole state in this program's registers: one program whose every product is one resident chunk
+    KEEP: tl.constexpr = (SPLIT == 1 and BARRIER and NK == 1 and NR == 1
+                          and BLOCK_K == (BLOCK_P if PROJ else BLOCK_N)
+                          and (not PROJ or (NKH == 1 and NRH == 1 and BLOCK_KH == BLOCK_N)))
     NB: tl.constexpr = 2 if PROJ else 1  # barriers per step (SPLIT > 1, persistent): m, then h
-
-    if W_ON_CHIP:  # gate k of W_hh[d][k*H + p*U + n, :] as w_k[:, n], the dots' right operands, every step
-        w_base = w_ptr + ((direction * SPLIT + p) * GATES * BLOCK_N).to(tl.int64) * BLOCK_K
-        w_tile = offs_n[None, :] * BLOCK_K + offs_k[:, None]
-        w0 = tl.load(w_base + w_tile)
-        if GATES > 1:
-            w1 = tl.load(w_base + BLOCK_N * BLOCK_K + w_tile)
-            w2 = tl.load(w_base + 2 * BLOCK_N * BLOCK_K + w_tile)
-        if GATES > 3:
-            w3 = tl.load(w_base + 3 * BLOCK_N * BLOCK_K + w_tile)
-        if PROJ:  # W_hr[d][p*UP + q, :] as wr[:, q]: the projection's right operand
-            offs_kh = tl.arange(0, BLOCK_KH)
-            wr = tl.load(w_hr_ptr + ((direction * SPLIT + p) * BLOCK_P).to(tl.int64) * BLOCK_KH
-                         + offs_q[None, :] * BLOCK_KH + offs_kh[:, None])
-    w_row0 = w_ptr + (direction.to(tl.int64) * GATES * H + units[None, :]) * stride_w  # streamed: gate 0 rows
+    # the gate product: GA gates side by side in one dot (gate-major columns k*BLOCK_N + n); the GRU's
+    # n gate is a second output of the same chunks (product.py)
+    GA: tl.constexpr = 2 if CELL == 2 else GATES
+    GN: tl.constexpr = GATES * BLOCK_N  # a chunk row of the slice
+    w_prog = w_ptr + ((direction * SPLIT + p) * NK * BLOCK_K).to(tl.int64) * GN
+    ws = resident(w_prog, NR, BLOCK_K, GA * BLOCK_N, GN, 0)
+    ws_n = ws
+    if CELL == 2:
+        ws_n = resident(w_prog, NR, BLOCK_K, BLOCK_N, GN, 2 * BLOCK_N)
+    if PROJ:  # W_hr[d][p*UP + q, :] as chunks of wr[:, q]: the projection's right operand
+        wr_prog = w_hr_ptr + ((direction * SPLIT + p) * NKH * BLOCK_KH).to(tl.int64) * BLOCK_P
+        wrs = resident(wr_prog, NRH, BLOCK_KH, BLOCK_P, BLOCK_P, 0)
 
     half = D.to(tl.int64) * B * P  # one ping-pong half of xch
     xch_rows = xch_ptr + direction.to(tl.int64) * B * P + offs_b[:, None] * P
@@ -257,42 +209,37 @@ def birnn_fwd_kernel(
     if CELL == 2:
         b_hn = tl.load(b_hn_ptr + direction * H + units, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     aborted = (s_begin < 0).to(tl.int32)  # 0: a runtime int32 the barrier updates
-    for s in range(s_begin, s_stop):
+    # a while loop, not range(): Triton 3.6's interpreter cannot take a runtime loop bound with numpy >= 2.4
+    # (NOTES-triton 8d); it compiles to the same loop
+    s = s_begin
+    while s < s_stop:
         t, active = step_time(s, direction, n_steps, seq_len)
         m = active[:, None] & mask_n[None, :]
-        src = xch_rows + (s % 2) * half
         row = s + row_shift
         if PHASE != 2:
-            # x_proj is added after the dots, so its loads are not the dots' accumulators and can be prefetched
+            # x_proj is added after the product, so its loads are not the dots' accumulators and can be prefetched
             x0 = tl.load(x_ptrs + t * stride_xt, mask=m, other=0.0).to(ACC_DTYPE)
             if GATES > 1:
                 x1 = tl.load(x_ptrs + t * stride_xt + H, mask=m, other=0.0).to(ACC_DTYPE)
                 x2 = tl.load(x_ptrs + t * stride_xt + 2 * H, mask=m, other=0.0).to(ACC_DTYPE)
             if GATES > 3:
                 x3 = tl.load(x_ptrs + t * stride_xt + 3 * H, mask=m, other=0.0).to(ACC_DTYPE)
-            if W_ON_CHIP:
-                if KEEP:
-                    h_all = h_own
-                else:
-                    h_all = load_exchanged(src + offs_k[None, :], mask_b[:, None] & (offs_k < P)[None, :])
-                a = h_all.to(w0.dtype)
-                acc0 = tl.dot(a, w0, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                if GATES > 1:
-                    acc1 = tl.dot(a, w1, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                    acc2 = tl.dot(a, w2, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                if GATES > 3:
-                    acc3 = tl.dot(a, w3, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = tl.zeros((BLOCK_B, GA * BLOCK_N), dtype=ACC_DTYPE)
+            acc_n = tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC_DTYPE)  # GRU: h @ W_hn^T
+            if KEEP:
+                a = h_own.to(ws[0].dtype)
+                acc = tl.dot(a, ws[0], acc=acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if CELL == 2:
+                    acc_n = tl.dot(a, ws_n[0], acc=acc_n, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             else:
-                # Triton's pipeliner would turn even volatile loads into L1-allocating cp.async.ca (seen in
-                # the PTX), so split kernels compile with num_stages=1 and prefetch chunk k + 1 by hand
-                acc0, acc1, acc2, acc3 = _gate_dots_streamed(
-                    src, w_row0, H * stride_w, P, mask_b, mask_n, offs_k, BLOCK_B, BLOCK_N,
-                    BLOCK_K, GATES, ACC_DTYPE, INPUT_PRECISION)
+                acc, acc_n = gather_product(xch_rows + (s % 2) * half, mask_b, P, w_prog, ws, acc, ws_n, acc_n,
+                                            NK, NK, NR, BLOCK_K, GA * BLOCK_N, GN, BLOCK_N, 2 * BLOCK_N,
+                                            CELL == 2, ACC_DTYPE, INPUT_PRECISION)
+            z0, z1, z2, z3 = split_gates(acc, GA, BLOCK_B, BLOCK_N)
             if CELL == 0:
-                h_new = cell_forward(acc0 + x0, RELU)
+                h_new = cell_forward(z0 + x0, RELU)
             elif CELL == 1:
-                g_i, g_f, g_g, g_o, c_new, h_new = lstm_cell_forward(acc0 + x0, acc1 + x1, acc2 + x2, acc3 + x3,
-                                                                     c_own)
+                g_i, g_f, g_g, g_o, c_new, h_new = lstm_cell_forward(z0 + x0, z1 + x1, z2 + x2, z3 + x3, c_own)
                 if HAS_LENGTHS:  # a row outside its valid steps keeps its cell state
                     c_own = tl.where(active[:, None], c_new, c_own)
                 else:
@@ -307,8 +254,8 @@ def birnn_fwd_kernel(
                 tl.store(sv + 3 * H, g_o.to(dt), mask=mask_bn)
                 tl.store(sv_state + row * stride_st, c_own.to(dt), mask=mask_bn)  # kept c where inactive
             else:
-                hn = acc2 + b_hn
-                g_r, g_z, g_n, h_new = gru_cell_forward(acc0 + x0, acc1 + x1, hn, x2, h_own)
+                hn = acc_n + b_hn
+                g_r, g_z, g_n, h_new = gru_cell_forward(z0 + x0, z1 + x1, hn, x2, h_own)
                 sv = sv_gates + row * stride_st
                 dt = saved_ptr.dtype.element_ty
                 tl.store(sv, g_r.to(dt), mask=mask_bn)
@@ -316,8 +263,10 @@ def birnn_fwd_kernel(
                 tl.store(sv + 2 * H, hn.to(dt), mask=mask_bn)
                 tl.store(sv_state + row * stride_st, g_n.to(dt), mask=mask_bn)
         if PROJ:  # h = m @ W_hr^T mixes all hidden units: this program computes its state units of h
+            acc_h = tl.zeros((BLOCK_B, BLOCK_P), dtype=ACC_DTYPE)
             if KEEP:  # one program: m of every hidden unit is in its registers
-                h_new = tl.dot(h_new.to(wr.dtype), wr, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                h_new = tl.dot(h_new.to(wrs[0].dtype), wrs[0], acc=acc_h, input_precision=INPUT_PRECISION,
+                               out_dtype=ACC_DTYPE)
             else:
                 m_rows = mxch_ptr + direction.to(tl.int64) * B * H + offs_b[:, None] * H
                 if PHASE != 2:  # publish m; the group meets (or the launch ends) before anyone reads it
@@ -327,15 +276,9 @@ def birnn_fwd_kernel(
                     elif SPLIT == 1:
                         tl.debug_barrier()  # other threads of this program read what this one wrote
                 if PHASE != 1:
-                    if W_ON_CHIP:
-                        m_all = load_exchanged(m_rows + offs_kh[None, :], mask_b[:, None] & (offs_kh < H)[None, :])
-                        h_new = tl.dot(m_all.to(wr.dtype), wr, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                    else:
-                        wr_row0 = w_hr_ptr + (direction.to(tl.int64) * P + sunits[None, :]) * stride_wr
-                        offs_c = tl.arange(0, BLOCK_KH)
-                        h_new, _a, _b, _c = _gate_dots_streamed(
-                            m_rows, wr_row0, 0, H, mask_b, mask_s, offs_c, BLOCK_B, BLOCK_P,
-                            BLOCK_KH, 1, ACC_DTYPE, INPUT_PRECISION)
+                    h_new, _ = gather_product(m_rows, mask_b, H, wr_prog, wrs, acc_h, wrs, acc_h, NKH, NKH,
+                                              NRH, BLOCK_KH, BLOCK_P, BLOCK_P, BLOCK_P, 0, False, ACC_DTYPE,
+                                              INPUT_PRECISION)
         if PHASE != 1:
             if HAS_LENGTHS:  # a row outside its valid steps keeps its state
                 h_own = tl.where(active[:, None], h_new, h_own)
@@ -352,6 +295,7 @@ def birnn_fwd_kernel(
                     aborted = group_barrier(bar, ((s - s_begin) * NB + NB) * SPLIT, max_spins, err_ptr, aborted)
                 elif SPLIT == 1:
                     tl.debug_barrier()  # other threads of this program read it at the next step
+        s += 1
 
     if (s_begin <= n_steps) & (s_end >= n_steps):  # this launch ran the group's last step
         if PHASE != 1:
@@ -367,8 +311,10 @@ def birnn_fwd_kernel(
             # longest row (direction 0: the final c) or before it (direction 1: c0)
             c_first = tl.load(c0_ptr + state_rows, mask=mask_bn, other=0.0).to(ACC_DTYPE)  # (not kept live)
             c_fill = tl.where(direction == 0, c_own, c_first).to(saved_ptr.dtype.element_ty)
-            for r in range(0, T - n_steps):
+            r = n_steps * 0
+            while r < T - n_steps:
                 tl.store(sv_state + (r + (1 - direction) * n_steps) * stride_st, c_fill, mask=mask_bn)
+                r += 1
 
 
 def check_buffers(ok: bool, expected: str) -> None:
@@ -386,21 +332,28 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "tf32" if dtype == torch.float32 and allow_tf32 else "ieee"
 
 
+def kernel_constants(cfg: RecurrenceConfig, hidden_size: int, state_size: int, cell: str, proj: bool) -> dict:
+    """The plan's shape constexprs of `birnn_fwd_kernel` (also for the compile checks), from
+    `config.pass_shape`: BLOCK_N, BLOCK_P (a program's hidden and state units, padded), BLOCK_K / NK / NR
+    (the gate product's K chunk over P = `state_size`, its chunk count and how many stay resident),
+    BLOCK_KH / NKH / NRH (the projection's, K = H), SPLIT, CELL, GATES, PROJ."""
+    shape = pass_shape(cfg, hidden_size, state_size, gate_count(cell), proj, forward=True)
+    return dict(BLOCK_N=cfg.block_h, BLOCK_P=shape["block_p"], BLOCK_K=shape["block_k"], NK=shape["chunks"],
+                NR=shape["resident"], BLOCK_KH=shape["block_k2"], NKH=shape["chunks2"], NRH=shape["resident2"],
+                SPLIT=cfg.programs_per_group(hidden_size), CELL=CELL_CODES[cell], GATES=gate_count(cell),
+                PROJ=proj)
+
+
 def common_kwargs(cfg: RecurrenceConfig, H: int, dtype: torch.dtype, allow_tf32: bool, relu: bool,
                   has_lengths: bool, forward: bool, cell: str | None = None, proj_size: int = 0) -> dict:
-    """The constexprs and launch options both kernels take. With `cell` (a gated cell's mode name, or
-    'RNN_TANH' / 'RNN_RELU'): also the cell's constexprs CELL (0 Elman, 1 LSTM, 2 GRU), GATES, PROJ,
-    BLOCK_P (a program's slice of the projected state) and BLOCK_KH (the projection dot's K block); the
-    state width is then P = proj_size or H (the gate dots' K, `cfg.k_block(P)`)."""
-    P = proj_size or H
+    """The constexprs and launch options of a forward launch with plan `cfg` (`cell`: nn.RNNBase's mode
+    name; None: the Elman cell `relu` names): `kernel_constants` plus the dtype's, HAS_LENGTHS and RELU,
+    and num_warps / num_stages."""
+    mode = cell or ("RNN_RELU" if relu else "RNN_TANH")
     kw = dict(HAS_LENGTHS=has_lengths, RELU=relu, ACC_DTYPE=acc_dtype(dtype),
               INPUT_PRECISION=input_precision(dtype, allow_tf32), BLOCK_B=cfg.block_b,
-              BLOCK_N=cfg.block_h, BLOCK_K=cfg.k_block(P), SPLIT=cfg.programs_per_group(H),
-              W_ON_CHIP=cfg.w_on_chip, num_warps=cfg.warps(forward=forward))
-    if cell is not None:
-        kw.update(CELL=CELL_CODES[cell], GATES=gate_count(cell), PROJ=bool(proj_size),
-                  BLOCK_P=cfg.block_p(H, proj_size) if proj_size else cfg.block_h,
-                  BLOCK_KH=cfg.k_block(H) if proj_size else MIN_DOT)
+              num_warps=cfg.warps(forward=forward),
+              **kernel_constants(cfg, H, proj_size or H, mode, bool(proj_size)))
     if cfg.stages(H) is not None:
         kw["num_stages"] = cfg.stages(H)
     return kw
@@ -464,28 +417,26 @@ def _forward(x_proj, w_hh, h0, out, h_n, mode, *, c0=None, c_n=None, w_hr=None, 
     persistent = cfg.runs_persistent(H, T)
     common = common_kwargs(cfg, H, x_proj.dtype, allow_tf32, mode == "RNN_RELU", lengths is not None,
                            forward=True, cell=mode, proj_size=proj)
+    keep = pass_shape(cfg, H, P, G, bool(proj), True, persistent)["keep"]  # the state in registers: no mxch
     with device_guard(x_proj):  # Triton launches on the current device: make it the tensors' device
         launch.raise_pending(device)
-        if cfg.w_on_chip:
-            w = launch.gate_slices(w_hh, G, S, U, cfg.block_h, cfg.k_block(P))
-            wr = None if w_hr is None else launch.slices(w_hr, S, UP, common["BLOCK_P"], common["BLOCK_KH"])
-        else:
-            w = launch.row_padded(w_hh)
-            wr = None if w_hr is None else launch.row_padded(w_hr)
+        w = launch.product_slices(w_hh, G, S, U, cfg.block_h, common["BLOCK_K"], common["NK"])
+        wr = None if w_hr is None else launch.product_slices(w_hr, 1, S, UP, common["BLOCK_P"], common["BLOCK_KH"],
+                                                             common["NKH"])
         xch = x_proj.new_empty((2, D, B, P))
         xch[0].copy_(h0)
-        mxch = x_proj.new_empty((D, B, H)) if proj and not (S == 1 and cfg.w_on_chip) else None
+        mxch = x_proj.new_empty((D, B, H)) if proj and not keep else None
         if c0 is not None:
             c0 = c0.contiguous()
         sync = torch.zeros(D * n_tiles, dtype=torch.int32, device=device)
         err = launch.error_flag(device)
-        args = (x_proj, w, out, h_n, lengths, xch, sync, err, wr, b_hn, c0, c_n, saved, mxch,
-                T, B, H, U, w.stride(-2))
+        args = (x_proj, w, out, h_n, lengths, xch, sync, err, wr, b_hn, c0, c_n, saved, mxch, T, B, H, U)
         after = (x_proj.stride(0), x_proj.stride(1), out.stride(0), out.stride(1), h_n.stride(0), h_n.stride(1),
-                 P, UP, 0 if wr is None else wr.stride(-2), 0 if saved is None else saved.stride(0))
+                 P, UP, 0 if saved is None else saved.stride(0))
         phases = (1, 2) if proj and S > 1 else ()  # launch per step: m, then h, each ends at a launch boundary
         launch.run_steps(birnn_fwd_kernel, (S, n_tiles, D), args, after, T, persistent, cfg.spin_limit(),
-                         common, phases)
+                         common, phases, cooperative=launch.cooperative(cfg, S, device),
+                         what=f"the forward of a {mode} layer (H={H}, B={B}, T={T}, S={S}) on {device}")
         if persistent and S > 1:
             launch.after_launch(device)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -55,42 +56,42 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def slices(w: torch.Tensor, split: int, units: int, block_n: int, block_k: int) -> torch.Tensor:
-    """`[D, H, K]` -> `[D, split, block_n, block_k]`: slice p holds rows `[p*units, (p+1)*units)` of
-    each direction, zero-padded (the on-chip operand of program p; unmasked, vectorised loads). With
-    split 1 and block_n == block_k == H: the tensor itself."""
-    D, H, K = w.shape
-    if split == 1 and block_n == H and block_k == K and w.is_contiguous():
-        return w.view(D, 1, H, K)
-    padded = w.new_zeros((D, split, block_n, block_k))
-    rows = w.new_zeros((D, split * units, K))
-    rows[:, :H] = w
-    padded[:, :, :units, :K] = rows.view(D, split, units, K)
-    return padded
+def unit_slices(w: torch.Tensor, blocks: int, split: int, units: int, block_n: int, block_k: int,
+                chunks: int) -> torch.Tensor:
+    """`w [D, blocks*R, K]` (`blocks` blocks of R rows: a weight's gates) -> `[D, split, chunks, blocks,
+    block_n, block_k]`: `[d, p, c, b, n, k] = w[d][b*R + p*units + n, c*block_k + k]`, zero where that
+    row or column does not exist: program p's rows `[p*units, (p+1)*units)` of every block, their columns
+    in `chunks` chunks of `block_k`."""
+    D, BR, K = w.shape
+    R = BR // blocks
+    rows = w.new_zeros((D, blocks, split * units, K))
+    rows[:, :, :R] = w.view(D, blocks, R, K)
+    out = w.new_zeros((D, blocks, split, block_n, chunks * block_k))
+    out[:, :, :, :units, :K] = rows.view(D, blocks, split, units, K)
+    return out.view(D, blocks, split, block_n, chunks, block_k).permute(0, 2, 4, 1, 3, 5)
 
 
-def gate_slices(w: torch.Tensor, gates: int, split: int, units: int, block_n: int, block_k: int) -> torch.Tensor:
-    """`W_hh [D, G*H, K]` (gate k's rows at `k*H ..`, nn's layout) -> `[D, split, G, block_n, block_k]`:
-    program p's slice of every gate, rows `[p*units, (p+1)*units)` of each gate, zero-padded (`slices`
-    per gate). G = 1 gives `slices`' layout with a unit gate dimension."""
-    D, GH, K = w.shape
-    H = GH // gates
-    if gates == 1:
-        return slices(w, split, units, block_n, block_k).unsqueeze(2)
-    per_gate = slices(w.reshape(D * gates, H, K), split, units, block_n, block_k)  # [D*G, split, bn, bk]
-    return per_gate.view(D, gates, split, block_n, block_k).transpose(1, 2).contiguous()
+def product_slices(w: torch.Tensor, blocks: int, split: int, units: int, block_n: int, block_k: int,
+                   chunks: int) -> torch.Tensor:
+    """The operand of `A @ w[d]^T` restricted to each program's rows (kernels/product.py,
+    `gather_product`): `[D, split, chunks, block_k, blocks*block_n]`, `[d, p, c, k, b*block_n + n] =
+    w[d][b*R + p*units + n, c*block_k + k]` (columns gate-major: `blocks` gates side by side)."""
+    D = w.shape[0]
+    s = unit_slices(w, blocks, split, units, block_n, block_k, chunks)  # [D, S, C, blocks, bn, bk]
+    return s.permute(0, 1, 2, 5, 3, 4).contiguous().view(D, split, chunks, block_k, blocks * block_n)
 
 
-def row_padded(w: torch.Tensor, multiple: int = 16) -> torch.Tensor:
-    """`[D, H, H]` with each row padded to a multiple of `multiple` elements (the tensor itself when H is
-    one): the streamed kernels' chunk loads then start at aligned addresses (vectorised, and eligible for
-    Triton's pipelining; at H = 300 unpadded rows gave scalar 2-byte loads)."""
-    D, H, K = w.shape
-    if K % multiple == 0:
-        return w
-    padded = w.new_zeros((D, H, -(-K // multiple) * multiple))
-    padded[..., :K] = w
-    return padded
+def row_slices(w: torch.Tensor, blocks: int, split: int, units: int, block_n: int, block_c: int,
+               chunks: int) -> torch.Tensor:
+    """The operand of `sum_b dz_b @ w[d][b*R + p's rows, :]` by column chunks (kernels/product.py,
+    `scatter_product`): `[D, split, chunks, blocks, block_n, block_c]` = `unit_slices`, contiguous."""
+    return unit_slices(w, blocks, split, units, block_n, block_c, chunks).contiguous()
+
+
+def cooperative(cfg, split: int, device: torch.device) -> bool:
+    """Whether a persistent launch of plan `cfg` with `split` programs per group asks for a cooperative
+    launch: on a CUDA device, S > 1 (programs wait for each other), unless the plan says no."""
+    return device.type == "cuda" and split > 1 and cfg.cooperative is not False
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -99,19 +100,45 @@ def _launch(kernel, grid, *args, **kwargs):
 
 
 def run_steps(kernel, grid, args: tuple, ints_after: tuple, n_steps: int, persistent: bool,
-              max_spins: int, common: dict, phases: tuple[int, ...] = ()) -> None:
+              max_spins: int, common: dict, phases: tuple[int, ...] = (), cooperative: bool = False,
+              what: str = "") -> None:
     """Launch `kernel` over `n_steps` processing steps: once (persistent) or once per step. `args` are
     the arguments before (begin, end, max_spins); `ints_after` the ones after them. `phases`: a step that
     needs more than one exchange (a projected LSTM split across programs: m, then h) runs, in the
     launch-per-step mode, as one launch per phase (`PHASE=` each of them: the launch boundary is then
-    every barrier); empty: one launch per step, no PHASE argument."""
+    every barrier); empty: one launch per step, no PHASE argument.
+
+    `cooperative` (a persistent split launch on a GPU): ask CUDA for a cooperative launch
+    (`launch_cooperative_grid`, Triton 3.6 and 3.9: `CU_LAUNCH_ATTRIBUTE_COOPERATIVE`), which either
+    makes every program of the grid resident at once or refuses to start; when it refuses (the grid does
+    not fit the device as the plan estimated, MPS or MIG, another kernel holding SMs), the steps run one
+    launch each instead (correct on any device, slower) and a warning naming `what` (the layer's shape)
+    says so, once per shape. An error that the launch-per-step mode raises as well propagates."""
     if persistent:
-        _launch(kernel, grid, *args, 0, n_steps, max_spins, *ints_after, BARRIER=True, **common)
-    else:
-        for s in range(n_steps):
-            for ph in phases or (None,):
-                extra = {} if ph is None else {"PHASE": ph}
-                _launch(kernel, grid, *args, s, s + 1, max_spins, *ints_after, BARRIER=False, **extra, **common)
+        if not cooperative:
+            _launch(kernel, grid, *args, 0, n_steps, max_spins, *ints_after, BARRIER=True, **common)
+            return
+        try:
+            _launch(kernel, grid, *args, 0, n_steps, max_spins, *ints_after, BARRIER=True,
+                    launch_cooperative_grid=True, **common)
+            return
+        except RuntimeError as e:  # refused at launch: nothing ran
+            _warn_once(what, f"fused_birnn: the cooperative launch of {what} was refused ({e}); running it "
+                             f"as one launch per step (slower). The grid needs every program resident at once: "
+                             f"is the GPU shared (MPS, MIG, other kernels)?")
+    for s in range(n_steps):
+        for ph in phases or (None,):
+            extra = {} if ph is None else {"PHASE": ph}
+            _launch(kernel, grid, *args, s, s + 1, max_spins, *ints_after, BARRIER=False, **extra, **common)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 class _ErrorFlag:

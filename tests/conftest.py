@@ -33,6 +33,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def aten_calls(monkeypatch):
+    """`backend='auto'` on a CPU as if the interpreter were off (what `auto` reads, as the bench's timing
+    does): the list of calls into ATen's RNN functions (`torch._VF.rnn_tanh`, `lstm`, ...) from
+    fused_birnn.rnn, by name."""
+    import types
+
+    import fused_birnn.functional as functional
+    import fused_birnn.rnn as rnn_module
+
+    calls = []
+    real = rnn_module._VF
+
+    def counted(name):
+        def call(*args):
+            calls.append(name)
+            return getattr(real, name)(*args)
+        return call
+
+    monkeypatch.setattr(functional, "INTERPRETER", False)
+    monkeypatch.setattr(rnn_module, "_VF", types.SimpleNamespace(
+        **{name: counted(name) for name in rnn_module._ATEN.values()}))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -27,9 +27,8 @@ def pair(dtype=torch.float64, backend="auto", **kw):
 
 def is_flat(m):
     """Every parameter is the slot of its layer's flat buffer (no per-call packing)."""
-    return all(bufs is not None and all(p.data_ptr() == buf[d].data_ptr()
-                                        for d, ps in enumerate(m._layer_params(layer))
-                                        for buf, p in zip(bufs, ps))
+    return all(all(buf is not None and p.data_ptr() == buf[d].data_ptr()
+                   for d, ps in enumerate(m._layer_params(layer)) for buf, p in zip(bufs, ps, strict=True))
                for layer, bufs in enumerate(m._layer_buffers))
 
 

@@ -187,27 +187,33 @@ class Symmetric(nn.Module):
 def test_unconvertible_modules_are_left_alone_and_reported():
     hooked = nn.RNN(4, 4)
     hooked.register_forward_hook(lambda mod, args, out: out)
-    parametrized = nn.RNN(4, 4)
+    parametrized = nn.RNN(4, 4)  # carried over (tests/test_weight_transforms.py), so not left
     parametrize.register_parametrization(parametrized, "weight_hh_l0", Symmetric())
+    deleted = nn.RNN(4, 4)
+    del deleted.weight_hh_l0
     mixed = nn.RNN(4, 4)
     mixed.bias_hh_l0.data = mixed.bias_hh_l0.data.double()
     mixed_gru = nn.GRU(4, 4)
     mixed_gru.weight_ih_l0.data = mixed_gru.weight_ih_l0.data.double()
     left = {"base": nn.RNNBase("LSTM", 4, 4), "lstm_sub": PeepholeLSTM(4, 4), "sub": Doubling(4, 4),
-            "hooked": hooked, "parametrized": parametrized, "mixed": mixed, "mixed_gru": mixed_gru}
+            "hooked": hooked, "deleted": deleted, "mixed": mixed, "mixed_gru": mixed_gru}
     reasons = {"base": "RNNBase has no fused version (only RNN, LSTM, GRU)",
                "lstm_sub": "PeepholeLSTM subclasses torch.nn.LSTM",
                "sub": "Doubling subclasses torch.nn.RNN",
-               "hooked": "has module hooks", "parametrized": "has parametrizations",
+               "hooked": "has module hooks registered on it (function in _forward_hooks), which would not carry "
+                         "over (they may hold the old module): convert first, then register them on the "
+                         "fused_birnn.RNN",
+               "deleted": "its weight_hh_l0 is neither a Parameter, a parametrization nor set by",
                "mixed": "its parameters mix dtypes or devices (float32 on cpu, float64 on cpu)",
                "mixed_gru": "its parameters mix dtypes or devices (float32 on cpu, float64 on cpu)"}
-    model = nn.Sequential(nn.ModuleDict(left), nn.RNN(4, 4))
+    model = nn.Sequential(nn.ModuleDict({**left, "parametrized": parametrized}), nn.RNN(4, 4))
 
     with pytest.warns(UserWarning, match=r"left 7 module\(s\) unchanged") as record:
         assert convert(model) is model
     message = str(record[0].message)
     assert all(f"'0.{k}': {r}" in message for k, r in reasons.items()), message
     assert all(model[0][k] is m for k, m in left.items()) and type(model[1]) is fused_birnn.RNN
+    assert isinstance(model[0]["parametrized"], fused_birnn.RNN)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # report=True: the caller gets the list, no warning

@@ -3,8 +3,6 @@ where our path is not faster: inference and short training sequences) and which 
 the results are nn.RNN's either way. The suite runs under TRITON_INTERPRET=1, so these tests switch the
 module's view of the interpreter off."""
 
-import types
-
 import pytest
 import torch
 from conftest import assert_same_outcome, outcome
@@ -14,24 +12,6 @@ import fused_birnn
 import fused_birnn.functional as functional
 import fused_birnn.rnn as rnn_module
 from fused_birnn.rnn import ATEN_MAX_TRAINING_STEPS
-
-
-@pytest.fixture
-def aten_calls(monkeypatch):
-    """Counts calls into ATen's RNN from fused_birnn.rnn, as if the interpreter were off."""
-    calls = []
-    real = rnn_module._VF
-
-    def counted(name):
-        def call(*args):
-            calls.append(name)
-            return getattr(real, name)(*args)
-        return call
-
-    monkeypatch.setattr(functional, "INTERPRETER", False)  # what `auto` reads, as the bench's timing does
-    monkeypatch.setattr(rnn_module, "_VF", types.SimpleNamespace(rnn_tanh=counted("rnn_tanh"),
-                                                                  rnn_relu=counted("rnn_relu")))
-    return calls
 
 
 def pair(**kwargs):

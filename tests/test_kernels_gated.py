@@ -271,44 +271,6 @@ def test_contract_errors():
         kf.recurrence_forward(x_proj[..., :-1], w_hh, h0, kw["c0"], cell="LSTM")
 
 
-def test_gated_plans_fit_the_device():
-    """Every plan for the gated cells fits its target: G slices of W_hh (and W_hr) within shared memory,
-    the G accumulators within the per-thread bound, every unit owned once, the projection's slices
-    covering P; the Elman plan of the same shape is what it was (G = 1 changes nothing)."""
-    from fused_birnn.kernels.config import (ACC_PER_THREAD_MAX, DeviceLimits, onchip_shared_bytes, select_config,
-                                            streamed_shared_bytes)
-
-    for arch in (80, 86, 89, 90):
-        limits = DeviceLimits.for_arch(arch)
-        for cell, G in (("LSTM", 4), ("GRU", 3)):
-            for H, P in ((7, 0), (50, 0), (128, 0), (256, 0), (320, 0), (1024, 0), (2048, 320), (50, 20)):
-                if P and cell != "LSTM":
-                    continue
-                for B in (1, 16, 32, 64):
-                    for dt, tf32 in ((torch.float16, False), (torch.bfloat16, False), (torch.float32, True),
-                                     (torch.float32, False)):
-                        c = select_config(H, B, dt, tf32, limits, None, cell, P or None)
-                        c.check(H)
-                        S, U = c.programs_per_group(H), c.units_per_program(H)
-                        what = f"sm_{arch} {cell} H={H} P={P} B={B} {dt} tf32={tf32}: {c}"
-                        assert S * U >= H and U <= c.block_h, what
-                        if P:
-                            assert S * c.proj_units_per_program(H, P) >= P, what
-                            assert c.proj_units_per_program(H, P) <= c.block_p(H, P), what
-                        K = c.k_block(P or H)
-                        if c.w_on_chip:
-                            proj = c.block_p(H, P) * c.k_block(H) if P else 0
-                            assert onchip_shared_bytes(c.block_b, c.block_h, dt.itemsize, c.num_stages, True, K,
-                                                       G, proj) <= limits.shared_per_block, what
-                        else:
-                            assert streamed_shared_bytes(c.block_b, c.block_h, K, dt.itemsize, gates=G) \
-                                <= limits.shared_per_block, what
-                        if c.w_on_chip:  # the G accumulators of an on-chip program (streamed: 16-wide tiles)
-                            assert G * c.block_b * c.block_h <= ACC_PER_THREAD_MAX * 32 * c.num_warps, what
-    assert select_config(128, 32, torch.float16, False, DeviceLimits.for_arch(90), None, "LSTM").programs_per_group(128) == 1
-    assert select_config(128, 32, torch.float16, False, DeviceLimits.for_arch(86), None, "LSTM").programs_per_group(128) > 1
-
-
 def test_missing_program_aborts_the_projected_step(monkeypatch):
     """Program (1, 0, 0) never runs: its partner gives up at the step's first barrier (m), writes NaN for
     its h and c from there on, sets the error flag; the other direction's group is unaffected; the next

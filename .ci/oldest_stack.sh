@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CI: the oldest stack we claim, besides the current one: triton 3.6.0 (the lent GPU machines' version) with
 # numpy 2.4, in a second virtual environment (the CPU torch wheel serves both). Runs the interpreter tests
-# that cover every kernel file (the kernel-level tests and the split recurrence), the launch plans, and the
-# compile checks of every plan for sm_80/86/89/90 under that triton's compiler.
+# that cover every kernel file (the kernel-level tests, the split recurrence, every plan kind), the launch
+# plans, and the compile checks of every plan for sm_80/86/89/90 under that triton's compiler.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="$(mktemp -d)"
@@ -23,5 +23,5 @@ echo "oldest stack: venv ready after $((SECONDS - t0)) s"
 cd "$ROOT"
 TRITON_INTERPRET=1 "$VPY" -m pytest -q -p no:cacheprovider \
     tests/test_kernels.py tests/test_kernels_gated.py tests/test_kernels_gated_backward.py tests/test_split.py \
-    tests/test_plans.py tests/test_compile.py
+    tests/test_plan_kinds.py tests/test_plans.py tests/test_compile.py
 echo "oldest stack (triton 3.6.0, numpy 2.4) passed in $((SECONDS - t0)) s"

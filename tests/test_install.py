@@ -98,5 +98,5 @@ def test_ci_runs_the_oldest_stack():
     floor = next(r for r in PYPROJECT["project"]["dependencies"] if _name(r) == "triton")
     assert floor == "triton>=3.6"
     for f in ("test_kernels.py", "test_kernels_gated.py", "test_kernels_gated_backward.py", "test_split.py",
-              "test_plans.py", "test_compile.py"):
+              "test_plan_kinds.py", "test_plans.py", "test_compile.py"):
         assert f"tests/{f}" in check, f

@@ -33,6 +33,19 @@ class InputTypeError(TypeError, AttributeError):
     that nn.RNN raises for it (from `input.dim()`), so code written against either catches it."""
 
 
+class StateError(RuntimeError, TypeError, IndexError, AttributeError):
+    """A state that nn's class cannot use: an LSTM `hx` that is not `(h_0, c_0)`, two tensors, or a state of
+    a PackedSequence input that is not 3-D. A RuntimeError, as our other state errors, and also whichever of
+    TypeError, IndexError and AttributeError nn's class raises for it there: that depends on what `hx` holds
+    (a Tensor, a 1-tuple, None inside), on whether the input is packed (and sorted) and on the torch
+    version, so code written against either catches it."""
+
+
+class InputDtypeError(ValueError, RuntimeError):
+    """An input whose dtype is not the parameters': the ValueError of nn's `check_input`, and also the
+    RuntimeError nn.LSTM raises for a PackedSequence (it skips that check and fails in a matmul)."""
+
+
 class MissingWeightError(TypeError, AttributeError):
     """A weight that is not set (None: deleted and not set again): the TypeError that ATen raises for it
     under nn's classes, and the AttributeError they raise when it is the first weight."""
@@ -158,6 +171,13 @@ class FusedRNNBase(nn.RNNBase):
             kind = "batched 3-D" if dims == 3 else "unbatched 2-D"
             raise RuntimeError(f"For {kind} input, hx should also be {dims}-D but got {states[0].dim()}-D tensor")
 
+    @staticmethod
+    def _check_packed_state_dims(states: tuple[Tensor, ...]) -> None:
+        """nn's classes fail later on a PackedSequence's states that are not 3-D (RuntimeError, IndexError)."""
+        if any(s.dim() != 3 for s in states):
+            raise StateError("For PackedSequence input, the states should be 3-D (num_layers * num_directions, "
+                             f"batch, size) but got {', '.join(f'{s.dim()}-D' for s in states)}")
+
     def _input_dim_error(self, dim: int) -> str:
         return f"{self.mode}: Expected input to be 2D or 3D, got {dim}D instead"
 
@@ -231,8 +251,9 @@ class FusedRNNBase(nn.RNNBase):
         data, batch_sizes, sorted_indices, unsorted_indices = input
         states = self._states(hx)
         if states is not None:
+            self._check_packed_state_dims(states)
             states = self._states(self.permute_hidden(self._hx(states), sorted_indices))  # caller's order -> sorted
-        states = self._initial_states(data, states, int(batch_sizes[0]), weights[0])
+        states = self._initial_states(data, states, int(batch_sizes[0]), weights[0], packed=True)
         self.check_forward_args(data, self._hx(states), batch_sizes)
         if self._aten_serves(data, states, len(batch_sizes), weights):
             output, states = self._aten(data, states, weights, batch_sizes)
@@ -244,10 +265,14 @@ class FusedRNNBase(nn.RNNBase):
                 self.permute_hidden(self._hx(states), unsorted_indices))
 
     def _initial_states(self, input: Tensor, states: tuple[Tensor, ...] | None, batch: int,
-                        weight: Tensor) -> tuple[Tensor, ...]:
+                        weight: Tensor, packed: bool = False) -> tuple[Tensor, ...]:
         """`states`, or zeros; checks what nn's class leaves to a later, less clear error (`weight`: the
-        first of this call's weights)."""
+        first of this call's weights; `packed`: `input` is a PackedSequence's data)."""
         num_directions = 2 if self.bidirectional else 1
+        if input.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():  # nn's check_input, first
+            raise (InputDtypeError if packed else ValueError)(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
         if states is None:
             return tuple(torch.zeros(self.num_layers * num_directions, batch, size, dtype=input.dtype,
                                      device=input.device) for size in self._state_sizes())
@@ -516,8 +541,8 @@ class LSTM(FusedRNNBase):
         if hx is None:
             return None
         if not isinstance(hx, (tuple, list)) or len(hx) != 2 or not all(isinstance(t, Tensor) for t in hx):
-            raise RuntimeError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
-                               + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+            raise StateError(f"LSTM: hx must be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
+                             + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
         return tuple(hx)
 
     def _hx(self, states: tuple[Tensor, ...]):

@@ -56,7 +56,8 @@ def test_gradgradcheck_with_lengths(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gradient_penalty_training_step_matches_nn_rnn(backend):
-    """The issue's case: every parameter gets nn.RNN's gradient (none was None, one was wrong)."""
+    """A gradient-penalty training step, the case that once went wrong: every parameter gets nn.RNN's
+    gradient (none was None, one was wrong)."""
     ours, ref = pair(backend, 2, 3, 2, bidirectional=True)
     x = torch.randn(5, 2, 2, dtype=F64, requires_grad=True)
     for m in (ours, ref):

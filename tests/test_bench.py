@@ -545,7 +545,7 @@ def test_speedup_plot_values_legend_and_warning():
     plt.close(quiet)
 
 
-# ------------------------------------------------------------------------------------ LSTM and GRU (issue 9)
+# ------------------------------------------------------------------------------------ LSTM and GRU
 # The workloads' shapes (shared/research/lstm-gru.md section 3): (cell, layers, I, H, proj_size, B, T, packed)
 LSTM_GRU_GPU = {
     "pyannote": [("LSTM", 4, 60, 128, 0, 32, 589, False)],

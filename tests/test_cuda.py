@@ -201,7 +201,7 @@ def test_cuda_graph_captures_a_training_step(with_lengths, split, no_tf32, monke
 
 
 # ------------------------------------------------------------------------------------------------------
-# the split recurrence (issue 8): S cooperating programs per group, in-kernel barrier
+# the split recurrence: S cooperating programs per group, in-kernel barrier
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("split", [None, 2, 3], ids=["planned", "S2", "S3"])
 @pytest.mark.parametrize("H,B,dtype", [(256, 32, torch.float32), (512, 8, torch.float16),

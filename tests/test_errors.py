@@ -58,6 +58,7 @@ FORWARD_CASES = [
     ("input-features", {}, lambda: torch.randn(3, 2, 6), None),
     ("input-dtype", {}, lambda: torch.randn(3, 2, 4, dtype=torch.float64), None),
     ("input-int", {}, lambda: torch.ones(3, 2, 4, dtype=torch.int64), None),
+    ("input-dtype-with-hx", {}, lambda: torch.randn(3, 2, 4, dtype=torch.float64), lambda: torch.randn(2, 2, 5)),
     ("input-empty-time", {}, lambda: torch.randn(0, 2, 4), None),
     ("input-empty-batch", {}, lambda: torch.randn(3, 0, 4), None),
     ("hx-2d-for-batched", {}, lambda: torch.randn(3, 2, 4), lambda: torch.randn(2, 5)),
@@ -71,6 +72,9 @@ FORWARD_CASES = [
     ("batch-first-hx-batch", dict(batch_first=True), lambda: torch.randn(2, 3, 4), lambda: torch.randn(2, 3, 5)),
     ("packed-hx-batch", {}, _packed, lambda: torch.randn(2, 2, 5)),
     ("packed-features", {}, lambda: _packed(I=6), None),
+    ("packed-hx-2d", {}, _packed, lambda: torch.randn(2, 5)),
+    ("packed-hx-1d", {}, _packed, lambda: torch.randn(5)),
+    ("packed-input-dtype-with-hx", {}, lambda: _packed().to(torch.float64), lambda: torch.randn(2, 3, 5)),
     ("valid-unbatched", {}, lambda: torch.randn(3, 4), lambda: torch.randn(2, 5)),
     ("valid-packed", dict(bidirectional=True), _packed, lambda: torch.randn(4, 3, 5)),
 ]

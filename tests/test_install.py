@@ -87,3 +87,16 @@ def test_ci_runs_the_plain_install_check():
     assert "pip install --no-compile torch==2.13.0" in check  # the CPU wheel, before the package's deps
     assert "TRITON_INTERPRET=1" in check and "env -u TRITON_INTERPRET" in check
     assert "-m fused_birnn.bench --suite tiny" in check
+
+
+def test_ci_runs_the_oldest_stack():
+    """Besides the current stack, CI runs the kernels' interpreter tests and the compile checks under the
+    oldest triton we claim (the GPU machines' 3.6.0) with numpy 2.4."""
+    assert "bash .ci/oldest_stack.sh" in (ROOT / ".ci" / "run").read_text()
+    check = (ROOT / ".ci" / "oldest_stack.sh").read_text()
+    assert "torch==2.13.0 triton==3.6.0 \"numpy==2.4.*\"" in check
+    floor = next(r for r in PYPROJECT["project"]["dependencies"] if _name(r) == "triton")
+    assert floor == "triton>=3.6"
+    for f in ("test_kernels.py", "test_kernels_gated.py", "test_kernels_gated_backward.py", "test_split.py",
+              "test_plan_kinds.py", "test_plans.py", "test_compile.py"):
+        assert f"tests/{f}" in check, f

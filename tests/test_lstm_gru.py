@@ -239,6 +239,61 @@ def test_forward_errors_match_nn(cell, make_input, make_hx):
             assert_close(g, w, torch.float32, cell)
 
 
+def _packed(dtype, sorted_=False, I=4):
+    seqs = [torch.randn(n, I, dtype=dtype) for n in ((3, 2) if sorted_ else (2, 3))]
+    return pack_sequence(seqs, enforce_sorted=sorted_)
+
+
+def _h(*shape, dtype=torch.float64):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+# Bad LSTM states and what nn.LSTM raises for them here (the type depends on what hx holds, on the input being
+# padded, unbatched or packed, sorted or not, and on the torch version): (id, module dtype, input, hx) for
+# LSTM(4, 5, 2, bidirectional=True), whose states are [4, B, 5]
+LSTM_STATE_CASES = [
+    ("tensor-padded", torch.float64, lambda: torch.randn(3, 2, 4, dtype=torch.float64), lambda: _h(4, 2, 5)),
+    ("tensor-unbatched", torch.float64, lambda: torch.randn(3, 4, dtype=torch.float64), lambda: _h(4, 5)),
+    ("tensor-packed-sorted", torch.float64, lambda: _packed(torch.float64, True), lambda: _h(4, 2, 5)),
+    ("tensor-packed", torch.float64, lambda: _packed(torch.float64), lambda: _h(4, 2, 5)),
+    ("1-tuple-padded", torch.float64, lambda: torch.randn(3, 2, 4, dtype=torch.float64), lambda: (_h(4, 2, 5),)),
+    ("1-tuple-unbatched", torch.float64, lambda: torch.randn(3, 4, dtype=torch.float64), lambda: (_h(4, 5),)),
+    ("1-tuple-packed", torch.float64, lambda: _packed(torch.float64), lambda: (_h(4, 2, 5),)),
+    ("1-list-padded", torch.float64, lambda: torch.randn(3, 2, 4, dtype=torch.float64), lambda: [_h(4, 2, 5)]),
+    ("3-tuple-padded", torch.float64, lambda: torch.randn(3, 2, 4, dtype=torch.float64), lambda: (_h(4, 2, 5),) * 3),
+    ("none-h-padded", torch.float64, lambda: torch.randn(3, 2, 4, dtype=torch.float64), lambda: (None, _h(4, 2, 5))),
+    ("none-c-unbatched", torch.float64, lambda: torch.randn(3, 4, dtype=torch.float64), lambda: (_h(4, 5), None)),
+    ("none-h-packed-sorted", torch.float64, lambda: _packed(torch.float64, True), lambda: (None, _h(4, 2, 5))),
+    ("none-c-packed", torch.float64, lambda: _packed(torch.float64), lambda: (_h(4, 2, 5), None)),
+    ("int", torch.float64, lambda: torch.randn(3, 2, 4, dtype=torch.float64), lambda: 3),
+    ("str", torch.float64, lambda: torch.randn(3, 2, 4, dtype=torch.float64), lambda: "hc"),
+    ("2d-packed-sorted", torch.float64, lambda: _packed(torch.float64, True), lambda: (_h(4, 5), _h(4, 5))),
+    ("2d-packed", torch.float64, lambda: _packed(torch.float64), lambda: (_h(4, 5), _h(4, 5))),
+    ("2d-c-packed", torch.float64, lambda: _packed(torch.float64), lambda: (_h(4, 2, 5), _h(4, 5))),
+    ("1d-packed", torch.float64, lambda: _packed(torch.float64), lambda: (_h(5), _h(5))),
+    ("fp32-packed-into-fp64", torch.float64, lambda: _packed(torch.float32), None),
+    ("fp32-packed-into-fp64-with-states", torch.float64, lambda: _packed(torch.float32), lambda: (_h(4, 2, 5),) * 2),
+    ("fp32-padded-into-fp64", torch.float64, lambda: torch.randn(3, 2, 4), None),
+    ("valid-packed", torch.float64, lambda: _packed(torch.float64), lambda: (_h(4, 2, 5), _h(4, 2, 5))),
+    ("valid-list", torch.float64, lambda: torch.randn(3, 2, 4, dtype=torch.float64), lambda: [_h(4, 2, 5)] * 2),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", *CPU_BACKENDS])
+@pytest.mark.parametrize("dtype, make_input, make_hx", [c[1:] for c in LSTM_STATE_CASES],
+                         ids=[c[0] for c in LSTM_STATE_CASES])
+def test_lstm_bad_states_raise_what_nn_lstm_raises(dtype, make_input, make_hx, backend):
+    """Ours raises an instance of nn.LSTM's exception type (StateError is a RuntimeError, TypeError,
+    IndexError and AttributeError; InputDtypeError a ValueError and RuntimeError), on every backend."""
+    ours, ref = pair("LSTM", backend, dtype=dtype, input_size=4, hidden_size=5, num_layers=2, bidirectional=True)
+    x = make_input()
+    hx = None if make_hx is None else make_hx()
+    got, want = assert_same_outcome(outcome(lambda: ours(x, hx)), outcome(lambda: ref(x, hx)), "LSTM state")
+    if want is not None:
+        for g, w in zip(flat(got), flat(want), strict=True):
+            assert_close(g, w, dtype, "LSTM state")
+
+
 def test_lstm_state_error_names_the_tuple():
     ours = fused_birnn.LSTM(4, 5)
     with pytest.raises(RuntimeError, match=r"\(h_0, c_0\)"):

@@ -7,7 +7,7 @@ model's estimates (estimates, not measurements: no GPU has run these kernels).
   the warps instead), the backward's "dh" fragments within the register bound, a
   persistent grid no larger than the device holds at once, exact-fp32 (FMA) dots on 16-wide streamed
   tiles, K padded to the chunk only.
-* The plans the issue asked for: at the surveyed workloads' shapes an H100 SXM is estimated at or under
+* The plans' targets: at the surveyed workloads' shapes an H100 SXM is estimated at or under
   the targets per forward step (fp16), the backward at most 1.5x the forward, and no small-H suite slower
   than the plans before the one-product kernels were.
 * A persistent split launch asks for a cooperative launch on a GPU, and when the driver refuses it runs
@@ -140,7 +140,7 @@ def test_replication_model():
     assert shape["ks"] == 1 and shape["ks2"] > 1, shape  # NeMo: the narrow projection splits its K
 
 
-# The issue's targets for the forward per step on an H100 SXM, fp16 (estimates), and the plans' estimates
+# The targets for the forward per step on an H100 SXM, fp16 (estimates), and the plans' estimates
 # before the one-product kernels (main @06e930c's cost model and plans) for the small-H suites.
 H100_TARGETS = [  # (name, cell, H, B, P, forward target in us)
     ("deepspeech", "LSTM", 1024, 32, 0, 3.5), ("deepspeech2", "GRU", 1024, 32, 0, 3.5),

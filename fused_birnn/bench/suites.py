@@ -18,7 +18,7 @@ Sources of the shapes:
 * `scaling`: one-at-a-time sweeps of T, B and H around H=256, B=32, T=128 (one layer, I = H).
 * `tiny`: two minute configurations for the test suite (not part of `all`).
 
-LSTM and GRU suites (issue 9; `fused_birnn.LSTM` / `fused_birnn.GRU` against `nn.LSTM` / `nn.GRU`), the
+LSTM and GRU suites (`fused_birnn.LSTM` / `fused_birnn.GRU` against `nn.LSTM` / `nn.GRU`), the
 bidirectional workloads of `shared/research/lstm-gru.md` section 3 (W1-W9), at their real sizes on a GPU
 and at a small size on a CPU (same cell, layers and packing; H, B, T shrunk):
 

@@ -56,8 +56,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_TESTS = ("tests/test_cuda.py", "tests/test_cuda_lstm_gru.py", "tests/test_torch_cells.py",
-                 "tests/test_autocast.py")
+# the plan kinds and the cooperative launch first (they decide whether the plans run as designed)
+DEFAULT_TESTS = ("tests/test_cuda_plans.py", "tests/test_cuda.py", "tests/test_cuda_lstm_gru.py",
+                 "tests/test_torch_cells.py", "tests/test_autocast.py")
 DEFAULT_SUITES = "tagger pyannote deepbench:quick"
 DEFAULT_SHARES = {"tests": 210.0, "tests-last": 90.0, "suite": 60.0}
 SHARE_VARS = {"tests": "BENCH_ONCE_TESTS_S", "tests-last": "BENCH_ONCE_LAST_S", "suite": "BENCH_ONCE_SUITE_S"}

@@ -656,6 +656,45 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# The surveyed workloads' layers and what the issue asked of an H100 SXM per forward step, fp16 (us; an
+# estimate for an estimate: no GPU has run these kernels)
+WORKLOADS = (  # (name, cell, H, B, proj_size, target us)
+    ("seed", None, 50, 15, 0, None), ("tagger", None, 256, 32, 0, None), ("pyannote", "LSTM", 128, 32, 0, None),
+    ("Open-Unmix", "LSTM", 256, 16, 0, None), ("Tacotron 2", "LSTM", 256, 64, 0, 2.0),
+    ("ESPnet", "LSTM", 320, 30, 0, 2.5), ("deepspeech", "LSTM", 1024, 32, 0, 3.5),
+    ("DeepSpeech2", "GRU", 1024, 32, 0, 3.5), ("NeMo", "LSTM", 2048, 16, 320, 6.5),
+    ("DeepBench", None, 1760, 32, 0, 4.0), ("DeepBench", None, 2560, 32, 0, 7.0),
+)
+DEVICES = (("H100 SXM", 90, 132), ("A100", 80, 108), ("L40", 89, 142))
+
+
+def estimates_table(dtype: str = "float16") -> str:
+    """A markdown table of the plan and the cost model's ESTIMATED forward and backward step (us) of every
+    surveyed workload on an H100 SXM, an A100 and an L40 (`kernels.config`; no compile, no GPU)."""
+    import torch
+
+    from fused_birnn.kernels import config as C
+
+    dt = getattr(torch, dtype)
+    head = ["workload", "cell H B (P)", "target fwd (H100)"]
+    for name, _, _ in DEVICES:
+        head += [f"{name}: plan", f"{name}: fwd / bwd est. us"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, cell, H, B, P, target in WORKLOADS:
+        cells = [name, f"{cell or 'RNN'} {H} {B}" + (f" ({P})" if P else ""), "-" if target is None else f"{target}"]
+        for _, arch, sms in DEVICES:
+            limits = C.DeviceLimits.for_arch(arch, sms)
+            cfg = C.select_config(H, B, dt, False, limits, None, cell, P or None)
+            G = C.gate_count(cell)
+            est = [C.estimate_step_us(cfg, H, B, dt, False, limits, 2, G, P, forward=f) for f in (True, False)]
+            S = cfg.programs_per_group(H)
+            plan = (f"S={S} {cfg.block_b}x{cfg.block_h}, {est[0]['resident_chunks']}/{est[0]['chunks']} res."
+                    + (f", {est[1]['exchange']}" if S > 1 else "") + ("" if est[0]["persistent"] else ", per step"))
+            cells += [plan, f"{est[0]['us']:.2f} / {est[1]['us']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _interpreter_on() -> bool:
     from triton import knobs
 
@@ -685,8 +724,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--check", action="store_true", help="exit 1 when any compile has a problem")
     ap.add_argument("--quiet", action="store_true", help="no table")
+    ap.add_argument("--estimates", action="store_true",
+                    help="print the surveyed workloads' plans and ESTIMATED step times on an H100, A100, L40; no compile")
     args = ap.parse_args(argv)
 
+    if args.estimates:
+        for dt in args.dtype:
+            print(f"{dt}: ESTIMATES from the cost model of kernels/config.py, not measurements\n")
+            print(estimates_table(dt) + "\n")
+        return 0
     if args.cases:
         with open(args.cases) as f:
             cases = [_as_case(c) for c in json.load(f)]

@@ -171,3 +171,20 @@ def test_modules_with_packed_sequences(cls, kind, monkeypatch):
         outs.append((out.data, *states, *grads))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["keep", "s2-dz", "s2-partial-dh"])
+def test_tile_shorter_than_t(kind):
+    """Every row of the batch tile shorter than T: the tile runs only its longest row's steps, and the
+    LSTM's saved c of the steps past it (direction 0: its final c; direction 1: c0) is filled as
+    torch_backend keeps it; the backward reads it. Forward against the references, backward against
+    float64 autograd."""
+    layer = Layer("LSTM", 6, 3, 2, 33, 2, 0, lengths=True)
+    layer.lengths = torch.tensor([4, 2, 1])
+    check_against_references(layer, torch.float64, run_kernel(layer, torch.float64, plans(33)[kind]), kind)
+    c = Case("LSTM", None, 6, 3, 33, 2, torch.float64, lengths=True)
+    c.lengths = torch.tensor([4, 2, 1])
+    from fused_birnn import torch_backend as tb
+    res = tb.recurrence_forward(c.x_proj(), *c.run_weights(), cell="LSTM", lengths=c.lengths)
+    c.out, c.h_n, c.saved = res[0], res[1], res[-1]
+    assert_matches(c.kernel(config=plans(33)[kind]), c.autograd(), "LSTM", TOL[torch.float64], kind)

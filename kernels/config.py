@@ -69,7 +69,7 @@ SPLIT_BLOCK_N = (16, 32, 64, 128)  # units per program the split plans try
 MIN_CHUNK = 64  # a product's K chunk when K > 64 (`chunk_size`)
 MAX_CHUNKS = 16  # chunks a product's K takes at most when the plan names no chunk
 SPLIT_CHUNK = 64  # the split plans' K chunk at most
-STREAMED_CHUNK = 4096  # elements of one chunk of a split plan's slice at most (16 a thread at 8 warps)
+STREAMED_CHUNK = 4096  # 16-bit elements of one chunk of a split plan's slice at most (16 a thread at 8 warps)
 REGISTERS_PER_THREAD_EST = 168  # plan-time estimate (the compile checks measure 72-255)
 REDUCE_ELEMENTS = 32  # exchanged partial sums of dh one thread holds at a time (`pass_shape`)
 SPLIT_K_OUTPUTS = {90: 1024}  # outputs (M x N) up to which a product splits its K among the warps; else 512
@@ -656,7 +656,7 @@ def _split_plans(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLi
                 # chunks of at most SPLIT_CHUNK rows, and of at most STREAMED_CHUNK elements (a streamed
                 # chunk's pointers are registers: 32 a thread at 8 warps)
                 def chunk(K, cols):
-                    fit = max(MIN_DOT, 1 << (max(1, STREAMED_CHUNK // cols).bit_length() - 1))
+                    fit = max(MIN_DOT, 1 << (max(1, STREAMED_CHUNK * 2 // isz // cols).bit_length() - 1))
                     return min(chunk_size(K), SPLIT_CHUNK, fit)
                 GP = 4 if gates == 3 else gates
                 BP = max(MIN_DOT, triton.next_power_of_2(triton.cdiv(P, S))) if proj_size else block_n
@@ -710,11 +710,12 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
                 wcfg = replace(cfg, num_warps=w, num_warps_forward=None)
                 wshape = pass_shape(wcfg, H, P, gates, proj, forward)
                 # the gate (main) product must not repeat its MMAs on several warps; 2 warps only for small
-                # slices (at 2 warps a 96-112 KiB slice spilled inside the loop); a state chunk at most 32
-                # elements a thread and a streamed chunk 16 (two in flight; their pointers are registers
-                # too: 128-wide chunks at 2 warps spilled kilobytes, 64 x 64 at 4 warps a few values)
+                # slices (at 2 warps a 96-112 KiB slice spilled inside the loop); a state chunk at most 64 B
+                # a thread and a streamed chunk 32 B (two in flight; their pointers are registers too:
+                # 128-wide chunks at 2 warps spilled kilobytes, 64 x 64 at 4 warps a few values, fp32 twice
+                # the 16-bit bytes did)
                 if (mma_replication(wshape["products"], w)[0] > 1 or (w == 2 and held_max > 32 * 1024)
-                        or cfg.block_b * shape["block_k"] > 32 * 32 * w):
+                        or cfg.block_b * shape["block_k"] * isz > 64 * 32 * w):
                     continue
                 nr = shape["chunks"] + shape["chunks2"]
                 while nr > 0:
@@ -727,7 +728,7 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
                 streams = [b for n_all, n_res, b in ((shape["chunks"], min(nr, shape["chunks"]), shape["chunk_bytes"]),
                                                      (shape["chunks2"], max(0, nr - shape["chunks"]),
                                                       shape["chunk_bytes2"])) if n_res < n_all]
-                if max(streams, default=0) > 16 * 32 * w:  # two in flight (prefetch): 32 a thread
+                if max(streams, default=0) * isz > 32 * 32 * w:  # two in flight (prefetch): 64 B a thread
                     continue
                 options.append((w, nr))
         best = None

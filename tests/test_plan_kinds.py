@@ -53,6 +53,9 @@ def plans(H: int) -> dict[str, RecurrenceConfig]:
                                           resident_chunks_backward=4, **base),
         "s2-streamed-dh": RecurrenceConfig(16, split(2), False, split=2, exchange="dh", **base),
         "one-streamed-dz": RecurrenceConfig(16, one, False, exchange="dz", **base),
+        # 64-row chunks: the narrow products (16-row tiles by 16 columns: Elman's gate product, the projection,
+        # the backward's dz and dm gathers) split their K among 4 warps (one batched dot)
+        "s3-ksplit-dz": RecurrenceConfig(16, split(3), True, split=3, exchange="dz", block_k=64, block_k_backward=64),
     }
 
 
@@ -67,7 +70,7 @@ def test_forward_every_plan_kind(cell, proj, kind):
     layer = Layer(cell, 4, 5, 3, 33, 2, proj, lengths=True)
     got = run_kernel(layer, torch.float64, plans(33)[kind])
     check_against_references(layer, torch.float64, got, kind)
-    if kind != "keep":
+    if kind not in ("keep", "s3-ksplit-dz"):  # (one chunk of 64 / a K split: another summation order)
         assert_bitwise_equal(layer, got, run_kernel(layer, torch.float64, plans(33)["one-chunked"]), kind)
 
 
@@ -79,9 +82,19 @@ def test_backward_every_plan_kind(cell, proj, kind):
     c = Case(cell, proj or None, 4, 5, 33, 2, torch.float64, lengths=True)
     got = c.kernel(config=plans(33)[kind])
     assert_matches(got, c.autograd(), cell, TOL[torch.float64], kind)
-    if kind in ("s3-partial-dz", "one-streamed-dz"):
+    if kind in ("s3-partial-dz", "one-streamed-dz"):  # (the K split sums in another order: not bitwise)
         for name, a, b in zip(names(cell), got, c.kernel(config=plans(33)["s2-dz"])):
             assert (a is None and b is None) or torch.equal(a, b), f"{kind} {name} differs from s2-dz"
+
+
+def test_ksplit_plan_splits_the_narrow_products():
+    from fused_birnn.kernels.config import pass_shape
+
+    cfg = plans(33)["s3-ksplit-dz"]
+    assert pass_shape(cfg, 33, 20, 4, True, True)["ks2"] == 4  # the LSTM's projection
+    assert pass_shape(cfg, 33, 20, 4, True, False)["ks"] == 4  # the backward's dz gather
+    assert pass_shape(cfg, 33, 20, 4, True, False)["ks2"] == 4  # its dm = g @ W_hr
+    assert pass_shape(cfg, 33, 33, 1, False, True)["ks"] == 4  # Elman's gate product
 
 
 def test_elman_every_plan_kind():

@@ -446,6 +446,8 @@ def _compile_one(job: dict) -> dict:
         signature, constexprs, attrs = _specialise(fn, case, row["input_precision"], cfg)
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         options = {"num_warps": row["num_warps"]}
+        if getattr(cfg, "max_registers", None) is not None:
+            options["maxnreg"] = cfg.max_registers
         if row["num_stages"] is not None:
             options["num_stages"] = row["num_stages"]
         k = triton.compile(src, target=GPUTarget("cuda", row["arch"], 32), options=options)
@@ -590,7 +592,7 @@ def _plan(cases: Sequence[CompileCase]) -> list[dict]:
                            persistent=cfg.runs_persistent(H, 1024),
                            sms=DeviceLimits.for_arch(arch).sm_count, estimate_us_per_step=est["us"],
                            estimate=est,
-                           num_stages=r["num_stages"],
+                           num_stages=r["num_stages"], max_registers=getattr(cfg, "max_registers", None),
                            shared_limit=SHARED_LIMIT[arch],
                            **plan_shape(kernel, cfg, case, r["input_precision"]))
                 jobs.append(dict(row=row, case=dataclasses.asdict(case), config=cfg))

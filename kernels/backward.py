@@ -422,6 +422,8 @@ def _run_backward(out, grad_out, grad_h_n, w_hh, grad_pre, grad_h0, *, mode, len
               num_warps=cfg.warps(forward=False), **shape)
     if cfg.stages(H) is not None:
         kw["num_stages"] = cfg.stages(H)
+    if cfg.max_registers is not None:
+        kw["maxnreg"] = cfg.max_registers
     bn, bp, bk, nk = cfg.block_h, shape["BLOCK_P"], shape["BLOCK_K"], shape["NK"]
     acc = torch.float64 if out.dtype == torch.float64 else torch.float32
     with device_guard(out):  # Triton launches on the current device: make it the tensors' device

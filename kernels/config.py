@@ -16,11 +16,12 @@ exchange) and fits each to the device (`_fit`): per pass the warps at which the 
 MMA across warps (Triton lays out chained dots along N when N > M, else along M: `mma_replication`; a
 narrower gathered product splits its K among the warps instead, `split_k`), as many resident chunks as
 the shared memory holds (`pass_shared_bytes`, calibrated on compiles) within the registers a thread may
-spend on them before the time loop (`RESIDENT_BYTES_PER_THREAD`), whichever of these is estimated
-fastest; a persistent launch where every program of the grid is resident at once (a cooperative launch
-on a GPU: kernels/launch.py; no margin), else one launch per step (the launch boundary is the barrier;
-correct on any device). The lowest estimated forward + backward step wins. `FUSED_BIRNN_SPLIT=S`
-(kernels/launch.py) forces S where a plan with that S fits.
+spend on them before the time loop (`RESIDENT_BYTES_PER_THREAD`; fp32 has its own bound and its own
+K split on every target, TF32 dots being register-operand HMMA on sm_90 too: `split_k_outputs`),
+whichever of these is estimated fastest; a persistent launch where every program of the grid is
+resident at once (a cooperative launch on a GPU: kernels/launch.py; no margin), else one launch per step
+(the launch boundary is the barrier; correct on any device). The lowest estimated forward + backward
+step wins. `FUSED_BIRNN_SPLIT=S` (kernels/launch.py) forces S where a plan with that S fits.
 
 Plans know the cell (`select_config(..., cell, proj_size)`): G gates per unit (the GRU's three padded to
 four blocks in the forward's product), with an LSTM projection the W_hr slice and its own product after
@@ -208,6 +209,9 @@ class RecurrenceConfig:
         split_k: a gathered product too narrow for every warp to own columns of it, of at most this many
             outputs (M x N; 0: never), splits its K among the warps instead (one batched dot, the partial
             products summed: `pass_shape`'s `ks`).
+        max_registers: ptxas' register bound a thread (Triton's `maxnreg`); None: ptxas chooses. The split
+            plans set 255 for fp32 tensor-core dots, whose register-operand HMMA ptxas otherwise may cap at 128
+            (the NeMo LSTM's fp32 forward for sm_89: 128 registers and a spill inside the loop; clean at 255).
     """
 
     block_b: int
@@ -227,6 +231,7 @@ class RecurrenceConfig:
     exchange: str | None = None
     cooperative: bool | None = None
     split_k: int = 512
+    max_registers: int | None = None
 
     def warps(self, forward: bool) -> int:
         """Warps of the forward or the backward kernel."""
@@ -663,7 +668,7 @@ def _split_plans(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLi
                 # ("dh": column chunks of at least 64, twice the batch tile: the warps split a chunk's columns
                 # only when it is wider than the tile is tall; its streaming is bounded in `_fit`)
                 candidates = [RecurrenceConfig(block_b, block_n, True, 4, 1, split=S, exchange=ex,
-                                               split_k=SPLIT_K_OUTPUTS.get(limits.arch, 512),
+                                               split_k=split_k_outputs(limits, isz),
                                                block_k=chunk(P, GP * block_n),
                                                block_k_backward=(min(chunk_size(P), SPLIT_CHUNK) if ex == "dh"
                                                                  else chunk(H, BP)))
@@ -684,6 +689,22 @@ RESIDENT_BYTES_PER_THREAD = {90: 1024}  # by compute capability; others 384 (LST
 # compiled clean for sm_90, spilled inside the loop for sm_80; Elman H=1760's 448 B did too on sm_80)
 RESIDENT_BYTES_PER_THREAD_ELSE = 384
 DH_RESIDENT_BYTES_PER_THREAD = 512
+# fp32 (TF32 or FMA) slices: 256 B a thread, either exchange (the LSTM and GRU H=1024 "dz" backward with
+# 32-row tiles spilled inside the loop on sm_80 at 384 B a thread and compiled clean at 256 on every target;
+# the LSTM H=2048 "dh" backward's 512 B spilled on sm_90)
+FP32_RESIDENT_BYTES_PER_THREAD = 256
+
+
+FP32_SPLIT_K_OUTPUTS = 256
+FP32_MAX_REGISTERS = 255  # `RecurrenceConfig.max_registers` of fp32 tensor-core plans
+
+
+def split_k_outputs(limits: DeviceLimits, isz: int) -> int:
+    """The outputs (M x N) up to which a narrow product of `isz`-byte elements splits its K among the warps:
+    `SPLIT_K_OUTPUTS` by target for 16-bit dtypes; for fp32 256 on every target, since a TF32 dot compiles
+    to HMMA.1688 with register operands on sm_90 too (no wgmma) and Elman's 32 x 16 gate product split four
+    ways spilled inside the loop on sm_80/86/89/90 wherever part of its slice streamed (the fp32 sweep)."""
+    return SPLIT_K_OUTPUTS.get(limits.arch, 512) if isz == 2 else FP32_SPLIT_K_OUTPUTS
 
 
 def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz: int, limits: DeviceLimits,
@@ -701,7 +722,8 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
         if fma:
             options = [(cfg.num_warps, 0)]
         else:
-            per_thread = (DH_RESIDENT_BYTES_PER_THREAD if shape["exchange"] == "dh"
+            per_thread = (FP32_RESIDENT_BYTES_PER_THREAD if isz > 2
+                          else DH_RESIDENT_BYTES_PER_THREAD if shape["exchange"] == "dh"
                           else RESIDENT_BYTES_PER_THREAD.get(limits.arch, RESIDENT_BYTES_PER_THREAD_ELSE))
             options = []
             held_max = (shape["chunks"] * shape["chunk_bytes"] + shape["chunks2"] * shape["chunk_bytes2"]) * isz
@@ -750,7 +772,8 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
                  for f in (True, False))
     S = cfg.programs_per_group(H)
     capacity = programs_per_sm(limits, shared, max(wf, wb)) * limits.sm_count
-    return replace(cfg, persistent=S * tiles * 2 <= capacity, cooperative=True)
+    return replace(cfg, persistent=S * tiles * 2 <= capacity, cooperative=True,
+                   max_registers=FP32_MAX_REGISTERS if isz > 2 and not fma else None)
 
 
 def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype, allow_tf32: bool = False,

@@ -367,6 +367,8 @@ def common_kwargs(cfg: RecurrenceConfig, H: int, dtype: torch.dtype, allow_tf32:
               **kernel_constants(cfg, H, proj_size or H, mode, bool(proj_size)))
     if cfg.stages(H) is not None:
         kw["num_stages"] = cfg.stages(H)
+    if cfg.max_registers is not None:
+        kw["maxnreg"] = cfg.max_registers
     return kw
 
 

@@ -54,8 +54,10 @@ def plans(H: int) -> dict[str, RecurrenceConfig]:
         "s2-streamed-dh": RecurrenceConfig(16, split(2), False, split=2, exchange="dh", **base),
         "one-streamed-dz": RecurrenceConfig(16, one, False, exchange="dz", **base),
         # 64-row chunks: the narrow products (16-row tiles by 16 columns: Elman's gate product, the projection,
-        # the backward's dz and dm gathers) split their K among 4 warps (one batched dot)
-        "s3-ksplit-dz": RecurrenceConfig(16, split(3), True, split=3, exchange="dz", block_k=64, block_k_backward=64),
+        # the backward's dz and dm gathers) split their K among 4 warps (one batched dot); a register bound
+        # (`maxnreg`, as the fp32 split plans set) through both launchers
+        "s3-ksplit-dz": RecurrenceConfig(16, split(3), True, split=3, exchange="dz", block_k=64, block_k_backward=64,
+                                         max_registers=255),
     }
 
 

@@ -63,6 +63,12 @@ def _check_plan(c: RecurrenceConfig, H: int, P: int, B: int, G: int, dt: torch.d
             assert C.mma_replication(shape["products"], c.warps(forward))[0] == 1, side
             if not forward and shape["exchange"] == "dh" and not shape["keep"]:
                 assert shape["resident"] * shape["chunk_bytes"] * dt.itemsize <= 512 * 32 * c.warps(False), side
+            if dt == torch.float32 and S > 1:  # TF32 dots are HMMA with register operands on sm_90 too
+                held = shape["resident"] * shape["chunk_bytes"] + shape["resident2"] * shape["chunk_bytes2"]
+                assert held * 4 <= C.FP32_RESIDENT_BYTES_PER_THREAD * 32 * c.warps(forward), side
+                assert c.split_k == C.FP32_SPLIT_K_OUTPUTS and c.max_registers == 255, side
+            elif dt != torch.float32:
+                assert c.max_registers is None, side
     if S > 1 and c.persistent:
         shared = max(C.pass_shared_bytes(C.pass_shape(c, H, P or H, G, bool(P), f), dt.itemsize, c.block_b, f, G)
                      for f in (True, False))

@@ -210,8 +210,9 @@ class RecurrenceConfig:
             outputs (M x N; 0: never), splits its K among the warps instead (one batched dot, the partial
             products summed: `pass_shape`'s `ks`).
         max_registers: ptxas' register bound a thread (Triton's `maxnreg`); None: ptxas chooses. The split
-            plans set 255 for fp32 tensor-core dots, whose register-operand HMMA ptxas otherwise may cap at 128
-            (the NeMo LSTM's fp32 forward for sm_89: 128 registers and a spill inside the loop; clean at 255).
+            plans for sm_80/86/89 set 255 for fp32 tensor-core dots, which ptxas otherwise may cap at 128
+            (the NeMo LSTM's fp32 forward for sm_89: 128 registers and a spill inside the loop; clean at
+            255); not for sm_90 (`FP32_MAX_REGISTERS`).
     """
 
     block_b: int
@@ -696,7 +697,10 @@ FP32_RESIDENT_BYTES_PER_THREAD = 256
 
 
 FP32_SPLIT_K_OUTPUTS = 256
-FP32_MAX_REGISTERS = 255  # `RecurrenceConfig.max_registers` of fp32 tensor-core plans
+# `RecurrenceConfig.max_registers` of fp32 tensor-core split plans, except for sm_90,
+# where ptxas left alone compiled the Elman H=1760-2560 16 x 16 plans clean at 188 registers and, bounded at
+# 255, took all of them and spilled inside the loop
+FP32_MAX_REGISTERS = 255
 
 
 def split_k_outputs(limits: DeviceLimits, isz: int) -> int:
@@ -773,7 +777,7 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
     S = cfg.programs_per_group(H)
     capacity = programs_per_sm(limits, shared, max(wf, wb)) * limits.sm_count
     return replace(cfg, persistent=S * tiles * 2 <= capacity, cooperative=True,
-                   max_registers=FP32_MAX_REGISTERS if isz > 2 and not fma else None)
+                   max_registers=FP32_MAX_REGISTERS if isz > 2 and not fma and limits.arch != 90 else None)
 
 
 def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype, allow_tf32: bool = False,

@@ -518,7 +518,8 @@ def problems(row: dict) -> list[str]:
         executed, expected = row.get("mma_per_step", 0), row["mma_expected"]
         if row["mma_replication"][0] > 1:
             out.append(f"the gate product repeats its MMAs on {row['mma_replication'][0]} warps")
-        if executed > expected or (row.get("w_hh_path") == "resident" and executed != expected):
+        least = row.get("mma_least", expected)
+        if executed > expected or (row.get("w_hh_path") == "resident" and executed < least):
             out.append(f"{executed} tensor-core MMAs per step against {expected} expected ({row['mma_useful']} "
                        f"useful, repeats {row['mma_replication']}): the layout is not the one modelled")
     if row.get("exchange_loads_l1"):
@@ -542,8 +543,9 @@ def plan_shape(kernel: str, cfg, case: CompileCase, precision: str = "ieee") -> 
     its slice's chunks (`chunks`, of which `resident_chunks` stay on chip), the W path ("resident",
     "partial" or "streamed"), the K chunk, the backward's exchange, the warps splitting each product's K
     (`split_k`), and the tensor-core MMAs one step needs (`mma_useful`; `mma_expected` with the repeats
-    the layout model predicts, `mma_replication` per product, the gate product's first): m16n8k16 for
-    16-bit inputs, m16n8k8 for TF32 (0 for exact fp32: FMA dots)."""
+    the layout model predicts, `mma_replication` per product, the gate product's first; `mma_least` without
+    the GRU's padding block, which the compiler may drop): m16n8k16 for 16-bit inputs, m16n8k8 for TF32
+    (0 for exact fp32: FMA dots)."""
     from fused_birnn.kernels import config as C
 
     H, P = case.hidden_size, case.proj_size or case.hidden_size
@@ -555,10 +557,14 @@ def plan_shape(kernel: str, cfg, case: CompileCase, precision: str = "ieee") -> 
     mma = [0 if not kstep else (m // 16) * (n // 8) * (k // kstep) for m, n, k, _, _ in shape["products"]]
     chunks = shape["chunks"] + shape["chunks2"]
     resident = shape["resident"] + shape["resident2"]
+    expected = sum(u * r for u, r in zip(mma, reps))
+    # the GRU forward's gate product is padded to four gate blocks; the fourth's results are never read, so
+    # the compiler may drop its MMAs where the layout gives them n-tiles of their own (sm_80, TF32, H=50)
+    dead = mma[0] // 4 * reps[0] if forward and G == 3 else 0
     return dict(chunks=chunks, resident_chunks=resident, block_k=shape["block_k"], exchange=shape["exchange"],
                 w_hh_path="resident" if resident == chunks else "streamed" if resident == 0 else "partial",
                 split_k=[p[4] for p in shape["products"]], mma_replication=reps, mma_useful=sum(mma),
-                mma_expected=sum(u * r for u, r in zip(mma, reps)))
+                mma_expected=expected, mma_least=expected - dead)
 
 
 def _plan(cases: Sequence[CompileCase]) -> list[dict]:

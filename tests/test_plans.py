@@ -66,7 +66,7 @@ def _check_plan(c: RecurrenceConfig, H: int, P: int, B: int, G: int, dt: torch.d
             if dt == torch.float32 and S > 1:  # TF32 dots are HMMA with register operands on sm_90 too
                 held = shape["resident"] * shape["chunk_bytes"] + shape["resident2"] * shape["chunk_bytes2"]
                 assert held * 4 <= C.FP32_RESIDENT_BYTES_PER_THREAD * 32 * c.warps(forward), side
-                assert c.split_k == C.FP32_SPLIT_K_OUTPUTS, side
+                assert c.split_k == C.split_k_outputs(limits, 4), side
                 assert c.max_registers == (None if limits.arch == 90 else 255), side
             elif dt != torch.float32:
                 assert c.max_registers is None, side

@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_sequence
 import fused_birnn
 import fused_birnn.functional as functional
 import fused_birnn.rnn as rnn_module
-from fused_birnn.rnn import ATEN_MAX_TRAINING_STEPS
+from fused_birnn.tune import ATEN_MAX_TRAINING_STEPS
 
 
 def pair(**kwargs):

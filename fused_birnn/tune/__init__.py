@@ -224,6 +224,13 @@ def measuring() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in OFF
 
 
+def paused(device: torch.device) -> bool:
+    """Whether nothing may be timed now: torch.compile or torch.jit traces, or a CUDA graph is being captured
+    on `device`'s current stream (then a known key's decision, or the default, runs)."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+
+
 # ------------------------------------------------------------------------------------------ the choice
 def _bucket_batch(batch: int) -> int:
     return 1 << (batch - 1).bit_length() if batch > 0 else 0
@@ -259,6 +266,8 @@ def choose(module, x: Tensor, steps: int, batch: int, lengths: bool, needs_grad:
     (time-major, or a PackedSequence's data, `packed`), `steps` x `batch` its T and B, `lengths` whether
     rows have lengths, `needs_grad` whether a backward follows, `weights` the module's weights for this
     call. Measures the key on first sight (the module docstring); a known key costs a dict lookup."""
+    if torch.jit.is_tracing():  # sizes are traced tensors there (nothing is measured while tracing)
+        steps, batch = int(steps), int(batch)
     cpu = x.is_cpu
     # the module's memo of its calls' decisions: a small tuple per call instead of the whole key (2 us a call)
     call = ((x.dtype, needs_grad, lengths, batch, steps, torch.get_num_threads()) if cpu else
@@ -345,8 +354,8 @@ def _unseen(key: Key, module, x: Tensor, steps: int, lengths: bool, needs_grad: 
         decision = _DECISIONS.get(key)
         if decision is not None:
             return decision
-        if torch.jit.is_tracing() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return default  # nothing is timed while tracing or capturing
+        if paused(device):
+            return default
         probe = ModuleProbe(module, key, device, weights)
         decision = decide(key, device, candidates(key, device), default, probe)
         _DECISIONS[key] = decision
@@ -668,7 +677,7 @@ def _read(path: Path, device_type: str) -> list[Decision] | None:
     """The decisions in `path`, or None (missing; or corrupt or foreign: with a warning, once)."""
     try:
         text = path.read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (the folder's fate is told when it is written)
         return None
     except OSError as e:
         _warn_once(f"read {path}", f"fused_birnn: cannot read the tuning cache {path} ({e}); ignoring it")

@@ -259,6 +259,12 @@ def key_of(module, x: Tensor, steps: int, batch: int, lengths: bool, needs_grad:
                lengths, _bucket_batch(batch), _bucket_steps(steps), threads)
 
 
+def decision_for(module, x: Tensor, steps: int, batch: int, lengths: bool, needs_grad: bool) -> Decision | None:
+    """The decision this process holds (measured, or read from the decision file) for a call of `module` on
+    an input like `x` (its dtype and device) of `steps` x `batch` rows; None where there is none."""
+    return _DECISIONS.get(key_of(module, x, steps, batch, lengths, needs_grad))
+
+
 def choose(module, x: Tensor, steps: int, batch: int, lengths: bool, needs_grad: bool, weights: list[Tensor],
            packed: bool = False) -> str:
     """What runs this `backend='auto'` call of `module` (`FusedRNNBase._choice`, which has ruled out what

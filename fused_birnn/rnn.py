@@ -4,6 +4,7 @@ on the fused bidirectional kernels. One base class holds everything but the few 
 
 from __future__ import annotations
 
+import warnings
 from typing import overload
 
 import torch
@@ -16,6 +17,11 @@ from .functional import BACKENDS, autocast_dtype, birnn_layer
 
 # ATen's function per cell (nn.RNNBase's mode names) in torch._VF, what nn.RNN / nn.LSTM / nn.GRU call
 _ATEN = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+# cuDNN, handed our weights (flat per kind, the layout our kernels read, not cuDNN's own), packs them per call
+# and warns, advising flatten_parameters(), which here lays them out for our kernels again: backend='auto'
+# timed cuDNN with that packing (fused_birnn.tune), so the advice does not apply to calls from this module
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk of memory",
+                        category=UserWarning, module=r"fused_birnn\.rnn")
 
 
 def _lives_in(p: Tensor, buf: Tensor, d: int) -> bool:

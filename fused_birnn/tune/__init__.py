@@ -334,12 +334,15 @@ def pick(decision: Decision, refusal: str | None) -> str:
 
 def default_choice(module, key: Key, steps: int, packed: bool) -> str:
     """What runs a key that is not measured (`FUSED_BIRNN_AUTOTUNE=0`, CUDA-graph capture, torch.jit
-    tracing), as before measuring existed. CUDA: our layers with backend 'auto' (the kernels with the
-    planner's plan where they run the dtype, else our PyTorch path). CPU: ATen's kernel for LSTM and GRU,
-    and for the Elman cell in inference and on sequences shorter than `ATEN_MAX_TRAINING_STEPS`, except
-    with `lengths=` (ATen served only packed input there); our PyTorch path otherwise."""
+    tracing), as before measuring existed, and what a measurement keeps unless another candidate is
+    `MARGIN` faster. CUDA: our kernels with the planner's plan ("triton") where they run the layer's dtype,
+    else our PyTorch path. CPU: ATen's kernel for LSTM and GRU, and for the Elman cell in inference and on
+    sequences shorter than `ATEN_MAX_TRAINING_STEPS`, except with `lengths=` (ATen served only packed input
+    there); our PyTorch path otherwise."""
     if key.device != "cpu":
-        return "auto"
+        from .. import functional
+
+        return "triton" if (key.autocast or key.dtype) in functional.TRITON_CUDA_DTYPES else "torch"
     if key.cell in ("LSTM", "GRU"):
         return REFERENCE
     if key.lengths and not packed:

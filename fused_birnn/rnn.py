@@ -271,14 +271,8 @@ class FusedRNNBase(nn.RNNBase):
         self.check_forward_args(data, self._hx(states), batch_sizes)
         if data.device != weights[0].device:
             self._raise_device_mismatch(data, weights[0])
-        choice = self._choice(data, len(batch_sizes), int(batch_sizes[0]), True, states, weights, packed=True)
-        if choice == "aten":
-            output, states = self._aten(data, states, weights, batch_sizes)
-        else:
-            padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # [T, B, I], sorted
-            output, states = self._run_layers(padded, states, lengths.to(data.device, non_blocking=True), weights,
-                                              choice)
-            output = pack_padded_sequence(output, lengths).data
+        choice = self._choice(data, len(batch_sizes), int(batch_sizes[0]), "packed", states, weights)
+        output, states = self._run_packed(choice, data, batch_sizes, states, weights)
         return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                 self.permute_hidden(self._hx(states), unsorted_indices))
 
@@ -331,10 +325,10 @@ class FusedRNNBase(nn.RNNBase):
 
     # ------------------------------------------------------------------ what runs: nn's kernel or ours
 
-    def _choice(self, x: Tensor, steps: int, batch: int, lengths: bool, states: tuple[Tensor, ...],
-                weights: list[Tensor], packed: bool = False) -> str:
+    def _choice(self, x: Tensor, steps: int, batch: int, rows: str, states: tuple[Tensor, ...],
+                weights: list[Tensor]) -> str:
         """What runs this call (`x`: its input, time-major or packed data, `steps` and `batch` its T and B,
-        `lengths` whether rows have lengths of their own): the module's `backend` where it is pinned
+        `rows` how its rows end: "" all at T, "packed", "lengths"): the module's `backend` where it is pinned
         ('triton', 'torch'); with 'auto', 'aten' (nn's own kernel for the cell, `torch._VF`: cuDNN on CUDA)
         or a backend of our layers ('torch', 'triton', 'triton:split=S'), chosen by `fused_birnn.tune`
         (measured per call shape, checked against nn's kernel). 'auto' itself where ATen's kernel is no
@@ -352,7 +346,7 @@ class FusedRNNBase(nn.RNNBase):
             return "auto"
         if torch.compiler.is_compiling() or _functorch.maybe_current_level() is not None:
             return "auto"
-        return tune.choose(self, x, steps, batch, lengths, _needs_grad(x, states, weights), weights, packed)
+        return tune.choose(self, x, steps, batch, rows, _needs_grad(x, states, weights), weights)
 
     def _aten_fast_path(self, input: Tensor | PackedSequence, hx, weights: list[Tensor]):
         """`forward` for the common call that `backend='auto'` hands to nn's own kernel (`_choice`: 'aten';
@@ -388,8 +382,8 @@ class FusedRNNBase(nn.RNNBase):
                 type(s) is Tensor and s.device == device and s.dtype == data.dtype and s.shape == (rows, batch, size)
                 for s, size in zip(states, sizes))):
             return None
-        if tune.choose(self, data, steps, batch, packed, _needs_grad(data, states, weights), weights,
-                       packed) != "aten":
+        if tune.choose(self, data, steps, batch, "packed" if packed else "", _needs_grad(data, states, weights),
+                       weights) != "aten":
             return None
         aten = getattr(_VF, _ATEN[self.mode])
         common = (weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
@@ -435,8 +429,20 @@ class FusedRNNBase(nn.RNNBase):
         if x.device != weights[0].device:
             self._raise_device_mismatch(x, weights[0])
         if choice is None:
-            choice = self._choice(x, x.size(0), x.size(1), lengths is not None, states, weights)
+            choice = self._choice(x, x.size(0), x.size(1), "" if lengths is None else "lengths", states, weights)
         return self._run(choice, x, states, lengths, weights)
+
+    def _run_packed(self, choice: str, data: Tensor, batch_sizes: Tensor, states: tuple[Tensor, ...],
+                    weights: list[Tensor], probe: bool = False):
+        """A PackedSequence's data (in its sorted order) by `choice`: ATen's packed kernel for 'aten', else
+        padded (`[T, B, I]`), run through our layers with each row's length, and packed again. Returns
+        `(packed output data, states)`."""
+        if choice == "aten":
+            return self._aten(data, states, weights, batch_sizes, probe)
+        padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # [T, B, I], sorted
+        output, states = self._run(choice, padded, states, lengths.to(data.device, non_blocking=True), weights,
+                                   probe)
+        return pack_padded_sequence(output, lengths).data, states
 
     def _raise_device_mismatch(self, x: Tensor, weight: Tensor):
         raise RuntimeError(f"input is on {x.device} but the {type(self).__name__}'s parameters are on "
@@ -507,10 +513,12 @@ _COMMON_DOC = r"""
     graph, and under ``torch.autocast`` the layers run in autocast's dtype, as nn's do (fp32 parameters and
     their gradients stay fp32).
 
-    ``backend``: ``'auto'`` (default): the Triton kernels on CUDA (fp16, bf16, fp32), and on CPU when
-    ``TRITON_INTERPRET=1`` was set before import (fp16, fp32, fp64); on a CPU otherwise ATen's own kernel
-    where it is the faster choice, else the pure-PyTorch path. ``'triton'`` insists on the kernels (an
-    error where they cannot run); ``'torch'`` always takes the pure-PyTorch path.
+    ``backend``: ``'auto'`` (default): per call shape, whichever of nn's own kernel (cuDNN on CUDA, ATen's on
+    a CPU) and ours (the Triton kernels on CUDA, fp16, bf16, fp32; the pure-PyTorch path elsewhere) was
+    measured faster on this device, ours only after agreeing with nn's kernel on a probe of the shape
+    (``fused_birnn.tune``; ``python -m fused_birnn.tune --show`` lists the decisions); on a CPU with
+    ``TRITON_INTERPRET=1`` set before import, the interpreted kernels (fp16, fp32, fp64). ``'triton'``
+    insists on the kernels (an error where they cannot run); ``'torch'`` always takes the pure-PyTorch path.
 
     ``forward(input, hx=None, lengths=None)``: as nn's, plus ``lengths``, a 1-D integer tensor of the N
     valid lengths of a padded batch: the same results as packing it, without packing. ``hx[2*l+1]``

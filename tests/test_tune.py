@@ -64,7 +64,7 @@ def layers_run(monkeypatch):
 
 def key(device="NVIDIA Fake GPU", grad=True, **kw):
     fields = dict(cell="LSTM", input_size=3, hidden_size=4, proj_size=0, num_layers=1, directions=2, bias=True,
-                  device=device, dtype=torch.float32, autocast=None, tf32=False, grad=grad, lengths=False, batch=2,
+                  device=device, dtype=torch.float32, autocast=None, tf32=False, grad=grad, rows="", batch=2,
                   steps=4, threads=0)
     return Key(**{**fields, **kw})
 
@@ -113,6 +113,16 @@ def test_fastest_agreeing_candidate_wins_and_the_default_within_the_margin(tunin
     timer.times["triton"] = 0.8 * (1 + tune.MARGIN * 1.5)
     d = tune.decide(key(), torch.device("cpu"), ["aten", "triton", "triton:split=2"], "triton", FakeProbe())
     assert d.choice == "triton:split=2"
+
+
+def test_leaving_the_default_takes_a_win_in_three_rounds_of_four():
+    """Per-round times (ms) of the same rounds: a challenger ahead by 10% in every round but one leaves the
+    default; one that wins on the median only through a few lucky rounds does not."""
+    default = [10.0] * 8
+    assert tune.clearly_faster([9.0] * 7 + [11.0], default)
+    assert not tune.clearly_faster([8.0, 8.0, 8.0, 8.0, 10.2, 10.2, 10.5, 11.0], default)  # median 9.1: a tie
+    assert not tune.clearly_faster([9.8] * 8, default)  # 2% faster: within the margin
+    assert tune.clearly_faster([0.5], [1.0]) and not tune.clearly_faster([], [])
 
 
 def test_a_candidate_that_raises_is_never_chosen(tuning):
@@ -228,6 +238,37 @@ def test_module_runs_the_faster_candidate_with_nns_results(tuning, monkeypatch, 
         torch.testing.assert_close(g, want)  # the probe left nothing in .grad
     (d,) = tune.decisions(include_disk=False)
     assert d["ranking"][0] == faster and d["key"]["grad"] and d["probe"] == {"steps": 4, "batch": 2}
+
+
+@pytest.mark.parametrize("faster", ["torch", "aten"])
+def test_packed_and_lengths_calls_are_shapes_of_their_own(tuning, monkeypatch, faster):
+    """A PackedSequence and `lengths=` are measured as such (the probe runs them as the call does: ATen's
+    packed kernel, or padded through our layers), each with nn's packed results and gradients."""
+    timer, asked, aten_calls = tuning
+    timer.times = {"aten": 2.0, "torch": 1.0} if faster == "torch" else {"aten": 1.0, "torch": 2.0}
+    layers = layers_run(monkeypatch)
+    ours, ref = pair("LSTM")
+    x = torch.randn(6, 3, 3, requires_grad=True)
+    lengths = torch.tensor([6, 2, 4])
+    def packed():
+        return torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+
+    ours(packed())  # decided (the probe runs both)
+    ours(x, lengths=lengths)
+    layers.clear()
+    results = []
+    for model in (ours, ref):
+        out, (h_n, c_n) = model(packed())
+        grads = torch.autograd.grad(out.data.sum() + h_n.sum() + c_n.sum(), [x, *model.parameters()])
+        results.append([out.data, h_n, c_n, *grads])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
+    out = ours(x, lengths=lengths)[0]
+    want = torch.nn.utils.rnn.pad_packed_sequence(ref(packed())[0], total_length=6)[0]
+    torch.testing.assert_close(out, want)
+    assert sorted(d["key"]["rows"] for d in tune.decisions(include_disk=False)) == ["lengths", "packed"]
+    assert all(d["ranking"][0] == faster for d in tune.decisions(include_disk=False))
+    assert bool(layers) == (faster == "torch")
 
 
 def test_default_stays_unless_clearly_slower(tuning):

@@ -165,11 +165,12 @@ def auto_runs(cfg: Config, model: nn.Module | None, device: torch.device) -> dic
     rnn = getattr(model, "rnn", model)
     x = torch.empty(0, dtype=cfg.torch_dtype, device=device)  # what the key reads of the input: dtype, device
     out = {}
+    rows = "packed" if cfg.packed else ""
     for mode, grad in (("fwd", False), ("fwd_bwd", True)):
-        d = tune.decision_for(rnn, x, cfg.seq_len, cfg.batch, cfg.packed, grad)
+        d = tune.decision_for(rnn, x, cfg.seq_len, cfg.batch, rows, grad)
         if d is None:
-            key = tune.key_of(rnn, x, cfg.seq_len, cfg.batch, cfg.packed, grad)
-            out[mode] = {"runs": tune.default_choice(rnn, key, cfg.seq_len, cfg.packed), "measured": False}
+            key = tune.key_of(rnn, x, cfg.seq_len, cfg.batch, rows, grad)
+            out[mode] = {"runs": tune.default_choice(key, cfg.seq_len), "measured": False}
         else:
             out[mode] = {"runs": d.choice, "measured": True, "ranking": d.ranking, "probe_ms": d.times_ms,
                          "rejected": d.rejected, "estimates_ms": d.estimates_ms}

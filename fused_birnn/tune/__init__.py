@@ -6,7 +6,8 @@ ATen's CPU kernels on a CPU) for the whole stack, or our layers, one `functional
 on CUDA the Triton kernels with the planner's plan ("triton") or another split worth trying
 ("triton:split=S"), elsewhere our PyTorch path ("torch"). The decision is per module call shape
 (`Key`): the cell, input, hidden and projection sizes, layers, directions, bias, the device (GPU name),
-dtype and autocast dtype, TF32, whether a backward follows, whether rows have lengths, a batch bucket (the
+dtype and autocast dtype, TF32, whether a backward follows, how rows end (all at T, a PackedSequence, or
+`lengths=` on a padded batch), a batch bucket (the
 next power of two), a length bucket (the power of two at or below T, 64 and above alike) and, on a CPU,
 the thread count. Why per module call and not per layer: nn's kernel runs the whole stack in one call
 (cuDNN overlaps layers), which is exactly what "never slower than nn's class" compares against; our
@@ -22,15 +23,15 @@ every candidate once (warm-up; compiles a plan's kernels), compares each of ours
 by the bench's parity criterion, `fused_birnn.bench.parity`), then times the candidates that agree,
 interleaved round by round (`measure_ms`: CUDA events on a GPU, wall clock on a CPU; at least
 `MIN_ROUNDS` rounds and `BUDGET_S` seconds), forward only for inference, forward and backward for
-training. The fastest runs from then on, except that the unmeasured default (`default_choice`: the
-planner's kernels on CUDA, the fixed rule of earlier versions on a CPU) is kept when it is within `MARGIN`
-of the fastest. A candidate of ours that disagrees with nn's kernel, or raises, is never chosen for that
+training. The fastest (by median) runs from then on, except that the unmeasured default
+(`default_choice`: the planner's kernels on CUDA, the fixed rule of earlier versions on a CPU) is kept
+unless the fastest beats it by more than `MARGIN` in three rounds of four (`clearly_faster`). A candidate of ours that disagrees with nn's kernel, or raises, is never chosen for that
 key, and a warning names the shape, the plan and the error, once.
 
 Capabilities (`aten_refusal`, per call, since they depend on the call and not only on its shape): on
 CUDA nn's kernel (cuDNN) is not chosen for T > 65,535 (it fails), for a backward in eval() mode, under
-`torch.use_deterministic_algorithms(True)` (cuDNN's RNN is not deterministic), or with lengths while a
-CUDA graph is captured (packing reads lengths on the host); the next candidate of the ranking serves,
+`torch.use_deterministic_algorithms(True)` (cuDNN's RNN is not deterministic), or with `lengths=` while
+a CUDA graph is captured (packing reads lengths on the host); the next candidate of the ranking serves,
 and our PyTorch path where none is left. ATen's CPU kernels have none of these limits. Not known at
 forward time, so not covered: double backward (`create_graph=True`) through a call cuDNN served raises
 torch's own error, as with nn's class; pin `backend='triton'` for it. Pinning (`backend='triton'` or
@@ -75,16 +76,17 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence
 
 AUTOTUNE_ENV = "FUSED_BIRNN_AUTOTUNE"  # "0": measure nothing, the default choice runs
 CACHE_ENV = "FUSED_BIRNN_TUNE_CACHE"  # a folder for the decision files; "0": memory only
 OFF = ("0", "off", "false", "no")
 SCHEMA = 1  # the decision file's layout; a file of another schema is ignored
 PROBE_MAX_STEPS = 64  # a probe runs at most this many steps (and keys do not tell longer sequences apart)
-MARGIN = 0.03  # the default choice stays unless another candidate is this much faster (measurement noise)
+MARGIN = 0.03  # the default choice stays unless another candidate is this much faster in 3 rounds of 4
 MAX_ALTERNATIVES = 2  # kernel plans tried besides the planner's (the estimated fastest other splits)
 BUDGET_S = {"cuda": 0.5, "cpu": 0.3}  # seconds of timing per key, after the warm-up runs
-MIN_ROUNDS, MAX_ROUNDS = 5, 200  # timing rounds per key (each runs every candidate once)
+MIN_ROUNDS, MAX_ROUNDS = 8, 200  # timing rounds per key (each runs every candidate once)
 CUDNN_MAX_STEPS = 65535  # cuDNN's RNN fails at T >= 65,536
 # backend='auto' on a CPU when nothing is measured: Elman training from this many steps runs our path (its
 # hand-written BPTT), everything else ATen's kernel; the crossover measured once against nn.RNN (bench/)
@@ -107,7 +109,7 @@ class Key(NamedTuple):
     autocast: torch.dtype | None  # the autocast dtype on CUDA, else None
     tf32: bool  # torch.backends.cudnn.allow_tf32 (CUDA fp32), else False
     grad: bool  # a backward follows (training)
-    lengths: bool  # rows have lengths (PackedSequence or lengths=)
+    rows: str  # how rows end: "" all at T, "packed" a PackedSequence, "lengths" lengths= on a padded batch
     batch: int  # bucket: the next power of two >= B
     steps: int  # bucket: the power of two <= T, at most PROBE_MAX_STEPS
     threads: int  # torch.get_num_threads() on a CPU, else 0
@@ -121,7 +123,7 @@ class Key(NamedTuple):
         rows = f"B<={self.batch} T{'>=' if self.steps == PROBE_MAX_STEPS else '~'}{self.steps}"
         where = f"{self.device}" + (f" {self.threads} threads" if self.threads else "")
         return (f"{cell} {size} {'bi' if self.directions == 2 else 'uni'}{'' if self.bias else ' no bias'} "
-                f"{rows}{' lengths' if self.lengths else ''} {dtype} {'train' if self.grad else 'infer'} ({where})")
+                f"{rows}{' ' + self.rows if self.rows else ''} {dtype} {'train' if self.grad else 'infer'} ({where})")
 
 
 @dataclass
@@ -245,8 +247,9 @@ def _gpu_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def key_of(module, x: Tensor, steps: int, batch: int, lengths: bool, needs_grad: bool) -> Key:
-    """The key of a call of `module` on input `x` (time-major or packed data) of `steps` x `batch` rows."""
+def key_of(module, x: Tensor, steps: int, batch: int, rows: str, needs_grad: bool) -> Key:
+    """The key of a call of `module` on input `x` (time-major or packed data) of `steps` x `batch` rows
+    ending as `rows` says ("", "packed", "lengths")."""
     device = x.device
     if device.type == "cpu":
         where, autocast, tf32, threads = "cpu", None, False, torch.get_num_threads()
@@ -256,44 +259,45 @@ def key_of(module, x: Tensor, steps: int, batch: int, lengths: bool, needs_grad:
         tf32, threads = bool(torch.backends.cudnn.allow_tf32) and x.dtype == torch.float32, 0
     return Key(module.mode, module.input_size, module.hidden_size, module.proj_size, module.num_layers,
                2 if module.bidirectional else 1, bool(module.bias), where, x.dtype, autocast, tf32, needs_grad,
-               lengths, _bucket_batch(batch), _bucket_steps(steps), threads)
+               rows, _bucket_batch(batch), _bucket_steps(steps), threads)
 
 
-def decision_for(module, x: Tensor, steps: int, batch: int, lengths: bool, needs_grad: bool) -> Decision | None:
+def decision_for(module, x: Tensor, steps: int, batch: int, rows: str, needs_grad: bool) -> Decision | None:
     """The decision this process holds (measured, or read from the decision file) for a call of `module` on
-    an input like `x` (its dtype and device) of `steps` x `batch` rows; None where there is none."""
-    return _DECISIONS.get(key_of(module, x, steps, batch, lengths, needs_grad))
+    an input like `x` (its dtype and device) of `steps` x `batch` rows ending as `rows` says; None where
+    there is none."""
+    return _DECISIONS.get(key_of(module, x, steps, batch, rows, needs_grad))
 
 
-def choose(module, x: Tensor, steps: int, batch: int, lengths: bool, needs_grad: bool, weights: list[Tensor],
-           packed: bool = False) -> str:
+def choose(module, x: Tensor, steps: int, batch: int, rows: str, needs_grad: bool, weights: list[Tensor]) -> str:
     """What runs this `backend='auto'` call of `module` (`FusedRNNBase._choice`, which has ruled out what
     only our layers can serve): "aten" (nn's kernel, whole stack) or a backend of our layers. `x`: the input
-    (time-major, or a PackedSequence's data, `packed`), `steps` x `batch` its T and B, `lengths` whether
-    rows have lengths, `needs_grad` whether a backward follows, `weights` the module's weights for this
+    (time-major, or a PackedSequence's data), `steps` x `batch` its T and B, `rows` how rows end ("": all
+    at T, "packed": a PackedSequence, "lengths": `lengths=`), `needs_grad` whether a backward follows,
+    `weights` the module's weights for this
     call. Measures the key on first sight (the module docstring); a known key costs a dict lookup."""
     if torch.jit.is_tracing():  # sizes are traced tensors there (nothing is measured while tracing)
         steps, batch = int(steps), int(batch)
     cpu = x.is_cpu
     # the module's memo of its calls' decisions: a small tuple per call instead of the whole key (2 us a call)
-    call = ((x.dtype, needs_grad, lengths, batch, steps, torch.get_num_threads()) if cpu else
-            (x.device, x.dtype, needs_grad, lengths, batch, steps, torch.is_autocast_enabled("cuda")
+    call = ((x.dtype, needs_grad, rows, batch, steps, torch.get_num_threads()) if cpu else
+            (x.device, x.dtype, needs_grad, rows, batch, steps, torch.is_autocast_enabled("cuda")
              and torch.get_autocast_dtype("cuda"), torch.backends.cudnn.allow_tf32))
     memo = module.__dict__.get("_tune_memo")
     if memo is None or memo[0] != _GENERATION[0] or len(memo[1]) > MEMO_MAX:
         memo = module.__dict__["_tune_memo"] = (_GENERATION[0], {})
     decision = memo[1].get(call)
     if decision is None:
-        key = key_of(module, x, steps, batch, lengths, needs_grad)
+        key = key_of(module, x, steps, batch, rows, needs_grad)
         decision = _DECISIONS.get(key)
         if decision is None:
-            decision = _unseen(key, module, x, steps, lengths, needs_grad, weights, packed)
+            decision = _unseen(key, module, x, steps, weights)
             if isinstance(decision, str):
                 return decision
         memo[1][call] = decision
     if cpu:  # ATen's CPU kernels serve every call
         return decision.choice
-    return pick(decision, call_refusal(x.device.type, module.training, steps, needs_grad, lengths))
+    return pick(decision, call_refusal(x.device.type, module.training, steps, needs_grad, rows == "lengths"))
 
 
 def call_refusal(device_type: str, training: bool, steps: int, needs_grad: bool, lengths: bool) -> str | None:
@@ -308,7 +312,7 @@ def call_refusal(device_type: str, training: bool, steps: int, needs_grad: bool,
 def aten_refusal(device_type: str, *, training: bool, steps: int, needs_grad: bool, lengths: bool,
                  deterministic: bool, capturing: bool) -> str | None:
     """Why nn's kernel cannot serve a call described so (None: it can). CUDA (cuDNN): T > 65,535, a
-    backward in eval() mode, deterministic algorithms asked for, lengths while a CUDA graph is captured.
+    backward in eval() mode, deterministic algorithms asked for, `lengths=` while a CUDA graph is captured.
     A CPU (ATen): never (deterministic, backward in eval(), any T, differentiable to any order)."""
     if device_type != "cuda":
         return None
@@ -332,10 +336,10 @@ def pick(decision: Decision, refusal: str | None) -> str:
     return "torch"
 
 
-def default_choice(module, key: Key, steps: int, packed: bool) -> str:
+def default_choice(key: Key, steps: int) -> str:
     """What runs a key that is not measured (`FUSED_BIRNN_AUTOTUNE=0`, CUDA-graph capture, torch.jit
     tracing), as before measuring existed, and what a measurement keeps unless another candidate is
-    `MARGIN` faster. CUDA: our kernels with the planner's plan ("triton") where they run the layer's dtype,
+    `clearly_faster`. CUDA: our kernels with the planner's plan ("triton") where they run the layer's dtype,
     else our PyTorch path. CPU: ATen's kernel for LSTM and GRU, and for the Elman cell in inference and on
     sequences shorter than `ATEN_MAX_TRAINING_STEPS`, except with `lengths=` (ATen served only packed input
     there); our PyTorch path otherwise."""
@@ -345,16 +349,15 @@ def default_choice(module, key: Key, steps: int, packed: bool) -> str:
         return "triton" if (key.autocast or key.dtype) in functional.TRITON_CUDA_DTYPES else "torch"
     if key.cell in ("LSTM", "GRU"):
         return REFERENCE
-    if key.lengths and not packed:
+    if key.rows == "lengths":
         return "torch"
     return REFERENCE if (not key.grad or steps < ATEN_MAX_TRAINING_STEPS) else "torch"
 
 
-def _unseen(key: Key, module, x: Tensor, steps: int, lengths: bool, needs_grad: bool, weights: list[Tensor],
-            packed: bool) -> Decision | str:
+def _unseen(key: Key, module, x: Tensor, steps: int, weights: list[Tensor]) -> Decision | str:
     """A key not in memory: the decision file's, else a measured one; the default where nothing may be
     measured (the default is not kept: a later call that may measure does)."""
-    default = default_choice(module, key, steps, packed)
+    default = default_choice(key, steps)
     if not measuring() or key.batch == 0:
         return default
     device = x.device
@@ -433,11 +436,12 @@ def estimate_ms(name: str, key: Key, device: torch.device, steps: int) -> float 
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def measure_ms(fns: dict[str, Callable[[], object]], device: torch.device) -> dict[str, float]:
-    """Median time (ms) of each callable, interleaved round by round in alternating order (A B, B A, ...:
-    a place in the round costs each alike): CUDA events on a GPU (what the GPU spends, launch gaps
-    included), `time.perf_counter` on a CPU; at least `MIN_ROUNDS` rounds and `BUDGET_S` seconds, at
-    most `MAX_ROUNDS`. The callables have run once already (warm-up). Tests replace this (`timer`)."""
+def measure_ms(fns: dict[str, Callable[[], object]], device: torch.device) -> dict[str, list[float]]:
+    """Each callable's time (ms) in every round, the callables interleaved round by round in alternating
+    order (A B, B A, ...: a place in the round costs each alike): CUDA events on a GPU (what the GPU
+    spends, launch gaps included), `time.perf_counter` on a CPU; at least `MIN_ROUNDS` rounds and
+    `BUDGET_S` seconds, at most `MAX_ROUNDS`. The callables have run once already (warm-up). Tests replace
+    this (`timer`; a single number per candidate stands for one round)."""
     names = list(fns)
     cuda = device.type == "cuda"
     budget = BUDGET_S.get(device.type, BUDGET_S["cpu"])
@@ -463,10 +467,22 @@ def measure_ms(fns: dict[str, Callable[[], object]], device: torch.device) -> di
             break
     if cuda:
         samples = {n: [b.elapsed_time(e) for b, e in pairs] for n, pairs in samples.items()}
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return samples
 
 
-timer: Callable[[dict[str, Callable[[], object]], torch.device], dict[str, float]] = measure_ms
+timer: Callable[[dict[str, Callable[[], object]], torch.device], dict[str, list[float] | float]] = measure_ms
+
+
+def clearly_faster(fast: Sequence[float], slow: Sequence[float]) -> bool:
+    """Whether the candidate timed `fast` (ms per round) beats the one timed `slow` in the same rounds by
+    more than `MARGIN` in three rounds of four: the lower quartile of the per-round ratios slow / fast
+    exceeds 1 + MARGIN. A median alone flips between near-equal candidates on a shared CPU (seen: 0.94x
+    against nn.RNN in one process for a shape measured 1.13x in another); rounds are paired because a
+    CPU's speed drifts between them."""
+    ratios = sorted(s / f for f, s in zip(fast, slow) if f > 0)
+    if not ratios:
+        return False
+    return ratios[len(ratios) // 4] > 1 + MARGIN
 
 
 class Probe:
@@ -488,14 +504,15 @@ class Probe:
 
 
 class ModuleProbe(Probe):
-    """A probe of `module` for `key` on `device`: `x [T, B, I]` (T = `key.steps`, B = `key.batch`),
-    random states and, for `key.lengths`, lengths from T down; the module's weights detached (so neither
-    the probe's forward nor its backward touches the user's graph or `.grad`), each requiring grad as the
-    module's does; for training an upstream gradient for every output. Inputs come from a private
-    generator (the user's random streams are untouched). `run(name)` returns the outputs and, for
-    training, the gradients of x, the states and every trainable weight (`torch.autograd.grad`: nothing
-    accumulates), under identity saved-tensor hooks (a user's, e.g. activation checkpointing's, never see
-    the probe)."""
+    """A probe of `module` for `key` on `device`: `x [T, B, I]` (T = `key.steps`, B = `key.batch`), random
+    states and, for rows with lengths, lengths from T down (`key.rows` "packed": x packed with them, run as
+    `FusedRNNBase._forward_packed` runs a PackedSequence; "lengths": run as a `lengths=` call); the module's
+    weights detached (so neither the probe's forward nor its backward touches the user's graph or
+    `.grad`), each requiring grad as the module's does; for training an upstream gradient for every
+    output. Inputs come from a private generator (the user's random streams are untouched). `run(name)`
+    returns the outputs and, for training, the gradients of the input, the states and every trainable
+    weight (`torch.autograd.grad`: nothing accumulates), under identity saved-tensor hooks (a user's, e.g.
+    activation checkpointing's, never see the probe)."""
 
     def __init__(self, module, key: Key, device: torch.device, weights: list[Tensor]):
         self.module, self.key, self.device = module, key, device
@@ -506,15 +523,20 @@ class ModuleProbe(Probe):
         def randn(*shape):
             return torch.randn(*shape, generator=gen).to(device, dtype)
 
-        rows = key.num_layers * key.directions
+        layers = key.num_layers * key.directions
         self.x = randn(T, B, key.input_size)
-        self.states = tuple(randn(rows, B, size) for size in module._state_sizes())
-        self.lengths = None
-        if key.lengths:
-            self.lengths = torch.tensor([max(1, T - (b * T) // max(B, 1)) for b in range(B)], device=device)
-        self.weights = [w.detach().requires_grad_(key.grad and w.requires_grad) for w in weights]
+        self.states = tuple(randn(layers, B, size) for size in module._state_sizes())
+        self.lengths = self.batch_sizes = None
         width = key.directions * (key.proj_size or key.hidden_size)
         self.upstream = [randn(T, B, width)] + [randn(*s.shape) for s in self.states]
+        if key.rows:
+            lengths = torch.tensor([max(1, T - (b * T) // B) for b in range(B)])  # descending: packed as sorted
+            self.lengths = lengths.to(device)
+            if key.rows == "packed":
+                packed = pack_padded_sequence(self.x, lengths)
+                self.x, self.batch_sizes = packed.data, packed.batch_sizes
+                self.upstream[0] = pack_padded_sequence(self.upstream[0], lengths).data
+        self.weights = [w.detach().requires_grad_(key.grad and w.requires_grad) for w in weights]
 
     def _inputs(self, dtype: torch.dtype | None = None):
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
@@ -527,7 +549,10 @@ class ModuleProbe(Probe):
     def _call(self, name: str, dtype: torch.dtype | None = None) -> list[Tensor]:
         x, states, weights = self._inputs(dtype)
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.set_grad_enabled(self.key.grad):
-            out, finals = self.module._run(name, x, states, self.lengths, weights, probe=True)
+            if self.batch_sizes is not None:
+                out, finals = self.module._run_packed(name, x, self.batch_sizes, states, weights, probe=True)
+            else:
+                out, finals = self.module._run(name, x, states, self.lengths, weights, probe=True)
             outputs = [out, *finals]
             if not self.key.grad:
                 return [t.detach() for t in outputs]
@@ -581,8 +606,8 @@ def agree(got: list[Tensor], want: list[Tensor] | None, truth: Callable[[], list
 def decide(key: Key, device: torch.device, names: list[str], default: str, probe: Probe) -> Decision:
     """Run every candidate in `names` once on `probe` (nn's kernel, "aten", first: the reference), reject
     those of ours that raise or disagree with it (`agree`; a warning names the shape, the plan and the
-    error, once), time the rest (`timer`) and rank them: fastest first, the `default` first where it is
-    within `MARGIN` of the fastest."""
+    error, once), time the rest (`timer`) and rank them by median time, fastest first, except that the
+    `default` comes first unless the fastest is `clearly_faster` than it."""
     t0 = time.perf_counter()
     rejected: dict[str, str] = {}
     results: dict[str, list[Tensor]] = {}
@@ -599,11 +624,12 @@ def decide(key: Key, device: torch.device, names: list[str], default: str, probe
             rejected[name] = f"disagrees with nn's kernel: {problem}"
             del results[name]
     survivors = list(results)
-    times = timer({n: (lambda n=n: probe.run(n)) for n in survivors}, device) if len(survivors) > 1 else (
-        {n: float("nan") for n in survivors})
+    samples = timer({n: (lambda n=n: probe.run(n)) for n in survivors}, device) if len(survivors) > 1 else {}
+    samples = {n: [float(v)] if isinstance(v, (int, float)) else [float(t) for t in v] for n, v in samples.items()}
+    times = {n: statistics.median(samples[n]) if n in samples else float("nan") for n in survivors}
     ranking = sorted(survivors, key=lambda n: times[n])
-    if default in ranking and len(ranking) > 1 and times[default] <= (1 + MARGIN) * times[ranking[0]]:
-        ranking.remove(default)
+    if default in ranking and ranking[0] != default and not clearly_faster(samples[ranking[0]], samples[default]):
+        ranking.remove(default)  # the default stays unless another candidate is clearly faster
         ranking.insert(0, default)
     instead = ranking[0] if ranking else "torch"
     for name, why in rejected.items():

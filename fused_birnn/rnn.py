@@ -62,8 +62,8 @@ def _needs_grad(x: Tensor, states: tuple[Tensor, ...], weights: list[Tensor]) ->
 
 class FusedRNNBase(nn.RNNBase):
     r"""What `fused_birnn.RNN`, `LSTM` and `GRU` share: flat parameter buffers, input and state checks in
-    nn's words, the PackedSequence and `lengths=` paths, the CPU choice of ATen's own kernel, and the
-    stack of `functional.birnn_layer` calls. A cell's state is handled as a tuple, `(h,)` or `(h, c)`;
+    nn's words, the PackedSequence and `lengths=` paths, the choice between nn's own kernel and ours
+    (`backend='auto'`: `fused_birnn.tune`), and the stack of `functional.birnn_layer` calls. A cell's state is handled as a tuple, `(h,)` or `(h, c)`;
     the user sees what nn's class takes and returns (a Tensor, or LSTM's `(h, c)`)."""
 
     def __init__(self, mode: str, *args, backend: str = "auto", **kwargs) -> None:
@@ -376,8 +376,7 @@ class FusedRNNBase(nn.RNNBase):
         device = data.device
         rows = self.num_layers * (2 if self.bidirectional else 1)
         sizes = self._state_sizes()
-        states = (tuple(torch.zeros(rows, batch, size, dtype=data.dtype, device=device) for size in sizes)
-                  if hx is None else self._states(hx))
+        states = () if hx is None else self._states(hx)
         if not (weights[0].device == device and weights[0].dtype == data.dtype and all(
                 type(s) is Tensor and s.device == device and s.dtype == data.dtype and s.shape == (rows, batch, size)
                 for s, size in zip(states, sizes))):
@@ -385,6 +384,8 @@ class FusedRNNBase(nn.RNNBase):
         if tune.choose(self, data, steps, batch, "packed" if packed else "", _needs_grad(data, states, weights),
                        weights) != "aten":
             return None
+        if hx is None:
+            states = tuple(torch.zeros(rows, batch, size, dtype=data.dtype, device=device) for size in sizes)
         aten = getattr(_VF, _ATEN[self.mode])
         common = (weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         if not packed:

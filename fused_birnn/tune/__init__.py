@@ -7,11 +7,11 @@ on CUDA the Triton kernels with the planner's plan ("triton") or another split w
 ("triton:split=S"), elsewhere our PyTorch path ("torch"). The decision is per module call shape
 (`Key`): the cell, input, hidden and projection sizes, layers, directions, bias, the device (GPU name),
 dtype and autocast dtype, TF32, whether a backward follows, how rows end (all at T, a PackedSequence, or
-`lengths=` on a padded batch), a batch bucket (the
-next power of two), a length bucket (the power of two at or below T, 64 and above alike) and, on a CPU,
-the thread count. Why per module call and not per layer: nn's kernel runs the whole stack in one call
-(cuDNN overlaps layers), which is exactly what "never slower than nn's class" compares against; our
-layers of one module share one plan (the plan depends on H, B and the dtype, which all layers share).
+`lengths=` on a padded batch), a batch bucket (the next power of two), a length bucket (the power of two
+at or below T, 64 and above alike) and, on a CPU, the thread count. Why per module call and not per
+layer: nn's kernel runs the whole stack in one call (cuDNN overlaps layers), which is exactly what "never
+slower than nn's class" compares against; our layers of one module share one plan (the plan depends on H,
+B and the dtype, which all layers share).
 The length bucket is not in the issue's list of key fields: on a CPU the measured crossover is in T (our
 hand-written BPTT gains per step, our per-layer Python costs per call), and a probe is at most 64 steps.
 
@@ -25,8 +25,9 @@ interleaved round by round (`measure_ms`: CUDA events on a GPU, wall clock on a 
 `MIN_ROUNDS` rounds and `BUDGET_S` seconds), forward only for inference, forward and backward for
 training. The fastest (by median) runs from then on, except that the unmeasured default
 (`default_choice`: the planner's kernels on CUDA, the fixed rule of earlier versions on a CPU) is kept
-unless the fastest beats it by more than `MARGIN` in three rounds of four (`clearly_faster`). A candidate of ours that disagrees with nn's kernel, or raises, is never chosen for that
-key, and a warning names the shape, the plan and the error, once.
+unless the fastest beats it by more than `MARGIN` in three rounds of four (`clearly_faster`). A candidate
+of ours that disagrees with nn's kernel, or raises, is never chosen for that key, and a warning names the
+shape, the plan and the error, once.
 
 Capabilities (`aten_refusal`, per call, since they depend on the call and not only on its shape): on
 CUDA nn's kernel (cuDNN) is not chosen for T > 65,535 (it fails), for a backward in eval() mode, under
@@ -120,7 +121,9 @@ class Key(NamedTuple):
             f" P{self.proj_size}" if self.proj_size else "")
         dtype = _dtype_name(self.dtype) + (f" autocast {_dtype_name(self.autocast)}" if self.autocast else "") + (
             " tf32" if self.tf32 else "")
-        rows = f"B<={self.batch} T{'>=' if self.steps == PROBE_MAX_STEPS else '~'}{self.steps}"
+        b, t = self.batch, self.steps
+        rows = (f"B{b // 2 + 1}-{b}" if b > 2 else f"B{b}") + (
+            f" T>={t}" if t == PROBE_MAX_STEPS else f" T{t}-{2 * t - 1}" if t > 1 else " T1")
         where = f"{self.device}" + (f" {self.threads} threads" if self.threads else "")
         return (f"{cell} {size} {'bi' if self.directions == 2 else 'uni'}{'' if self.bias else ' no bias'} "
                 f"{rows}{' ' + self.rows if self.rows else ''} {dtype} {'train' if self.grad else 'infer'} ({where})")
@@ -256,7 +259,8 @@ def key_of(module, x: Tensor, steps: int, batch: int, rows: str, needs_grad: boo
     else:
         where = _gpu_name(device.index if device.index is not None else torch.cuda.current_device())
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        tf32, threads = bool(torch.backends.cudnn.allow_tf32) and x.dtype == torch.float32, 0
+        tf32 = bool(torch.backends.cudnn.allow_tf32) and (autocast or x.dtype) == torch.float32
+        threads = 0
     return Key(module.mode, module.input_size, module.hidden_size, module.proj_size, module.num_layers,
                2 if module.bidirectional else 1, bool(module.bias), where, x.dtype, autocast, tf32, needs_grad,
                rows, _bucket_batch(batch), _bucket_steps(steps), threads)
@@ -274,8 +278,8 @@ def choose(module, x: Tensor, steps: int, batch: int, rows: str, needs_grad: boo
     only our layers can serve): "aten" (nn's kernel, whole stack) or a backend of our layers. `x`: the input
     (time-major, or a PackedSequence's data), `steps` x `batch` its T and B, `rows` how rows end ("": all
     at T, "packed": a PackedSequence, "lengths": `lengths=`), `needs_grad` whether a backward follows,
-    `weights` the module's weights for this
-    call. Measures the key on first sight (the module docstring); a known key costs a dict lookup."""
+    `weights` the module's weights for this call. Measures the key on first sight (the module docstring);
+    a known key costs a dict lookup."""
     if torch.jit.is_tracing():  # sizes are traced tensors there (nothing is measured while tracing)
         steps, batch = int(steps), int(batch)
     cpu = x.is_cpu

@@ -18,9 +18,10 @@ python -m pip wheel --no-deps --wheel-dir "$WORK/dist" "$WORK/src"
 python - "$WORK"/dist/fused_birnn-*.whl <<'PY'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
-for want in ("fused_birnn/kernels/forward.py", "fused_birnn/bench/cli.py", ".dist-info/licenses/LICENSE"):
+for want in ("fused_birnn/kernels/forward.py", "fused_birnn/bench/cli.py", "fused_birnn/tune/__main__.py",
+             ".dist-info/licenses/LICENSE"):
     assert any(n.endswith(want) for n in names), f"{want} missing from the wheel: {names}"
-print(f"wheel: {len(names)} files, kernels, bench and LICENSE included")
+print(f"wheel: {len(names)} files, kernels, bench, tune and LICENSE included")
 PY
 echo "install check: wheel built after $((SECONDS - t0)) s"
 python -m venv "$WORK/venv"

@@ -54,7 +54,9 @@ from torch._C import _functorch
 
 from . import torch_backend
 from .kernels import backward as kernel_backward
+from .kernels import config as kernel_config
 from .kernels import forward as kernel_forward
+from .kernels import launch as kernel_launch
 
 BACKENDS = ("auto", "triton", "torch")
 # Read at import like Triton does (it decides at decoration time whether kernels are interpreted).
@@ -64,9 +66,28 @@ TRITON_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_INTERPRETER_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
+# `backend='auto'`'s tuner (fused_birnn.tune) names a kernel plan other than the planner's by its split: the
+# layer ops take "triton:split=S" (S cooperating programs per group) as their backend, forward and backward alike
+SPLIT_PLAN = "triton:split="
+
+
+def plan_split(backend: str) -> int | None:
+    """S of a "triton:split=S" backend (the tuner's choice of plan), None for any other backend."""
+    if not backend.startswith(SPLIT_PLAN):
+        return None
+    value = backend[len(SPLIT_PLAN):]
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"backend {backend!r}: expected {SPLIT_PLAN}S with S a positive integer")
+    return int(value)
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """Which recurrence runs: 'triton' (the kernels, every cell; compiled on CUDA, interpreted on CPU under
-    TRITON_INTERPRET=1) or 'torch'. 'auto' takes the kernels wherever they can run this dtype."""
+    TRITON_INTERPRET=1), a tuned kernel plan ('triton:split=S', `plan_split`) or 'torch'. 'auto' takes the
+    kernels wherever they can run this dtype."""
+    if plan_split(backend) is not None:  # the kernels with a given split: where the kernels can run
+        resolve_backend("triton", device, dtype)
+        return backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if device.type == "cuda" and not INTERPRETER:
@@ -188,9 +209,12 @@ def _layer_forward(cell: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], param
     x2 = x.reshape(T * B, I)
     x_proj = (x2 @ w_ih.t() if bias is None else torch.addmm(bias, x2, w_ih.t())).view(T, B, w_ih.shape[0])
     h0, c0 = h0.contiguous(), None if c0 is None else c0.contiguous()
-    if backend == "triton":
+    if backend != "torch":  # the kernels: the planner's plan, or the tuner's split
+        allow_tf32 = torch.backends.cudnn.allow_tf32
         return kernel_forward.recurrence_forward(x_proj, w_hh, h0, c0, w_hr, b_hn, cell=cell, lengths=lengths,
-                                                 allow_tf32=torch.backends.cudnn.allow_tf32)
+                                                 allow_tf32=allow_tf32,
+                                                 config=_tuned_plan(backend, cell, w_hh, B, x.dtype, allow_tf32,
+                                                                    x.device, w_hr is not None))
     return torch_backend.recurrence_forward(x_proj, w_hh, h0, c0, w_hr, b_hn, cell=cell, lengths=lengths)
 
 
@@ -210,8 +234,11 @@ def _layer_backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Opt
     w_ih = _parameters(cell, params, D, x.dtype, "w_ih")[0] if input_grad else None
     GH = w_hh.shape[1]
     recurrence = torch_backend.recurrence_backward
-    if backend == "triton":
-        recurrence = functools.partial(kernel_backward.recurrence_backward, allow_tf32=torch.backends.cudnn.allow_tf32)
+    if backend != "torch":  # the forward's plan (the same arguments give the same plan)
+        allow_tf32 = torch.backends.cudnn.allow_tf32
+        recurrence = functools.partial(kernel_backward.recurrence_backward, allow_tf32=allow_tf32,
+                                       config=_tuned_plan(backend, cell, w_hh, B, x.dtype, allow_tf32, x.device,
+                                                          w_hr is not None))
     result = recurrence(_last_contiguous(out), _last_contiguous(grad_out), _last_contiguous(grad_h_n), w_hh,
                         cell=cell, lengths=lengths, saved=saved, h0=h0.contiguous(),
                         c0=None if c0 is None else c0.contiguous(),
@@ -244,6 +271,20 @@ def _layer_backward(cell: str, grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Opt
         if w_hr is not None:
             grads.append(result[3])
     return grads
+
+
+def _tuned_plan(backend: str, cell: str, w_hh: Tensor, B: int, dtype: torch.dtype, allow_tf32: bool,
+                device: torch.device, proj: bool):
+    """The kernels' plan for a "triton:split=S" backend: the planner's best plan with S programs per group
+    (`kernels.config.select_config`'s `split`, as `FUSED_BIRNN_SPLIT=S` asks); None (the kernels plan
+    themselves) for "triton", or where `FUSED_BIRNN_SPLIT` is set (the user's split wins)."""
+    split = plan_split(backend)
+    if split is None or kernel_launch.split_override() is not None:
+        return None
+    G = torch_backend.gate_count(cell)
+    H, P = w_hh.shape[1] // G, w_hh.shape[2]
+    return kernel_config.select_config(H, B, dtype, allow_tf32, kernel_config.device_limits(device), split,
+                                       None if G == 1 else cell, P if proj else None)
 
 
 def _last_contiguous(t: Tensor) -> Tensor:

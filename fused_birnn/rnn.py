@@ -4,6 +4,7 @@ on the fused bidirectional kernels. One base class holds everything but the few 
 
 from __future__ import annotations
 
+import warnings
 from typing import overload
 
 import torch
@@ -11,14 +12,16 @@ from torch import Tensor, _VF, nn
 from torch._C import _functorch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional
+from . import functional, tune
 from .functional import BACKENDS, autocast_dtype, birnn_layer
 
-# backend='auto' on a CPU: Elman training on sequences shorter than this runs ATen's own RNN (see
-# FusedRNNBase._aten_serves); measured crossover of forward+backward against nn.RNN, 1 and 2 threads (bench/).
-ATEN_MAX_TRAINING_STEPS = 32
 # ATen's function per cell (nn.RNNBase's mode names) in torch._VF, what nn.RNN / nn.LSTM / nn.GRU call
 _ATEN = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+# cuDNN, handed our weights (flat per kind, the layout our kernels read, not cuDNN's own), packs them per call
+# and warns, advising flatten_parameters(), which here lays them out for our kernels again: backend='auto'
+# timed cuDNN with that packing (fused_birnn.tune), so the advice does not apply to calls from this module
+warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk of memory",
+                        category=UserWarning, module=r"fused_birnn\.rnn")
 
 
 def _lives_in(p: Tensor, buf: Tensor, d: int) -> bool:
@@ -51,10 +54,16 @@ class MissingWeightError(TypeError, AttributeError):
     under nn's classes, and the AttributeError they raise when it is the first weight."""
 
 
+def _needs_grad(x: Tensor, states: tuple[Tensor, ...], weights: list[Tensor]) -> bool:
+    """Whether this call records a graph to differentiate (then a backward follows: training)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(s.requires_grad for s in states)
+                                        or any(w.requires_grad for w in weights))
+
+
 class FusedRNNBase(nn.RNNBase):
     r"""What `fused_birnn.RNN`, `LSTM` and `GRU` share: flat parameter buffers, input and state checks in
-    nn's words, the PackedSequence and `lengths=` paths, the CPU choice of ATen's own kernel, and the
-    stack of `functional.birnn_layer` calls. A cell's state is handled as a tuple, `(h,)` or `(h, c)`;
+    nn's words, the PackedSequence and `lengths=` paths, the choice between nn's own kernel and ours
+    (`backend='auto'`: `fused_birnn.tune`), and the stack of `functional.birnn_layer` calls. A cell's state is handled as a tuple, `(h,)` or `(h, c)`;
     the user sees what nn's class takes and returns (a Tensor, or LSTM's `(h, c)`)."""
 
     def __init__(self, mode: str, *args, backend: str = "auto", **kwargs) -> None:
@@ -106,6 +115,11 @@ class FusedRNNBase(nn.RNNBase):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.flatten_parameters()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_tune_memo", None)  # fused_birnn.tune's memo of this process's decisions
+        return state
 
     def _layer_params(self, layer: int, weights: list[Tensor | None] | None = None) -> list[tuple[Tensor, ...]]:
         """Layer `layer`'s weights per direction, in nn's order, out of `weights` (nn's flat order;
@@ -255,12 +269,10 @@ class FusedRNNBase(nn.RNNBase):
             states = self._states(self.permute_hidden(self._hx(states), sorted_indices))  # caller's order -> sorted
         states = self._initial_states(data, states, int(batch_sizes[0]), weights[0], packed=True)
         self.check_forward_args(data, self._hx(states), batch_sizes)
-        if self._aten_serves(data, states, len(batch_sizes), weights):
-            output, states = self._aten(data, states, weights, batch_sizes)
-        else:
-            padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # [T, B, I], sorted
-            output, states = self._run_layers(padded, states, lengths.to(data.device, non_blocking=True), weights)
-            output = pack_padded_sequence(output, lengths).data
+        if data.device != weights[0].device:
+            self._raise_device_mismatch(data, weights[0])
+        choice = self._choice(data, len(batch_sizes), int(batch_sizes[0]), "packed", states, weights)
+        output, states = self._run_packed(choice, data, batch_sizes, states, weights)
         return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                 self.permute_hidden(self._hx(states), unsorted_indices))
 
@@ -311,57 +323,69 @@ class FusedRNNBase(nn.RNNBase):
                                  f"{int(values.min())} to {int(values.max())}")
         return lengths.to(device=x.device, dtype=torch.int64, non_blocking=True)
 
-    # ---------------------------------------------------------------------- ATen's own kernel on a CPU
+    # ------------------------------------------------------------------ what runs: nn's kernel or ours
 
-    def _aten_serves(self, x: Tensor, states: tuple[Tensor, ...], steps: int, weights: list[Tensor]) -> bool:
-        """Whether `backend='auto'` hands this call to ATen's own kernel for the cell (`torch._VF.lstm`,
-        `gru`, `rnn_tanh`, `rnn_relu`: what nn's classes run on a CPU): on a CPU without the interpreter, in
-        plain eager fp32/fp64 without autocast and outside torch.func transforms. LSTM and GRU: always
-        there (our PyTorch path measured 1.6-1.9x slower than nn.LSTM's oneDNN kernel; `lengths=` is packed
-        for it). Elman: inference (our per-layer Python costs more than the recurrence saves: measured
-        0.6-1.0x of nn.RNN) and training on short sequences (`steps < ATEN_MAX_TRAINING_STEPS`); training on
-        longer ones runs our path (1.2-3x nn.RNN, README). Same results either way: ATen's CPU kernels are
-        deterministic, differentiable to any order and have no length limit."""
-        if (self.backend != "auto" or x.device.type != "cpu" or functional.INTERPRETER
-                or x.dtype not in (torch.float32, torch.float64)
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
-                or _functorch.maybe_current_level() is not None):  # torch.func: our layer's rules
-            return False
-        if self.mode in ("LSTM", "GRU") or steps < ATEN_MAX_TRAINING_STEPS or not torch.is_grad_enabled():
-            return True
-        return not (x.requires_grad or any(s.requires_grad for s in states)
-                    or any(p.requires_grad for p in weights))
+    def _choice(self, x: Tensor, steps: int, batch: int, rows: str, states: tuple[Tensor, ...],
+                weights: list[Tensor]) -> str:
+        """What runs this call (`x`: its input, time-major or packed data, `steps` and `batch` its T and B,
+        `rows` how its rows end: "" all at T, "packed", "lengths"): the module's `backend` where it is pinned
+        ('triton', 'torch'); with 'auto', 'aten' (nn's own kernel for the cell, `torch._VF`: cuDNN on CUDA)
+        or a backend of our layers ('torch', 'triton', 'triton:split=S'), chosen by `fused_birnn.tune`
+        (measured per call shape, checked against nn's kernel). 'auto' itself where ATen's kernel is no
+        candidate (then `functional.resolve_backend` picks as before): the interpreter on a CPU (its
+        kernels, as asked), a CPU dtype other than fp32/fp64 or CPU autocast (our semantics), `torch.func`
+        transforms (our layer's rules), torch.compile's tracing (our custom ops), other devices."""
+        if self.backend != "auto":
+            return self.backend
+        device = x.device.type
+        if device == "cpu":
+            if (functional.INTERPRETER or x.dtype not in (torch.float32, torch.float64)
+                    or torch.is_autocast_enabled("cpu")):
+                return "auto"
+        elif device != "cuda" or functional.INTERPRETER:
+            return "auto"
+        if torch.compiler.is_compiling() or _functorch.maybe_current_level() is not None:
+            return "auto"
+        return tune.choose(self, x, steps, batch, rows, _needs_grad(x, states, weights), weights)
 
     def _aten_fast_path(self, input: Tensor | PackedSequence, hx, weights: list[Tensor]):
-        """`forward` for the common call that `_aten_serves` hands to ATen (a batched fp32/fp64 CPU tensor or
-        a PackedSequence of one, states None or of the expected shape, dtype and device), with nothing else
-        before the kernel: the general path's checks and reshapes cost 1-3% of nn's time at mid-size shapes
-        (measured, bench/). None for anything else, which the general path then handles (and raises nn's
-        errors for)."""
+        """`forward` for the common call that `backend='auto'` hands to nn's own kernel (`_choice`: 'aten';
+        a batched CPU fp32/fp64 or CUDA tensor, or a PackedSequence of one, states None or of the expected
+        shape, dtype and device, outside autocast, torch.func and torch.compile), with nothing else before
+        the kernel: the general path's checks and reshapes cost 1-3% of nn's time at mid-size shapes
+        (measured on a CPU, bench/). None for anything else, which the general path then handles (and raises
+        nn's errors for)."""
         packed = type(input) is PackedSequence
         data = input.data if packed else input
-        if (self.backend != "auto" or type(data) is not Tensor or not data.is_cpu or functional.INTERPRETER
-                or data.dim() != (2 if packed else 3) or data.dtype not in (torch.float32, torch.float64)
-                or data.size(-1) != self.input_size):
+        if (self.backend != "auto" or type(data) is not Tensor or functional.INTERPRETER
+                or data.dim() != (2 if packed else 3) or data.size(-1) != self.input_size):
+            return None
+        if data.is_cpu:
+            if data.dtype not in (torch.float32, torch.float64):
+                return None
+        elif not data.is_cuda:
             return None
         if packed:
             steps = input.batch_sizes.numel()
             batch = int(input.batch_sizes[0]) if steps else 0
         else:
             steps, batch = (data.size(1), data.size(0)) if self.batch_first else (data.size(0), data.size(1))
-        if (steps == 0 or not (self.mode in ("LSTM", "GRU") or steps < ATEN_MAX_TRAINING_STEPS
-                               or not torch.is_grad_enabled())
-                or torch._C._is_any_autocast_enabled() or _functorch.maybe_current_level() is not None
+        if (steps == 0 or torch._C._is_any_autocast_enabled() or _functorch.maybe_current_level() is not None
                 or torch.compiler.is_compiling()):
             return None
+        device = data.device
         rows = self.num_layers * (2 if self.bidirectional else 1)
         sizes = self._state_sizes()
-        states = (tuple(torch.zeros(rows, batch, size, dtype=data.dtype) for size in sizes) if hx is None
-                  else self._states(hx))
-        if not (weights[0].is_cpu and weights[0].dtype == data.dtype and all(
-                type(s) is Tensor and s.is_cpu and s.dtype == data.dtype and s.shape == (rows, batch, size)
+        states = () if hx is None else self._states(hx)
+        if not (weights[0].device == device and weights[0].dtype == data.dtype and all(
+                type(s) is Tensor and s.device == device and s.dtype == data.dtype and s.shape == (rows, batch, size)
                 for s, size in zip(states, sizes))):
             return None
+        if tune.choose(self, data, steps, batch, "packed" if packed else "", _needs_grad(data, states, weights),
+                       weights) != "aten":
+            return None
+        if hx is None:
+            states = tuple(torch.zeros(rows, batch, size, dtype=data.dtype, device=device) for size in sizes)
         aten = getattr(_VF, _ATEN[self.mode])
         common = (weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
         if not packed:
@@ -373,39 +397,68 @@ class FusedRNNBase(nn.RNNBase):
         return (PackedSequence(result[0], input.batch_sizes, input.sorted_indices, input.unsorted_indices),
                 self.permute_hidden(self._hx(tuple(result[1:])), input.unsorted_indices))
 
-    def _aten(self, x: Tensor, states: tuple[Tensor, ...], weights: list[Tensor], batch_sizes: Tensor | None = None):
+    def _aten(self, x: Tensor, states: tuple[Tensor, ...], weights: list[Tensor], batch_sizes: Tensor | None = None,
+              probe: bool = False):
         """ATen's kernel for the cell on a time-major `x` (or packed data with `batch_sizes`):
-        `(output, states)`."""
+        `(output, states)`. `probe`: as a training-mode call without dropout (`fused_birnn.tune`'s probe:
+        cuDNN's backward needs training mode, and no random numbers are drawn)."""
         hx = states if self.mode == "LSTM" else states[0]
-        common = (weights, self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        common = (weights, self.bias, self.num_layers, 0.0 if probe else self.dropout, probe or self.training,
+                  self.bidirectional)
         aten = getattr(_VF, _ATEN[self.mode])
         result = aten(x, hx, *common, False) if batch_sizes is None else aten(x, batch_sizes, hx, *common)
         return result[0], tuple(result[1:])
 
-    def _aten_lengths(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor, weights: list[Tensor]):
+    def _aten_lengths(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor, weights: list[Tensor],
+                      probe: bool = False):
         """ATen's packed kernel on a padded time-major `x` with `lengths`: our `lengths=` semantics (padded
         output steps 0, each row's final state at its own last step)."""
         packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
         sorted_states = self._states(self.permute_hidden(self._hx(states), packed.sorted_indices))
-        output, sorted_states = self._aten(packed.data, sorted_states, weights, packed.batch_sizes)
+        output, sorted_states = self._aten(packed.data, sorted_states, weights, packed.batch_sizes, probe)
         output, _ = pad_packed_sequence(PackedSequence(output, packed.batch_sizes, packed.sorted_indices,
                                                        packed.unsorted_indices), total_length=x.size(0))
         return output, self._states(self.permute_hidden(self._hx(sorted_states), packed.unsorted_indices))
 
     # -------------------------------------------------------------------------------------- the stack
 
-    def _run_layers(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None, weights: list[Tensor]):
-        """The stack on a time-major `x [T, B, I]`: one `birnn_layer` (two kernel launches with its
-        backward) per layer, dropout between layers in training mode. Under autocast the layers run in
-        autocast's dtype, as nn's do. Returns `(output [T, B, D*P], states)`."""
+    def _run_layers(self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None, weights: list[Tensor],
+                    choice: str | None = None):
+        """The stack on a time-major `x [T, B, I]` by `choice` (default: `_choice`'s for this call): nn's
+        kernel ('aten'), or one `birnn_layer` (two kernel launches with its backward) per layer on that
+        backend. Returns `(output [T, B, D*P], states)`."""
         if x.device != weights[0].device:
-            raise RuntimeError(f"input is on {x.device} but the {type(self).__name__}'s parameters are on "
-                               f"{weights[0].device}; move one of them (e.g. model.to({x.device}))")
-        if self._aten_serves(x, states, x.size(0), weights):
+            self._raise_device_mismatch(x, weights[0])
+        if choice is None:
+            choice = self._choice(x, x.size(0), x.size(1), "" if lengths is None else "lengths", states, weights)
+        return self._run(choice, x, states, lengths, weights)
+
+    def _run_packed(self, choice: str, data: Tensor, batch_sizes: Tensor, states: tuple[Tensor, ...],
+                    weights: list[Tensor], probe: bool = False):
+        """A PackedSequence's data (in its sorted order) by `choice`: ATen's packed kernel for 'aten', else
+        padded (`[T, B, I]`), run through our layers with each row's length, and packed again. Returns
+        `(packed output data, states)`."""
+        if choice == "aten":
+            return self._aten(data, states, weights, batch_sizes, probe)
+        padded, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # [T, B, I], sorted
+        output, states = self._run(choice, padded, states, lengths.to(data.device, non_blocking=True), weights,
+                                   probe)
+        return pack_padded_sequence(output, lengths).data, states
+
+    def _raise_device_mismatch(self, x: Tensor, weight: Tensor):
+        raise RuntimeError(f"input is on {x.device} but the {type(self).__name__}'s parameters are on "
+                           f"{weight.device}; move one of them (e.g. model.to({x.device}))")
+
+    def _run(self, choice: str, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None,
+             weights: list[Tensor], probe: bool = False):
+        """The stack on a time-major `x [T, B, I]`: nn's kernel for `choice` 'aten' (`lengths` through its
+        packed form), else one `birnn_layer` per layer on backend `choice`, dropout between layers in
+        training mode; under autocast the layers run in autocast's dtype, as nn's do. `probe`: as
+        `fused_birnn.tune` times and checks a candidate, without dropout. Returns `(output, states)`."""
+        if choice == "aten":
             if lengths is None:
-                return self._aten(x, states, weights)
-            if self.mode in ("LSTM", "GRU"):
-                return self._aten_lengths(x, states, lengths, weights)
+                return self._aten(x, states, weights, probe=probe)
+            return self._aten_lengths(x, states, lengths, weights, probe)
         dtype = self._autocast_dtype(x, lengths)
         if dtype is not None:  # the weights are cast as the op packs them
             x, states = x.to(dtype), tuple(s.to(dtype) for s in states)
@@ -417,9 +470,9 @@ class FusedRNNBase(nn.RNNBase):
             rows = slice(layer * num_directions, (layer + 1) * num_directions)
             h0 = states[0][rows]
             c0 = states[1][rows] if self.mode == "LSTM" else None
-            x, *layer_states = birnn_layer(self.mode, x, h0, c0, params, lengths, self.backend)
+            x, *layer_states = birnn_layer(self.mode, x, h0, c0, params, lengths, choice)
             finals.append(layer_states)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1 and not probe:
                 x = nn.functional.dropout(x, self.dropout, training=True)
         if self.num_layers == 1:
             return x, tuple(finals[0])
@@ -461,10 +514,12 @@ _COMMON_DOC = r"""
     graph, and under ``torch.autocast`` the layers run in autocast's dtype, as nn's do (fp32 parameters and
     their gradients stay fp32).
 
-    ``backend``: ``'auto'`` (default): the Triton kernels on CUDA (fp16, bf16, fp32), and on CPU when
-    ``TRITON_INTERPRET=1`` was set before import (fp16, fp32, fp64); on a CPU otherwise ATen's own kernel
-    where it is the faster choice, else the pure-PyTorch path. ``'triton'`` insists on the kernels (an
-    error where they cannot run); ``'torch'`` always takes the pure-PyTorch path.
+    ``backend``: ``'auto'`` (default): per call shape, whichever of nn's own kernel (cuDNN on CUDA, ATen's on
+    a CPU) and ours (the Triton kernels on CUDA, fp16, bf16, fp32; the pure-PyTorch path elsewhere) was
+    measured faster on this device, ours only after agreeing with nn's kernel on a probe of the shape
+    (``fused_birnn.tune``; ``python -m fused_birnn.tune --show`` lists the decisions); on a CPU with
+    ``TRITON_INTERPRET=1`` set before import, the interpreted kernels (fp16, fp32, fp64). ``'triton'``
+    insists on the kernels (an error where they cannot run); ``'torch'`` always takes the pure-PyTorch path.
 
     ``forward(input, hx=None, lengths=None)``: as nn's, plus ``lengths``, a 1-D integer tensor of the N
     valid lengths of a padded batch: the same results as packing it, without packing. ``hx[2*l+1]``

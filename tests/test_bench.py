@@ -85,6 +85,8 @@ def test_command_writes_json_markdown_png(tmp_path):
             assert r["parity"]["triton"]["fwd_ok"] and r["parity"]["triton"]["bwd_ok"]
         for mode in ("fwd", "fwd_bwd"):
             assert r[mode]["ours_ms"] > 0 and r[mode]["ref_ms"] > 0 and r[mode]["ratio"] > 0
+            assert r["auto_runs"][mode]["runs"] in ("aten", "torch")  # what auto ran, in the table too
+    assert "auto runs fwd / fwd+bwd" in proc.stdout
 
 
 def _on_data(out, fn):
@@ -239,7 +241,13 @@ def test_cuda_report_path_with_stand_in_timers(tmp_path, monkeypatch):
     ours = runner.default_candidate(cfg, "torch", torch.device("cpu"))
     ours.load_state_dict(ref.state_dict())
     res = {"config": cfg.to_dict(), "label": cfg.label, "status": "ok", "status_text": "ok", "parity": {}}
-    res.update(runner._time_cuda(cfg, ours, ref, ["fwd", "fwd_bwd"], Options(device="cuda", quick=True), {}))
+    auto = runner.default_candidate(cfg, "auto", torch.device("cpu"))
+    auto.load_state_dict(ref.state_dict())
+    res.update(runner._time_cuda(cfg, ours, ref, ["fwd", "fwd_bwd"], Options(device="cuda", quick=True), {},
+                                 auto=auto))
+    res["auto_runs"] = runner.auto_runs(cfg, auto, torch.device("cpu"))
+    assert res["fwd"]["auto_ms"] == 2.0 and res["fwd_bwd"]["auto_ratio"] == 1.0  # auto beside the pinned kernels
+    assert res["auto_runs"]["fwd"]["runs"] in ("aten", "torch", "auto")
     assert res["fwd"]["ratio"] == 1.0 and res["fwd_bwd"]["ratio"] == 1.0
     assert res["fwd"]["ratio_ci95"] == [1.0, 1.0] and res["fwd"]["converged"] and res["fwd"]["rounds"] == 1
     assert res["fwd"]["ours_tflops"] == pytest.approx(cfg.forward_flops() / 2.0 / 1e9)
@@ -247,12 +255,13 @@ def test_cuda_report_path_with_stand_in_timers(tmp_path, monkeypatch):
     assert res["fwd_bwd"]["ours_peak_mib"] == 1.0
     assert res["per_step"]["floor_us"] == pytest.approx(2e3 / 3)
     assert res["per_step"]["ours_fwd_us"] == pytest.approx(2e3 / (2 * 3))
-    assert calls[0] is None and calls[2] is not None  # forward: no grads to reset; fwd+bwd: reset
+    assert calls[0] is None and calls[3] is not None  # forward (ours, cuDNN, auto): no grads to reset; fwd+bwd: reset
     env = dict(report.environment("cpu"), device="cuda", gpu_name="stand-in", machine="GPU stand-in",
                allow_tf32=True)
     payload = {"suite": "tiny", "quick": True, "env": env, "results": [res]}
     md = report.markdown_report(payload)
     assert "cuDNN" in md and "us/step fwd (floor)" in md and "GPU stand-in" in md
+    assert "| fwd auto ratio | fwd+bwd auto ratio | auto runs fwd / fwd+bwd |" in md and "(default)" in md
     assert "ratio = cuDNN time / ours (> 1: ours faster" in md and "1.00x [1.00-1.00]" in md
     assert "allow_tf32 True" in report.stamp_line(env)
     written = report.write_plots(payload, tmp_path, "cuda")
@@ -642,7 +651,9 @@ def test_lstm_and_gru_are_parity_gated_and_timed(tmp_path):
             assert r["parity"]["triton"]["fwd_ok"] and r["parity"]["triton"]["bwd_ok"]
         for mode in ("fwd", "fwd_bwd"):
             assert r[mode]["ours_ms"] > 0 and r[mode]["ref_ms"] > 0 and r[mode]["ratio"] > 0
+            assert r["auto_runs"][mode]["runs"] in ("aten", "torch")  # what auto ran, in the table too
     assert "# fused_birnn vs torch.nn.RNN/LSTM/GRU: suite `tiny`" in (tmp_path / "tiny_quick.md").read_text()
+    assert "auto runs fwd / fwd+bwd" in (tmp_path / "tiny_quick.md").read_text()
     lstm_only = dict(payload, reference="nn.LSTM", results=payload["results"][:2])
     md = report.markdown_report(lstm_only)
     assert "# fused_birnn vs torch.nn.LSTM" in md and "ratio = nn.LSTM time / ours" in md

@@ -1,7 +1,8 @@
-"""`backend='auto'` on a CPU without the interpreter: which calls ATen's own kernels serve (nn's kernel,
-where our path is not faster: inference and short training sequences) and which run our path, and that
-the results are nn.RNN's either way. The suite runs under TRITON_INTERPRET=1, so these tests switch the
-module's view of the interpreter off."""
+"""`backend='auto'` on a CPU without the interpreter, with its default choice (what runs unmeasured:
+`FUSED_BIRNN_AUTOTUNE=0`, which conftest sets; tests/test_tune.py tests the measured choice): which calls
+ATen's own kernels serve (nn's kernel: inference and short training sequences) and which run our path,
+and that the results are nn.RNN's either way. The suite runs under TRITON_INTERPRET=1, so these tests
+switch the module's view of the interpreter off."""
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch.nn.utils.rnn import pack_sequence
 import fused_birnn
 import fused_birnn.functional as functional
 import fused_birnn.rnn as rnn_module
-from fused_birnn.rnn import ATEN_MAX_TRAINING_STEPS
+from fused_birnn.tune import ATEN_MAX_TRAINING_STEPS
 
 
 def pair(**kwargs):

@@ -246,14 +246,29 @@ def result_columns(device: str, ref: str = "nn.RNN") -> list[str]:
     cols = ["config", "parity", f"{label}fwd {ours} ms", f"{label}fwd {ref} ms", f"{label}fwd ratio [95% CI]",
             f"{label}fwd+bwd {ours} ms", f"{label}fwd+bwd {ref} ms", f"{label}fwd+bwd ratio [95% CI]"]
     if device == "cuda":
+        cols += ["fwd auto ratio", "fwd+bwd auto ratio"]
+    cols.append("auto runs fwd / fwd+bwd")
+    if device == "cuda":
         cols += ["fwd TFLOP/s ours/cuDNN", "fwd+bwd peak MiB ours/cuDNN", "us/step fwd (floor)"]
     return cols
+
+
+def _auto_runs(r: dict) -> str:
+    """What backend='auto' ran per mode ('aten': nn's own kernel), '(default)' where nothing was measured."""
+    runs = r.get("auto_runs") or {}
+    if not runs:
+        return "-"
+    return " / ".join("-" if runs.get(m) is None else runs[m]["runs"] + ("" if runs[m]["measured"] else " (default)")
+                      for m in ("fwd", "fwd_bwd"))
 
 
 def result_row(r: dict, device: str) -> list[str]:
     f, fb = r.get("fwd") or {}, r.get("fwd_bwd") or {}
     row = [r["label"], r["status_text"], _ms(f.get("ours_ms")), _ms(f.get("ref_ms")), _ratio(f),
            _ms(fb.get("ours_ms")), _ms(fb.get("ref_ms")), _ratio(fb)]
+    if device == "cuda":
+        row += ["-" if e.get("auto_ratio") is None else f"{e['auto_ratio']:.2f}x" for e in (f, fb)]
+    row.append(_auto_runs(r))
     if device == "cuda":
         tf = "-" if f.get("ours_tflops") is None else (
             f"{f['ours_tflops']:.2f}/" + ("-" if f.get("ref_tflops") is None else f"{f['ref_tflops']:.2f}"))
@@ -389,15 +404,18 @@ def markdown_report(payload: dict) -> str:
     if payload.get("not_converged"):
         lines += [f"**Did not converge ({NOT_CONVERGED_MARK} in the table): " + "; ".join(payload["not_converged"])
                   + ".**", ""]
+    auto = ("`auto runs`: what `backend='auto'` ran for each mode, measured per call shape by "
+            "`fused_birnn.tune` (`aten`: nn's own kernel; `torch`: our PyTorch path; `triton`, `triton:split=S`: "
+            "our kernels; `(default)`: not measured, `FUSED_BIRNN_AUTOTUNE=0`)")
     if device == "cpu":
-        auto = (" (ATen's RNN for inference and training under 32 steps, the pure-PyTorch path otherwise)"
-                if ref == "nn.RNN" else "")
-        lines += [f"CPU figures: `{ours_name}(backend='auto')` as without the interpreter{auto} against `{torch_name}` "
+        lines += [f"CPU figures: `{ours_name}(backend='auto')` as without the interpreter against `{torch_name}` "
                   f"on the same CPU, {env['cpu_threads']} threads. The Triton kernels ran through the interpreter "
                   "for the parity gate only (column `parity`, `triton:`), as did the PyTorch path (`torch:`); interpreter "
-                  "timings are never shown.", ""]
+                  f"timings are never shown. {auto}.", ""]
     else:
-        lines += [f"CUDA figures: `{ours_name}` (Triton kernels) against `{torch_name}` (cuDNN {env['cudnn']}); "
+        lines += [f"CUDA figures: `{ours_name}` (Triton kernels, `backend='triton'`) against `{torch_name}` (cuDNN "
+                  f"{env['cudnn']}); `auto ratio`: cuDNN's time / `backend='auto'`'s, as users get it (timed in the "
+                  f"same windows; a ratio of medians); {auto}. "
                   f"torch.backends.cudnn.allow_tf32 = {env.get('allow_tf32')} (our fp32 `tl.dot` follows it), "
                   f"torch.backends.cuda.matmul.allow_tf32 = {env.get('matmul_allow_tf32')}.", ""]
     if payload.get("interrupted"):

@@ -5,10 +5,11 @@ the same name, built with the same arguments and loaded with the reference's sta
 
 CUDA: the candidate (the Triton kernels) against the `torch.nn` module (cuDNN), forward and
 forward+backward, timed with `triton.testing.do_bench` (median), with peak memory, achieved TFLOP/s and
-the time per sequential step against an empty persistent loop's (`floor.py`).
+the time per sequential step against an empty persistent loop's (`floor.py`); `backend='auto'` as users
+get it is timed in the same windows beside them.
 
-CPU: the candidate with `backend='auto'`, deciding as it does without the interpreter (for the RNN: ATen's
-RNN for inference and short training sequences, our PyTorch path otherwise: README), against the `torch.nn`
+CPU: the candidate with `backend='auto'`, deciding as it does without the interpreter (nn's ATen kernel or
+our PyTorch path, measured per call shape by `fused_birnn.tune`: README), against the `torch.nn`
 module on the same CPU (wall-clock medians, the two interleaved in ABBA order: `timing.cpu_compare_ms`).
 The PyTorch path (`backend='torch'`) and, when the process runs the Triton interpreter
 (`TRITON_INTERPRET=1` before `fused_birnn` was imported; the command line arranges it), the kernels
@@ -101,11 +102,13 @@ def _interpreter() -> bool:
 
 
 def _candidates(device: str) -> list[tuple[str, str, bool]]:
-    """(name, backend, timed) of each candidate on this device. On a CPU the timed one is what a user
-    gets, `backend='auto'` as in a process without the interpreter (`_as_installed`); the PyTorch path
-    and, under the interpreter, the kernels pass the parity gate untimed."""
-    if device == "cuda":
-        return [("ours", "triton", True)]
+    """(name, backend, timed) of each candidate on this device. On CUDA the kernels (`backend='triton'`,
+    "ours": the ratio and its interval) and `backend='auto'` as users get it (timed in the same windows).
+    On a CPU the timed one is what a user gets, `backend='auto'` as in a process without the interpreter
+    (`_as_installed`); the PyTorch path and, under the interpreter, the kernels pass the parity gate
+    untimed."""
+    if device == "cuda":  # the kernels pinned, and `auto` as users get it (fused_birnn.tune's choice)
+        return [("ours", "triton", True), ("auto", "auto", True)]
     cands = [("ours", "auto", True), ("torch", "torch", False)]
     if _interpreter():
         cands.append(("triton", "triton", False))  # the kernels, interpreted: parity only
@@ -151,8 +154,33 @@ def _timing_entry(ours: dict | None, ref: dict | None, flops: int | None, ratio:
     return e
 
 
+def auto_runs(cfg: Config, model: nn.Module | None, device: torch.device) -> dict:
+    """What `backend='auto'` (`model`, or the module it wraps) ran for each timed mode: `fused_birnn.tune`'s
+    decision for the configuration's call shape ("aten": nn's own kernel, cuDNN on CUDA), its ranking and
+    the probe times it measured (ms), or the default it runs unmeasured (`FUSED_BIRNN_AUTOTUNE=0`)."""
+    from fused_birnn import tune
+
+    if model is None:
+        return {}
+    rnn = getattr(model, "rnn", model)
+    x = torch.empty(0, dtype=cfg.torch_dtype, device=device)  # what the key reads of the input: dtype, device
+    out = {}
+    rows = "packed" if cfg.packed else ""
+    for mode, grad in (("fwd", False), ("fwd_bwd", True)):
+        d = tune.decision_for(rnn, x, cfg.seq_len, cfg.batch, rows, grad)
+        if d is None:
+            key = tune.key_of(rnn, x, cfg.seq_len, cfg.batch, rows, grad)
+            out[mode] = {"runs": tune.default_choice(key, cfg.seq_len), "measured": False}
+        else:
+            out[mode] = {"runs": d.choice, "measured": True, "ranking": d.ranking, "probe_ms": d.times_ms,
+                         "rejected": d.rejected, "estimates_ms": d.estimates_ms}
+    return out
+
+
 def _time_cuda(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[str], opts: Options,
-               floors: dict[int, float]) -> dict:
+               floors: dict[int, float], auto: nn.Module | None = None) -> dict:
+    """CUDA timings of `ours` against `ref` (the ratio, its interval), and of `auto` (`backend='auto'`,
+    timed in the same windows: `auto_ms`, `auto_ratio` = ref / auto, a ratio of medians) where given."""
     from .floor import floor_fn
 
     warmup, rep = (5, 20) if opts.quick else (25, 100)
@@ -164,7 +192,7 @@ def _time_cuda(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[
     for mode, builder in TIMED_MODES:
         if mode not in modes:
             continue
-        models = {who: m for who, m in (("ours", ours), ("ref", ref)) if m is not None}
+        models = {who: m for who, m in (("ours", ours), ("ref", ref), ("auto", auto)) if m is not None}
         fns = {who: builder(m, inputs.cursor()) for who, m in models.items()}
         leaves = {who: (grad_leaves(m, inputs) if mode == "fwd_bwd" else []) for who, m in models.items()}
         # do_bench windows, ours and the reference alternately, until the ratio of the medians has its
@@ -175,7 +203,7 @@ def _time_cuda(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[
             for who, fn in fns.items():
                 times[who] += cuda_times_ms(fn, grad_to_none=leaves[who] or None, warmup_ms=warmup, rep_ms=rep)
             windows += 1
-            if len(fns) < 2:
+            if "ref" not in fns:
                 break
             interval = ratio_interval(times["ref"], times["ours"], paired=False)
             ratio = ratio_summary(interval, bound, stop="converged", rounds=windows)
@@ -193,6 +221,9 @@ def _time_cuda(cfg: Config, ours: nn.Module, ref: nn.Module | None, modes: list[
                              "peak_total_mib": mem["peak_bytes"] / 2**20}
         out[mode] = _timing_entry(measured["ours"], measured["ref"], fwd_flops * (3 if mode == "fwd_bwd" else 1),
                                   ratio)
+        if "auto" in times:
+            out[mode]["auto_ms"] = statistics.median(times["auto"])
+            out[mode]["auto_ratio"] = measured["ref"]["ms"] / out[mode]["auto_ms"] if measured["ref"] else None
     T, L = cfg.seq_len, cfg.num_layers
     if T not in floors:
         floors[T] = cuda_time_ms(floor_fn(T), warmup_ms=warmup, rep_ms=rep)
@@ -263,7 +294,7 @@ def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = Non
     try:
         torch.manual_seed(opts.seed)
         ref: nn.Module | None = make_reference(cfg, device)
-        ours_timed = None
+        timed_models: dict[str, nn.Module] = {}
         for name, backend, timed in _candidates(opts.device):
             gate_cfg, gate_ref = cfg, ref
             if not timed and opts.interpreter_max_steps and cfg.seq_len > opts.interpreter_max_steps:
@@ -280,9 +311,13 @@ def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = Non
             p["seq_len"] = gate_cfg.seq_len
             res["parity"][name] = p
             if timed:
-                ours_timed = cand
+                timed_models[name] = cand
             else:
                 del cand
+        ours_timed = timed_models["ours"]
+        auto = timed_models.get("auto")
+        if auto is not None and not (res["parity"]["auto"]["fwd_ok"] and res["parity"]["auto"]["bwd_ok"]):
+            auto = None  # what fails the gate is not timed
         main = res["parity"]["ours"]
         if main.get("reference_error"):
             ref = None
@@ -308,7 +343,8 @@ def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = Non
             res["status_text"] = f"{reference_name(cfg)} unsupported; " + res["status_text"] + " (vs float64)"
         if modes:
             if opts.device == "cuda":
-                res.update(_time_cuda(cfg, ours_timed, ref, modes, opts, floors if floors is not None else {}))
+                res.update(_time_cuda(cfg, ours_timed, ref, modes, opts, floors if floors is not None else {},
+                                      auto=auto))
             else:
                 with _as_installed("auto"):
                     res.update(_time_cpu(cfg, ours_timed, ref, modes, opts))
@@ -317,6 +353,7 @@ def run_config(cfg: Config, opts: Options, floors: dict[int, float] | None = Non
                     worst = max(res[m]["others_cpu_pct"] for m in noisy)
                     res["notes"].append(f"CPU timing disturbed: other processes used {worst:.0f}% of the CPUs")
                     res["status_text"] += f" [noisy CPU: others {worst:.0f}%]"
+            res["auto_runs"] = auto_runs(cfg, auto if opts.device == "cuda" else ours_timed, device)
             for m in modes:
                 e = res.get(m) or {}
                 if e.get("converged") is False:

@@ -117,7 +117,7 @@ class FusedRNNBase(nn.RNNBase):
         self.flatten_parameters()
 
     def __getstate__(self):
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # nn.RNNBase's: without its weakrefs to the flat weights
         state.pop("_tune_memo", None)  # fused_birnn.tune's memo of this process's decisions
         return state
 

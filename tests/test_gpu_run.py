@@ -112,7 +112,8 @@ def test_environment_report_comes_first_and_names_what_triton_needs(once_run):
     assert f"at {sys.executable}" in env_txt  # python3 from PATH, not the `python` without torch
     log = (once_run["out"] / "gpu_run.log").read_text()
     assert f"python: {once_run['bin']}/python3" in log
-    assert log.index("C compiler:") < log.index("importable") < log.index("step tests:")
+    # the environment report, then the set-up (however it made the package importable), then the steps
+    assert log.index("C compiler:") < log.index("] python: ") < log.index("step tests:")
 
 
 def _steps(once_run) -> dict:

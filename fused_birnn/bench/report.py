@@ -14,22 +14,13 @@ from pathlib import Path
 
 import torch
 
+from ..tune import cpu_model
+
 SM_COUNT = {"sm_90": 132, "sm_80": 108, "sm_89": 142}  # the SMs the estimates assume (kernels.config.TYPICAL_SMS)
 SM_GPU = {"sm_90": "H100 SXM", "sm_80": "A100", "sm_89": "L40"}
 
 
 # ------------------------------------------------------------------------------------------ stamp
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def _driver() -> str:
     exe = shutil.which("nvidia-smi")
     if exe is None:
@@ -88,7 +79,7 @@ def environment(device: str) -> dict:
         "device": device,
         "machine": "",
         "gpu_name": "n/a",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "driver": _driver(),
         "torch": torch.__version__,
         "triton": triton.__version__,

@@ -670,7 +670,7 @@ def fingerprint(device_type: str) -> dict:
     if device_type == "cuda":
         fp.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=_driver_version())
     else:
-        fp.update(cpu=_cpu_model(), machine=platform.machine())
+        fp.update(cpu=cpu_model(), machine=platform.machine())
     return fp
 
 
@@ -692,7 +692,9 @@ def _driver_version() -> str:
 
 
 @lru_cache(maxsize=None)
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what `platform` knows): part of a CPU's cache
+    fingerprint here and of the bench's stamp."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -700,7 +702,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cache_file(device_type: str) -> Path | None:

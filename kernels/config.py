@@ -46,6 +46,7 @@ the measurement so the first such run calibrates them.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -75,6 +76,21 @@ REGISTERS_PER_THREAD_EST = 168  # plan-time estimate (the compile checks measure
 REDUCE_ELEMENTS = 32  # exchanged partial sums of dh one thread holds at a time (`pass_shape`)
 SPLIT_K_OUTPUTS = {90: 1024}  # outputs (M x N) up to which a product splits its K among the warps; else 512
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# Triton before 3.9 (3.6 compiled here, the lent GPU machines' version; 3.7 and 3.8 not: taken as 3.6, the
+# cautious reading) compiles some plans fitted to 3.9 differently (tests/test_compile.py under 3.6):
+# - a batched dot (a product whose K the warps split, `pass_shape`'s KS) has its warps on the batch (KS)
+#   dimension only, the rest repeating every MMA (KS = 4 and 2 at 8 warps executed 2x and 4x the useful
+#   MMAs; 3.9 spreads them over the KS x M/16 x N/8 MMA tiles): `mma_replication` counts that;
+# - gated split plans hold at most LEGACY_GATE_ACC_PER_THREAD gate accumulators a thread (the LSTM's
+#   16 x 32 units with a projection at 2 warps, 32 a thread, spilled inside the loop on every target);
+# - ptxas capped a 16-bit split forward at 128 registers on sm_89 and spilled: `maxnreg` 255 off sm_90;
+# - the "dh" backward holds at most LEGACY_DH_RESIDENT_BYTES a thread (LSTM H=1024's 512 B spilled
+#   inside the loop on sm_90), and one program holds a gated cell below 128 units only (LSTM H=128's
+#   one-program backward spilled in the loop on sm_90).
+TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+LEGACY_TRITON = TRITON_VERSION < (3, 9)
+LEGACY_GATE_ACC_PER_THREAD = 16
+LEGACY_DH_RESIDENT_BYTES = 384
 # G, the gates per hidden unit, of each cell (nn.RNNBase's mode names; None: the Elman cell)
 GATES = {None: 1, "RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 # gate accumulators (fp32) one thread may hold across the gate dots: G * block_b * block_n / (32 * warps);
@@ -441,8 +457,9 @@ def mma_replication(products: list, num_warps: int) -> list[int]:
     for p in products:
         m, n, _, group = p[:4]
         ks = p[4] if len(p) > 4 else 1
-        if ks > 1:  # the batched dot's warps go to its KS x M/16 x N/8 tiles (seen: ks 4, 8 warps, [16, 16])
-            out.append(max(1, num_warps // (ks * max(1, m // 16) * max(1, n // 8))))
+        if ks > 1:  # the batched dot's warps go to its KS x M/16 x N/8 tiles (seen: ks 4, 8 warps, [16, 16]),
+            tiles = ks if LEGACY_TRITON else ks * max(1, m // 16) * max(1, n // 8)
+            out.append(max(1, num_warps // tiles))  # on Triton before 3.9 to its KS batches only
             continue
         ways = {q[1] > q[0] for q in products if q[3] == group and (len(q) < 5 or q[4] == 1)}
         out.append(max(rep(m, n, along_n) for along_n in ways))
@@ -610,6 +627,8 @@ def _one_program(H: int, B: int, dtype: torch.dtype, fma: bool, limits: DeviceLi
         elif ((4 if gates == 3 else gates) * block_h * block_k + (block_k * block_h if proj_size else 0)
               ) * dtype.itemsize > ON_CHIP_MAX_BYTES:
             continue
+        if LEGACY_TRITON and gates > 1 and block_h >= 128:
+            continue
         cfg = RecurrenceConfig(block_b, block_h, True, 4, None, single_chunk=True, exchange="dh")
         fwd = pass_shape(cfg, H, P, gates, bool(proj_size), True)
         bwd = pass_shape(cfg, H, P, gates, bool(proj_size), False)
@@ -727,7 +746,8 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
             options = [(cfg.num_warps, 0)]
         else:
             per_thread = (FP32_RESIDENT_BYTES_PER_THREAD if isz > 2
-                          else DH_RESIDENT_BYTES_PER_THREAD if shape["exchange"] == "dh"
+                          else (LEGACY_DH_RESIDENT_BYTES if LEGACY_TRITON else DH_RESIDENT_BYTES_PER_THREAD)
+                          if shape["exchange"] == "dh"
                           else RESIDENT_BYTES_PER_THREAD.get(limits.arch, RESIDENT_BYTES_PER_THREAD_ELSE))
             options = []
             held_max = (shape["chunks"] * shape["chunk_bytes"] + shape["chunks2"] * shape["chunk_bytes2"]) * isz
@@ -741,7 +761,9 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
                 # 128-wide chunks at 2 warps spilled kilobytes, 64 x 64 at 4 warps a few values, fp32 twice
                 # the 16-bit bytes did)
                 if (mma_replication(wshape["products"], w)[0] > 1 or (w == 2 and held_max > 32 * 1024)
-                        or cfg.block_b * shape["block_k"] * isz > 64 * 32 * w):
+                        or cfg.block_b * shape["block_k"] * isz > 64 * 32 * w
+                        or (LEGACY_TRITON and gates > 1
+                            and gates * cfg.block_b * cfg.block_h > LEGACY_GATE_ACC_PER_THREAD * 32 * w)):
                     continue
                 nr = shape["chunks"] + shape["chunks2"]
                 while nr > 0:
@@ -776,8 +798,9 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
                  for f in (True, False))
     S = cfg.programs_per_group(H)
     capacity = programs_per_sm(limits, shared, max(wf, wb)) * limits.sm_count
+    bounded = not fma and limits.arch != 90 and (isz > 2 or LEGACY_TRITON)
     return replace(cfg, persistent=S * tiles * 2 <= capacity, cooperative=True,
-                   max_registers=FP32_MAX_REGISTERS if isz > 2 and not fma and limits.arch != 90 else None)
+                   max_registers=FP32_MAX_REGISTERS if bounded else None)
 
 
 def select_config(hidden_size: int, batch_size: int, dtype: torch.dtype, allow_tf32: bool = False,

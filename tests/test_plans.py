@@ -68,8 +68,9 @@ def _check_plan(c: RecurrenceConfig, H: int, P: int, B: int, G: int, dt: torch.d
                 assert held * 4 <= C.FP32_RESIDENT_BYTES_PER_THREAD * 32 * c.warps(forward), side
                 assert c.split_k == C.split_k_outputs(limits, 4), side
                 assert c.max_registers == (None if limits.arch == 90 else 255), side
-            elif dt != torch.float32:
-                assert c.max_registers is None, side
+            elif dt != torch.float32:  # (Triton before 3.9: maxnreg 255 off sm_90, `LEGACY_TRITON`)
+                legacy_bound = C.LEGACY_TRITON and S > 1 and limits.arch != 90
+                assert c.max_registers == (255 if legacy_bound else None), side
     if S > 1 and c.persistent:
         shared = max(C.pass_shared_bytes(C.pass_shape(c, H, P or H, G, bool(P), f), dt.itemsize, c.block_b, f, G)
                      for f in (True, False))
@@ -107,7 +108,8 @@ def test_plans_follow_the_device():
     sm86, sm80, h100 = DeviceLimits.for_arch(86), DeviceLimits.for_arch(80), DeviceLimits.for_arch(90)
     assert select_config(256, 32, torch.float16, False, sm86).programs_per_group(256) > 1
     assert select_config(256, 32, torch.float16, False, sm80).programs_per_group(256) == 1
-    assert select_config(128, 32, torch.float16, False, h100, None, "LSTM").programs_per_group(128) == 1
+    one = select_config(128, 32, torch.float16, False, h100, None, "LSTM").programs_per_group(128) == 1
+    assert one != C.LEGACY_TRITON  # (Triton before 3.9: its one-program LSTM backward spilled on sm_90)
     assert select_config(128, 32, torch.float16, False, sm86, None, "LSTM").programs_per_group(128) > 1
     full = select_config(1024, 32, torch.float16, False, h100, None, "LSTM")
     partial = select_config(1024, 32, torch.float16, False, sm80, None, "LSTM")
@@ -139,7 +141,9 @@ def test_replication_model():
     assert C.mma_replication([(32, 32, 1024, 0)], 4) == [2]  # square: all warps along M, two 16-row tiles
     assert C.mma_replication([(16, 128, 320, 0), (16, 16, 2048, 0)], 4) == [4, 4]  # one chain, two directions: the worse
     assert C.mma_replication([(16, 128, 320, 0), (16, 16, 2048, 1)], 4) == [1, 4]  # the projection apart
-    assert C.mma_replication([(16, 128, 320, 0), (16, 16, 2048, 1, 4)], 8) == [1, 1]  # its K split by 4: 8 tiles
+    # its K split by 4: 8 tiles for the 8 warps; Triton before 3.9 gives the batched dot's warps its 4
+    # batches only, and the other 4 repeat
+    assert C.mma_replication([(16, 128, 320, 0), (16, 16, 2048, 1, 4)], 8) == [1, 2 if C.LEGACY_TRITON else 1]
     assert C.fits_warps([(32, 32, 1024, 0)], 1, 8) == 2
     h100 = DeviceLimits.for_arch(90)
     nemo = select_config(2048, 16, torch.float16, False, h100, None, "LSTM", 320)
@@ -168,6 +172,12 @@ BEFORE = {  # (cell, H, B, dtype) -> estimated us per forward step of the plan b
 # units each (S = 64, 128 programs); tiles are powers of two, 64 units waste 24 of them, and the 320 KiB
 # slices stream 13 of their 40 chunks every step (an estimated 12.9 us). Not met; this flags it when it is.
 MISSED = {"deepbench-2560": "a power-of-two unit tile cannot hold H=2560's slices on chip (see above)"}
+if C.LEGACY_TRITON:  # the plans that avoid Triton 3.6's spills and repeated MMAs (kernels/config.py)
+    MISSED.update({
+        "deepspeech-1024": "Triton < 3.9: the dh backward holds 384 B of slice a thread (512 spilled), 12 of 16 "
+                           "chunks: an estimated 6.4 us against the forward's 3.4",
+        "deepbench-1760": "Triton < 3.9: the K split's warps repeat its MMAs; the plan without it, 64-unit "
+                          "programs, is estimated at 5.3 us"})
 
 
 @pytest.mark.parametrize("name,cell,H,B,P,target", [
@@ -186,11 +196,13 @@ def test_h100_estimates_meet_the_targets(name, cell, H, B, P, target):
 
 def test_small_h_not_slower_than_before():
     h100 = DeviceLimits.for_arch(90)
+    # Triton before 3.9: pyannote's one-program LSTM (its backward spilled on sm_90) gives way to 8 programs
+    slower = {("LSTM", 128, 32, torch.float16)} if C.LEGACY_TRITON else set()
     for (cell, H, B, dt), before in BEFORE.items():
         tf32 = dt == torch.float32
         c = select_config(H, B, dt, tf32, h100, None, cell)
         est = estimate_step_us(c, H, B, dt, tf32, h100, 2, C.gate_count(cell))["us"]
-        assert est <= before + 1e-9, (cell, H, B, dt, est, before, c)
+        assert (est > before) if (cell, H, B, dt) in slower else (est <= before + 1e-9), (cell, H, B, dt, est, before, c)
 
 
 def test_estimate_parts_add_up():

@@ -86,7 +86,13 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 # - ptxas capped a 16-bit split forward at 128 registers on sm_89 and spilled: `maxnreg` 255 off sm_90;
 # - the "dh" backward holds at most LEGACY_DH_RESIDENT_BYTES a thread (LSTM H=1024's 512 B spilled
 #   inside the loop on sm_90), and one program holds a gated cell below 128 units only (LSTM H=128's
-#   one-program backward spilled in the loop on sm_90).
+#   one-program backward spilled in the loop on sm_90);
+# - Elman's fp32 (TF32) K splits hold at most 4 partial products a thread (H=1760's 16 x 16 split four
+#   ways at 4 warps, 8 a thread, spilled in the loop on sm_80 and sm_89);
+# - a plan run a launch per step streams its whole slice (it reads it from L2 at every launch anyway: the
+#   Elman H=1760-2560 launch-per-step plans with resident chunks spilled in the loop on sm_90 at B >= 64).
+# Every surveyed suite's plan (rnn and lstm-gru, fp32/TF32, fp16, bf16) compiled for sm_80, sm_86, sm_89 and
+# sm_90 under 3.6 with no problem after these rules (`compile_report`, not committed as tables).
 TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
 LEGACY_TRITON = TRITON_VERSION < (3, 9)
 LEGACY_GATE_ACC_PER_THREAD = 16
@@ -763,7 +769,9 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
                 if (mma_replication(wshape["products"], w)[0] > 1 or (w == 2 and held_max > 32 * 1024)
                         or cfg.block_b * shape["block_k"] * isz > 64 * 32 * w
                         or (LEGACY_TRITON and gates > 1
-                            and gates * cfg.block_b * cfg.block_h > LEGACY_GATE_ACC_PER_THREAD * 32 * w)):
+                            and gates * cfg.block_b * cfg.block_h > LEGACY_GATE_ACC_PER_THREAD * 32 * w)
+                        or (LEGACY_TRITON and isz > 2 and gates == 1
+                            and any(p[4] > 1 and p[4] * p[0] * p[1] > 4 * 32 * w for p in wshape["products"]))):
                     continue
                 nr = shape["chunks"] + shape["chunks2"]
                 while nr > 0:
@@ -799,7 +807,10 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
     S = cfg.programs_per_group(H)
     capacity = programs_per_sm(limits, shared, max(wf, wb)) * limits.sm_count
     bounded = not fma and limits.arch != 90 and (isz > 2 or LEGACY_TRITON)
-    return replace(cfg, persistent=S * tiles * 2 <= capacity, cooperative=True,
+    persistent = S * tiles * 2 <= capacity
+    if LEGACY_TRITON and not persistent:  # a launch per step reads its slice from L2 at every launch anyway
+        cfg = replace(cfg, resident_chunks=0, resident_chunks_backward=0, w_on_chip=False)
+    return replace(cfg, persistent=persistent, cooperative=True,
                    max_registers=FP32_MAX_REGISTERS if bounded else None)
 
 

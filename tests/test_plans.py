@@ -113,7 +113,11 @@ def test_plans_follow_the_device():
     assert select_config(128, 32, torch.float16, False, sm86, None, "LSTM").programs_per_group(128) > 1
     full = select_config(1024, 32, torch.float16, False, h100, None, "LSTM")
     partial = select_config(1024, 32, torch.float16, False, sm80, None, "LSTM")
-    assert full.resident(16) == 16 and 0 < partial.resident(16) < 16, (full, partial)
+    assert full.resident(16) == 16, full
+    if C.LEGACY_TRITON and not partial.persistent:  # (Triton before 3.9: a launch per step streams its slice)
+        assert partial.resident(16) == 0, partial
+    else:
+        assert 0 < partial.resident(16) < 16, partial
 
 
 def test_interpreter_plan_is_one_program_unless_forced():

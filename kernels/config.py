@@ -808,8 +808,11 @@ def _fit(cfg: RecurrenceConfig, H: int, P: int, gates: int, proj_size: int, isz:
     capacity = programs_per_sm(limits, shared, max(wf, wb)) * limits.sm_count
     bounded = not fma and limits.arch != 90 and (isz > 2 or LEGACY_TRITON)
     persistent = S * tiles * 2 <= capacity
-    if LEGACY_TRITON and not persistent:  # a launch per step reads its slice from L2 at every launch anyway
-        cfg = replace(cfg, resident_chunks=0, resident_chunks_backward=0, w_on_chip=False)
+    streamed = replace(cfg, resident_chunks=0, resident_chunks_backward=0, w_on_chip=False)
+    if LEGACY_TRITON and not persistent and all(  # a launch per step reads its slice from L2 at every launch
+            max(sh["chunk_bytes"], sh["chunk_bytes2"] if sh["chunks2"] else 0) * isz <= 32 * 32 * w  # anyway
+            for f, w in ((True, wf), (False, wb)) for sh in [pass_shape(streamed, H, P, gates, proj, f)]):
+        cfg = streamed  # (each chunk within the streamed bound above: 64 B a thread, two in flight)
     return replace(cfg, persistent=persistent, cooperative=True,
                    max_registers=FP32_MAX_REGISTERS if bounded else None)
 
